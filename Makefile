@@ -1,0 +1,54 @@
+# podvisor: `make test` builds everything (guest image included) and runs every test;
+# `make demo` boots a VM and shows the guest kernel; `make bench` prints the benchmarks.
+# Each of them installs what a fresh Debian 12 machine lacks first (scripts/deps.sh).
+
+SHELL      := /bin/bash
+CARGO      ?= cargo
+TARGET     := x86_64-unknown-linux-gnu
+AGENT      := target/$(TARGET)/release/kata-agent
+GUEST_DIR  := build/guest
+PREFIX     ?= /usr/local
+SHAREDIR   ?= /usr/share/kata-containers
+DEFAULTSDIR ?= /usr/share/defaults/kata-containers
+export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all deps build agent guest-image test bench demo install check clean
+
+all: build guest-image
+
+deps:
+	@scripts/deps.sh
+
+# Host binaries (the shim, test tools).
+build:
+	$(CARGO) build --release --workspace --exclude podvisor-agent
+
+# The agent: a static binary (glibc, static-pie); an explicit --target keeps build scripts and
+# proc-macros dynamic.
+agent:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release -p podvisor-agent --target $(TARGET)
+
+guest-image: agent
+	guest-image/build.sh --agent $(AGENT) --out $(GUEST_DIR)
+
+test: deps guest-image
+	$(CARGO) test --workspace -- --test-threads=2
+
+bench: deps guest-image
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
+
+demo: deps guest-image
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- demo
+
+check: build
+	target/release/containerd-shim-kata-v2 check
+
+install: build guest-image
+	install -D -m 0755 target/release/containerd-shim-kata-v2 $(PREFIX)/bin/containerd-shim-kata-v2
+	install -D -m 0644 configs/configuration-qemu.toml $(DEFAULTSDIR)/configuration.toml
+	install -d $(SHAREDIR)
+	cp -L $(GUEST_DIR)/vmlinux.container $(GUEST_DIR)/vmlinuz.container $(GUEST_DIR)/kata-containers-initrd.img $(SHAREDIR)/
+
+clean:
+	$(CARGO) clean
+	rm -rf build

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what podvisor's build, tests and demo need on a fresh Debian 12 machine (as root):
+# Debian packages with apt-get, and the vhost-user daemons from crates.io with cargo install.
+# Already-present pieces are skipped, so a second run takes a second.
+set -euo pipefail
+
+APT_PACKAGES=(
+  qemu-system-x86   # the VMM
+  cpio gzip kmod    # initrd assembly, module dependency order
+  python3           # vmlinux extraction (lzma)
+  binutils          # readelf: checks the PVH note of the extracted kernel
+  libseccomp-dev libcap-ng-dev pkg-config  # build dependencies of virtiofsd
+  ca-certificates
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: missing Debian packages ${missing[*]}; run as root or install them with apt-get" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# vhost-device-vsock (hybrid vsock when /dev/vhost-vsock is absent) and virtiofsd, pinned, into
+# /usr/local/bin so that containerd and the shim find them on PATH.
+install_crate() {
+  local crate=$1 version=$2 bin=$3
+  if [ -x "/usr/local/bin/$bin" ] && "/usr/local/bin/$bin" --version 2>/dev/null | grep -q "$version"; then
+    return
+  fi
+  echo "deps: cargo install $crate $version"
+  cargo install --quiet --locked --root /usr/local "$crate@$version"
+}
+install_crate vhost-device-vsock 0.3.0 vhost-device-vsock
+install_crate virtiofsd 1.14.0 virtiofsd

@@ -1,0 +1,225 @@
+//! Loading Kata's `configuration.toml`: where it is found, and the `[hypervisor.qemu]`,
+//! `[agent.kata]` and `[runtime]` sections. Unknown keys warn; bad values name key and file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hypervisor::QemuConfig;
+use toml::Value;
+
+/// Default locations, in search order after `config_path` and `KATA_CONF_FILE`.
+pub const DEFAULT_CONFIG_PATHS: &[&str] = &[
+    "/etc/kata-containers/configuration.toml",
+    "/usr/share/defaults/kata-containers/configuration.toml",
+];
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No file in the search path exists.
+    #[error("no configuration file found; tried {}; install one with `make install` or set KATA_CONF_FILE", .tried.join(", "))]
+    NotFound {
+        /// Paths tried, in order.
+        tried: Vec<String>,
+    },
+    /// The file could not be read.
+    #[error("cannot read configuration {file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{file}: invalid TOML: {message}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is wrong.
+    #[error(transparent)]
+    Value(#[from] hypervisor::ConfigError),
+}
+
+/// `[agent.kata]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// `dial_timeout` (seconds): how long to wait for the agent to answer after boot.
+    pub dial_timeout: Duration,
+    /// `enable_debug`: agent debug logs.
+    pub enable_debug: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { dial_timeout: Duration::from_secs(45), enable_debug: false }
+    }
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuntimeConfig {
+    /// `enable_debug`: debug-level shim logs.
+    pub enable_debug: bool,
+}
+
+/// A loaded configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub file: PathBuf,
+    /// `[hypervisor.qemu]`.
+    pub hypervisor: QemuConfig,
+    /// `[agent.kata]`.
+    pub agent: AgentConfig,
+    /// `[runtime]`.
+    pub runtime: RuntimeConfig,
+    /// Ignored and unknown keys, one message each.
+    pub warnings: Vec<String>,
+}
+
+/// Finds the configuration: `config_path` (runtime options), then `KATA_CONF_FILE`, then the
+/// default paths. An explicitly named file must exist.
+pub fn find(config_path: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    let env = std::env::var_os("KATA_CONF_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = config_path.filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).or(env) {
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ConfigError::Read { file: p, source: std::io::Error::from(std::io::ErrorKind::NotFound) })
+        };
+    }
+    DEFAULT_CONFIG_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| ConfigError::NotFound { tried: DEFAULT_CONFIG_PATHS.iter().map(|s| s.to_string()).collect() })
+}
+
+/// Finds and loads the configuration.
+pub fn load(config_path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_file(&find(config_path)?)
+}
+
+/// Loads one file.
+pub fn load_file(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.into(), source })?;
+    parse(&text, file)
+}
+
+/// Parses configuration text; `file` is used in messages.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let doc: toml::Table = toml::from_str(text)
+        .map_err(|e| ConfigError::Syntax { file: file.into(), message: e.to_string().trim().to_string() })?;
+    let mut warnings = Vec::new();
+    let value_err = |section: &str, key: &str, message: String| hypervisor::ConfigError {
+        file: file.into(),
+        section: section.into(),
+        key: key.into(),
+        message,
+    };
+    let empty = toml::Table::new();
+    let section = |path: &[&str]| -> Result<&toml::Table, hypervisor::ConfigError> {
+        let mut t = &doc;
+        for (i, name) in path.iter().enumerate() {
+            match t.get(*name) {
+                None => return Ok(&empty),
+                Some(Value::Table(inner)) => t = inner,
+                Some(_) => return Err(value_err(&path[..i].join("."), name, "must be a table".into())),
+            }
+        }
+        Ok(t)
+    };
+    let hv_section = section(&["hypervisor"])?;
+    for name in hv_section.keys().filter(|k| *k != "qemu") {
+        warnings.push(format!("{}: [hypervisor.{name}] is not supported by podvisor (only qemu); ignored", file.display()));
+    }
+    let hypervisor = QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?;
+
+    let agent_table = section(&["agent", "kata"])?;
+    let mut agent = AgentConfig::default();
+    for (key, value) in agent_table {
+        match (key.as_str(), value) {
+            ("dial_timeout", Value::Integer(s)) if (1..=3600).contains(s) => agent.dial_timeout = Duration::from_secs(*s as u64),
+            ("dial_timeout", v) => {
+                return Err(value_err("agent.kata", key, format!("{v} is not valid; use whole seconds from 1 to 3600")).into())
+            }
+            ("enable_debug", Value::Boolean(b)) => agent.enable_debug = *b,
+            ("enable_debug", v) => return Err(value_err("agent.kata", key, format!("expected true or false, found {v}")).into()),
+            ("kernel_modules" | "debug_console_enabled" | "enable_tracing" | "container_pipe_size" | "mem_agent_enable", _) => {
+                warnings.push(format!("{}: [agent.kata] {key}: Kata key not used by podvisor; ignored", file.display()))
+            }
+            _ => warnings.push(format!("{}: [agent.kata] {key}: unknown key; ignored (check the spelling)", file.display())),
+        }
+    }
+
+    let runtime_table = section(&["runtime"])?;
+    let mut runtime = RuntimeConfig::default();
+    for (key, value) in runtime_table {
+        match (key.as_str(), value) {
+            ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
+            ("enable_debug", v) => return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into()),
+            _ => warnings.push(format!("{}: [runtime] {key}: not used by podvisor yet; ignored", file.display())),
+        }
+    }
+    for key in doc.keys().filter(|k| !["hypervisor", "agent", "runtime", "factory", "image"].contains(&k.as_str())) {
+        warnings.push(format!("{}: [{key}]: unknown section; ignored", file.display()));
+    }
+    Ok(Config { file: file.into(), hypervisor, agent, runtime, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configuration_loads_without_warnings() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/configuration-qemu.toml");
+        let c = load_file(&file).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.hypervisor.machine_type, "q35");
+        assert_eq!(c.agent.dial_timeout, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn sections_are_read() {
+        let c = parse(
+            "[hypervisor.qemu]\ndefault_memory = 512\n[agent.kata]\ndial_timeout = 7\nenable_debug = true\n[runtime]\nenable_debug = true\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.hypervisor.default_memory, 512);
+        assert_eq!(c.agent, AgentConfig { dial_timeout: Duration::from_secs(7), enable_debug: true });
+        assert!(c.runtime.enable_debug);
+    }
+
+    #[test]
+    fn errors_name_file_section_and_key() {
+        let cases = [
+            ("[agent.kata]\ndial_timeout = 0", "/c.toml: [agent.kata] dial_timeout: 0 is not valid"),
+            ("[hypervisor.qemu]\ndefault_vcpus = \"two\"", "/c.toml: [hypervisor.qemu] default_vcpus: expected an integer"),
+            ("[hypervisor]\nqemu = 3", "/c.toml: [hypervisor] qemu: must be a table"),
+            ("[runtime]\nenable_debug = \"yes\"", "/c.toml: [runtime] enable_debug: expected true or false"),
+            ("[hypervisor.qemu\n", "/c.toml: invalid TOML"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text, Path::new("/c.toml")).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_things_warn() {
+        let c = parse("[hypervisor.clh]\n[agent.kata]\nfoo = 1\n[runtime]\nsandbox_cgroup_only = true\n[bogus]\n", Path::new("/c.toml")).unwrap();
+        assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = find(Some(Path::new("/nonexistent/configuration.toml"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/configuration.toml"), "{err}");
+    }
+}

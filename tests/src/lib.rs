@@ -1,0 +1,144 @@
+//! Shared helpers of podvisor's end-to-end tests, demo and benchmarks: where the built guest
+//! image is, a test configuration, a logger, and leak checks.
+
+#![deny(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hypervisor::QemuConfig;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The guest image directory: `$PODVISOR_GUEST_DIR` or `<workspace>/build/guest`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("PODVISOR_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("build/guest"))
+}
+
+/// A built guest asset; panics with the command that builds it when it is missing (a missing
+/// prerequisite is a test failure, never a skip).
+pub fn guest_asset(name: &str) -> PathBuf {
+    let p = guest_dir().join(name);
+    assert!(p.exists(), "guest asset {} is missing: run `make guest-image` first", p.display());
+    p
+}
+
+/// A configuration for test VMs: the built image, 512 MiB, room to hot-plug, TCG or KVM as the
+/// host allows.
+pub fn test_config() -> QemuConfig {
+    QemuConfig {
+        kernel: guest_asset("vmlinux.container"),
+        initrd: guest_asset("kata-containers-initrd.img"),
+        default_memory: 512,
+        default_maxmemory: 2048,
+        memory_slots: 4,
+        default_maxvcpus: 2,
+        ..QemuConfig::default()
+    }
+}
+
+/// A sandbox id unique to this process and call.
+pub fn unique_id(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("podvisor-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+struct TestWriter;
+
+impl std::io::Write for TestWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // eprint! is captured by the test harness; raw stderr writes are not.
+        eprint!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A logger whose output the test harness captures (shown for failing tests).
+pub fn logger() -> slog::Logger {
+    use slog::Drain;
+    let decorator = slog_term::PlainSyncDecorator::new(TestWriter);
+    let drain = slog_term::FullFormat::new(decorator).build().fuse();
+    slog::Logger::root(drain, slog::o!())
+}
+
+/// Whether a process is still alive (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && alive(pid) {
+                found.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Asserts that nothing of VM `id` remains: no process naming it, none of `pids`, no run
+/// directory.
+pub fn assert_nothing_left(id: &str, pids: &[u32]) {
+    let run_dir = Path::new(hypervisor::qemu::DEFAULT_RUN_ROOT).join(id);
+    assert!(!run_dir.exists(), "run directory {} was left behind", run_dir.display());
+    for pid in pids {
+        assert!(!alive(*pid), "process {pid} of VM {id} is still alive");
+    }
+    let procs = processes_mentioning(id);
+    assert!(procs.is_empty(), "processes of VM {id} left behind: {procs:?}");
+}
+
+/// Proportional set size of a process in KiB (from smaps_rollup).
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `kata_guest_meminfo{item="<item>"}` from the agent's metrics text, in bytes.
+pub fn guest_meminfo(metrics: &str, item: &str) -> Option<u64> {
+    let prefix = format!("kata_guest_meminfo{{item=\"{item}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).map(|v| v as u64)
+}
+
+/// Median of a non-empty list.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_metric_is_parsed() {
+        let m = "# HELP x\nkata_guest_meminfo{item=\"MemFree\"} 5\nkata_guest_meminfo{item=\"MemTotal\"} 536870912\n";
+        assert_eq!(guest_meminfo(m, "MemTotal"), Some(536870912));
+        assert_eq!(guest_meminfo(m, "Nope"), None);
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
