@@ -32,6 +32,7 @@ impl Default for Sysfs {
 
 impl Sysfs {
     /// A sysfs rooted elsewhere (tests).
+    #[cfg(test)]
     pub fn at(root: impl Into<PathBuf>) -> Sysfs {
         Sysfs { root: root.into() }
     }
@@ -64,7 +65,11 @@ impl Sysfs {
             let state = dir.join("state");
             let Ok(s) = std::fs::read_to_string(&state) else { continue };
             if s.trim() == "offline" {
-                std::fs::write(&state, "online").map_err(io(format!("online {}", state.display())))?;
+                // Movable first, so that the memory can be unplugged again; the kernel refuses
+                // it for blocks that must stay in ZONE_NORMAL, and then plain online is used.
+                if std::fs::write(&state, "online_movable").is_err() {
+                    std::fs::write(&state, "online").map_err(io(format!("online {}", state.display())))?;
+                }
                 n += 1;
             }
         }
@@ -116,6 +121,48 @@ fn entries_with_prefix(dir: &Path, prefix: &str) -> Result<Vec<PathBuf>, GuestEr
         .collect();
     v.sort();
     Ok(v.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Number of online CPUs from a cpu list such as `0-1,3` (sysfs `cpu/online`).
+pub fn count_cpu_list(list: &str) -> u32 {
+    list.trim()
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u32::from(r.parse::<u32>().is_ok()),
+        })
+        .sum()
+}
+
+/// Guest metrics in the Prometheus text format: Kata's `kata_guest_meminfo` and
+/// `kata_guest_load`, plus podvisor's online CPU count and kernel release.
+pub fn metrics_text(sysfs: &Sysfs) -> Result<String, GuestError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(io("/proc/meminfo"))?;
+    out.push_str("# HELP kata_guest_meminfo Statistics about memory usage in the guest, in bytes.\n");
+    out.push_str("# TYPE kata_guest_meminfo gauge\n");
+    for (key, kib) in parse_meminfo(&meminfo) {
+        let bytes = if key.starts_with("HugePages_") { kib } else { kib * 1024 };
+        let _ = writeln!(out, "kata_guest_meminfo{{item=\"{key}\"}} {bytes}");
+    }
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        out.push_str("# HELP kata_guest_load Guest system load.\n# TYPE kata_guest_load gauge\n");
+        for (item, v) in ["load1", "load5", "load15"].iter().zip(load.split_whitespace()) {
+            let _ = writeln!(out, "kata_guest_load{{item=\"{item}\"}} {v}");
+        }
+    }
+    let online = std::fs::read_to_string(sysfs.cpu_dir().join("online")).map_err(io("cpu/online"))?;
+    out.push_str("# HELP podvisor_guest_cpus_online Online vCPUs in the guest.\n# TYPE podvisor_guest_cpus_online gauge\n");
+    let _ = writeln!(out, "podvisor_guest_cpus_online {}", count_cpu_list(&online));
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    out.push_str("# HELP podvisor_guest_kernel_info The guest kernel (uname -r).\n# TYPE podvisor_guest_kernel_info gauge\n");
+    let _ = writeln!(out, "podvisor_guest_kernel_info{{release=\"{release}\"}} 1");
+    Ok(out)
 }
 
 /// `(key, kB)` pairs of `/proc/meminfo`.
@@ -170,13 +217,21 @@ mod tests {
     fn onlines_offline_memory_and_cpus() {
         let (root, s) = fake_sysfs();
         assert_eq!(s.online_memory().unwrap(), 2);
-        assert_eq!(std::fs::read_to_string(root.join("devices/system/memory/memory10/state")).unwrap(), "online");
+        assert_eq!(std::fs::read_to_string(root.join("devices/system/memory/memory10/state")).unwrap(), "online_movable");
         assert_eq!(s.online_memory().unwrap(), 0);
         assert_eq!(s.online_cpus(1).unwrap(), 1);
         assert_eq!(std::fs::read_to_string(root.join("devices/system/cpu/cpu1/online")).unwrap(), "1");
         assert_eq!(std::fs::read_to_string(root.join("devices/system/cpu/cpu2/online")).unwrap(), "0");
         assert_eq!(s.online_cpus(0).unwrap(), 1);
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn cpu_lists_count() {
+        assert_eq!(count_cpu_list("0\n"), 1);
+        assert_eq!(count_cpu_list("0-1"), 2);
+        assert_eq!(count_cpu_list("0-1,3,5-7"), 6);
+        assert_eq!(count_cpu_list(""), 0);
     }
 
     #[test]

@@ -166,7 +166,7 @@ async fn dial_loop(channel: &AgentChannel, timeout: Duration, log: &Logger) -> R
 impl Agent for KataAgent {
     async fn check(&self) -> Result<(), AgentError> {
         let r = self.health.check(ctx(RPC_TIMEOUT), &health::CheckRequest::new()).await.map_err(rpc_err("Health.Check"))?;
-        if r.status.enum_value() == Ok(health::check_response::ServingStatus::SERVING) {
+        if r.status.enum_value() == Ok(health::health_check_response::ServingStatus::SERVING) {
             Ok(())
         } else {
             Err(AgentError::Rpc { rpc: "Health.Check", message: format!("agent status {:?}", r.status) })

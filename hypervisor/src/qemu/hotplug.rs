@@ -82,11 +82,14 @@ impl State {
             Some(json!({"qom-type": "memory-backend-memfd", "id": mem, "size": delta << 20, "share": true})),
         )
         .await?;
+        let mut events = qmp.subscribe();
         if let Err(e) = qmp.execute("device_add", Some(json!({"driver": "pc-dimm", "id": dimm, "memdev": mem}))).await {
             let _ = qmp.execute("object-del", Some(json!({"id": mem}))).await;
             return Err(e.into());
         }
-        self.dimms.push(dimm);
+        self.dimms.push(dimm.clone());
+        // The guest has created the memory blocks once its ACPI handler reports back.
+        wait_for_ost(&mut events, &dimm).await?;
         self.memory_mib += delta;
         info!(log, "hot-added memory"; "added_mib" => delta, "total_mib" => self.memory_mib);
         Ok(MemoryMiB(self.memory_mib))
@@ -119,9 +122,11 @@ impl State {
                         args[k] = v.clone();
                     }
                 }
+                let mut events = qmp.subscribe();
                 qmp.execute("device_add", Some(args)).await?;
-                self.hot_cpus.push(id);
+                self.hot_cpus.push(id.clone());
                 self.vcpus += 1;
+                wait_for_ost(&mut events, &id).await?;
             }
         }
         Ok(self.vcpus)
@@ -196,6 +201,33 @@ impl State {
             self.free_ports.push(p);
         }
         Ok(())
+    }
+}
+
+/// How long the guest may take to acknowledge an ACPI hotplug.
+const OST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits for the guest's `_OST` acknowledgement of an ACPI hotplug of `id` (QMP event
+/// `ACPI_DEVICE_OST`); after it the new memory blocks or CPU exist in the guest's sysfs.
+async fn wait_for_ost(events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>, id: &str) -> Result<()> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.name == "ACPI_DEVICE_OST" && ev.data["info"]["device"] == id => {
+                    return Ok(ev.data["info"]["status"].as_u64().unwrap_or(0));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(Error::VmFailed(format!("QMP closed while waiting for the guest to accept {id}")))
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(OST_TIMEOUT, wait).await {
+        Ok(Ok(0)) => Ok(()),
+        Ok(Ok(status)) => Err(Error::VmFailed(format!("the guest rejected hot-plugged {id} (ACPI _OST status {status})"))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Timeout { what: format!("the guest to acknowledge hot-plugged {id} (ACPI_DEVICE_OST)"), after: OST_TIMEOUT }),
     }
 }
 

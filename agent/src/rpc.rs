@@ -1,0 +1,216 @@
+//! The ttrpc services: `grpc.Health` and `grpc.AgentService` on vsock port 1024.
+//!
+//! Every RPC of Kata's agent API is registered. Those this agent implements are below; every
+//! other one answers a ttrpc status UNIMPLEMENTED that names the RPC (never a fake success).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use agent_protocol::{agent as pb, agent_ttrpc, health, health_ttrpc, AGENT_VSOCK_PORT};
+use async_trait::async_trait;
+use slog::{info, warn, Logger};
+use ttrpc::asynchronous::{MethodHandler, Server, TtrpcContext};
+use ttrpc::{Code, Request, Response};
+
+use crate::guest::{self, Sysfs};
+use crate::VERSION;
+
+/// AgentService RPCs implemented here; the rest answer UNIMPLEMENTED.
+pub const IMPLEMENTED: &[&str] =
+    &["GetGuestDetails", "SetGuestDateTime", "OnlineCPUMem", "DestroySandbox", "GetMetrics"];
+
+/// Features reported in `AgentDetails.extra_features`.
+const FEATURES: &[&str] = &["vsock", "hybrid-vsock", "memory-hotplug", "cpu-hotplug"];
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+struct HealthService;
+
+#[async_trait]
+impl health_ttrpc::Health for HealthService {
+    async fn check(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::HealthCheckResponse> {
+        let mut r = health::HealthCheckResponse::new();
+        r.status = health::health_check_response::ServingStatus::SERVING.into();
+        Ok(r)
+    }
+
+    async fn version(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::VersionCheckResponse> {
+        Ok(health::VersionCheckResponse {
+            grpc_version: "ttrpc".into(),
+            agent_version: VERSION.into(),
+            ..Default::default()
+        })
+    }
+}
+
+struct AgentService {
+    log: Logger,
+    sysfs: Sysfs,
+    shutdown: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl agent_ttrpc::AgentService for AgentService {
+    async fn get_guest_details(&self, _ctx: &TtrpcContext, req: pb::GuestDetailsRequest) -> ttrpc::Result<pb::GuestDetailsResponse> {
+        let mut r = pb::GuestDetailsResponse::new();
+        if req.mem_block_size {
+            r.mem_block_size_bytes = self.sysfs.memory_block_size().map_err(|e| status(Code::INTERNAL, e.0))?;
+        }
+        if req.mem_hotplug_probe {
+            r.support_mem_hotplug_probe = self.sysfs.memory_probe_supported();
+        }
+        r.agent_details = Some(pb::AgentDetails {
+            version: VERSION.into(),
+            init_daemon: nix::unistd::getpid().as_raw() == 1,
+            extra_features: FEATURES.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .into();
+        Ok(r)
+    }
+
+    async fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: pb::SetGuestDateTimeRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
+        if !(0..1_000_000).contains(&req.Usec) || req.Sec < 0 {
+            return Err(status(Code::INVALID_ARGUMENT, format!("SetGuestDateTime: invalid time Sec={} Usec={}", req.Sec, req.Usec)));
+        }
+        guest::set_time(req.Sec, req.Usec).map_err(|e| status(Code::INTERNAL, e.0))?;
+        Ok(Default::default())
+    }
+
+    async fn online_cpu_mem(&self, _ctx: &TtrpcContext, req: pb::OnlineCPUMemRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
+        let sysfs = self.sysfs.clone();
+        let work = move || -> Result<(u32, u32), guest::GuestError> {
+            let wait = if req.wait { std::time::Duration::from_secs(5) } else { std::time::Duration::ZERO };
+            let cpus = if req.nb_cpus > 0 { sysfs.online_cpus_waiting(req.nb_cpus, wait)? } else { 0 };
+            let blocks = if req.cpu_only { 0 } else { sysfs.online_memory()? };
+            Ok((cpus, blocks))
+        };
+        let (cpus, blocks) = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("OnlineCPUMem: {e}")))?
+            .map_err(|e| status(Code::INTERNAL, format!("OnlineCPUMem: {}", e.0)))?;
+        info!(self.log, "onlined hot-added resources"; "cpus" => cpus, "memory_blocks" => blocks, "requested_cpus" => req.nb_cpus);
+        if req.nb_cpus > 0 && cpus < req.nb_cpus {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("OnlineCPUMem: only {cpus} of {} requested CPUs were offline to online; hot-add them first", req.nb_cpus),
+            ));
+        }
+        Ok(Default::default())
+    }
+
+    async fn get_metrics(&self, _ctx: &TtrpcContext, _req: pb::GetMetricsRequest) -> ttrpc::Result<pb::Metrics> {
+        let text = guest::metrics_text(&self.sysfs).map_err(|e| status(Code::INTERNAL, e.0))?;
+        Ok(pb::Metrics { metrics: text, ..Default::default() })
+    }
+
+    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: pb::DestroySandboxRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
+        info!(self.log, "DestroySandbox: shutting the guest down");
+        self.shutdown.notify_one();
+        Ok(Default::default())
+    }
+}
+
+/// The handler registered for every RPC this agent does not implement.
+struct Unimplemented {
+    rpc: String,
+}
+
+#[async_trait]
+impl MethodHandler for Unimplemented {
+    async fn handler(&self, _ctx: TtrpcContext, _req: Request) -> ttrpc::Result<Response> {
+        let s = ttrpc::get_status(
+            Code::UNIMPLEMENTED,
+            format!("{} is not implemented by the podvisor agent {VERSION}", self.rpc),
+        );
+        Ok(<Response as ttrpc::proto::ResponseInit>::init_status(s))
+    }
+}
+
+/// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED.
+pub fn services(log: Logger, shutdown: Arc<tokio::sync::Notify>) -> std::collections::HashMap<String, ttrpc::asynchronous::Service> {
+    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown };
+    let mut services = agent_ttrpc::create_agent_service(Arc::new(agent));
+    let implemented: HashSet<&str> = IMPLEMENTED.iter().copied().collect();
+    for (name, service) in services.iter_mut() {
+        let names: Vec<String> = service.methods.keys().cloned().collect();
+        for method in names.into_iter().filter(|m| !implemented.contains(m.as_str())) {
+            let rpc = format!("{name}/{method}");
+            service.methods.insert(method, Box::new(Unimplemented { rpc }));
+        }
+    }
+    services.extend(health_ttrpc::create_health(Arc::new(HealthService)));
+    services
+}
+
+/// A ttrpc server listening on vsock port 1024 (any CID).
+pub fn server(log: Logger, shutdown: Arc<tokio::sync::Notify>) -> Result<Server, String> {
+    let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let server = Server::new().bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+    if !std::path::Path::new("/dev/vsock").exists() {
+        warn!(log, "/dev/vsock is missing; is the vsock transport module loaded?");
+    }
+    Ok(server.register_service(services(log, shutdown)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_protocol::agent_ttrpc::AgentServiceClient;
+    use agent_protocol::health_ttrpc::HealthClient;
+
+    fn ctx() -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(5_000_000_000)
+    }
+
+    /// Serves the real services on a unix socket and calls them with the generated clients.
+    #[tokio::test]
+    async fn implemented_and_unimplemented_rpcs_over_ttrpc() {
+        let dir = std::env::temp_dir().join(format!("podvisor-agent-rpc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = Logger::root(slog::Discard, slog::o!());
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        let mut server = Server::new()
+            .bind(&format!("unix://{}", sock.display()))
+            .unwrap()
+            .register_service(services(log, shutdown.clone()));
+        server.start().await.unwrap();
+
+        let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", sock.display())).await.unwrap();
+        let health = HealthClient::new(client.clone());
+        let agent = AgentServiceClient::new(client);
+
+        let r = health.check(ctx(), &health::CheckRequest::new()).await.unwrap();
+        assert_eq!(r.status.enum_value(), Ok(health::health_check_response::ServingStatus::SERVING));
+        assert_eq!(health.version(ctx(), &health::CheckRequest::new()).await.unwrap().agent_version, VERSION);
+
+        let err = agent.create_container(ctx(), &pb::CreateContainerRequest::new()).await.unwrap_err();
+        match err {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::UNIMPLEMENTED);
+                assert!(s.message().contains("grpc.AgentService/CreateContainer"), "{}", s.message());
+            }
+            other => panic!("expected an RPC status, got {other:?}"),
+        }
+
+        let bad = pb::SetGuestDateTimeRequest { Sec: 1, Usec: 2_000_000, ..Default::default() };
+        let err = agent.set_guest_date_time(ctx(), &bad).await.unwrap_err();
+        assert!(matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::INVALID_ARGUMENT), "{err:?}");
+
+        agent.destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new()).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(2), shutdown.notified()).await.expect("shutdown signalled");
+        server.shutdown().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_implemented_name_is_a_real_rpc() {
+        for name in IMPLEMENTED {
+            assert!(agent_protocol::AGENT_SERVICE_RPCS.contains(name), "{name} is not an AgentService RPC");
+        }
+    }
+}
