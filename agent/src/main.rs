@@ -17,6 +17,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 fn main() {
     let pid1 = nix::unistd::getpid().as_raw() == 1;
     if pid1 {
+        // A panic in PID 1 would make the kernel panic ("Attempted to kill init"); print the
+        // cause on the console and power off instead.
+        std::panic::set_hook(Box::new(|info| init::fatal(&format!("panic: {info}"))));
         if let Err(e) = init::setup_console() {
             init::fatal(&e.0);
         }
