@@ -83,6 +83,10 @@ generated_module!(
     csi, "csi.rs"
 );
 
+/// Conversions between `oci_spec::runtime::Spec` and the protobuf [`oci::Spec`], lossless up to
+/// the documented zero → `None` rules.
+pub mod convert;
+
 /// The vsock port the agent listens on inside the guest (Kata's default agent port).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 

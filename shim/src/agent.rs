@@ -32,7 +32,17 @@ pub enum AgentError {
     /// The VM died while we waited for the agent.
     #[error("the VM failed before the agent answered: {0}")]
     VmFailed(String),
-    /// An RPC failed.
+    /// The agent answered an RPC with an error status.
+    #[error("agent {rpc}: {message}")]
+    Status {
+        /// RPC name.
+        rpc: &'static str,
+        /// ttrpc status code.
+        code: ttrpc::Code,
+        /// The agent's message.
+        message: String,
+    },
+    /// An RPC failed in transport (connection lost, timeout).
     #[error("agent {rpc}: {message}")]
     Rpc {
         /// RPC name.
@@ -70,7 +80,42 @@ pub trait Agent: Send + Sync {
     async fn metrics(&self) -> Result<String, AgentError>;
     /// `DestroySandbox`: the guest shuts down cleanly.
     async fn destroy_sandbox(&self) -> Result<(), AgentError>;
+    /// `CreateSandbox`: mount the shared storages, set the hostname.
+    async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> Result<(), AgentError>;
+    /// `CreateContainer`: create (not start) a container from an OCI spec.
+    async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError>;
+    /// `StartContainer`.
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// `RemoveContainer`.
+    async fn remove_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// `ExecProcess`: start a process in a container.
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<(), AgentError>;
+    /// `SignalProcess`.
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<(), AgentError>;
+    /// `WaitProcess`: blocks until the process exits; its exit status.
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, AgentError>;
+    /// `ReadStdout` / `ReadStderr`: blocks for data; empty at end of stream.
+    async fn read_stream(&self, container_id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>, AgentError>;
+    /// `WriteStdin`: bytes accepted.
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError>;
+    /// `CloseStdin`.
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
+    /// `TtyWinResize`.
+    async fn tty_win_resize(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), AgentError>;
+    /// `PauseContainer`.
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// `ResumeContainer`.
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError>;
+    /// `StatsContainer`.
+    async fn stats_container(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError>;
+    /// `UpdateContainer`.
+    async fn update_container(&self, req: pb::UpdateContainerRequest) -> Result<(), AgentError>;
+    /// `GetOOMEvent`: blocks until a container is OOM-killed; its id.
+    async fn get_oom_event(&self) -> Result<String, AgentError>;
 }
+
+/// Largest chunk asked for per `ReadStdout`/`ReadStderr` call.
+const READ_CHUNK: u32 = 64 * 1024;
 
 /// The real agent, over ttrpc.
 pub struct KataAgent {
@@ -83,13 +128,15 @@ fn ctx(timeout: Duration) -> ttrpc::context::Context {
 }
 
 fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
-    move |e| AgentError::Rpc {
-        rpc,
-        message: match e {
-            ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
-            other => other.to_string(),
-        },
+    move |e| match e {
+        ttrpc::Error::RpcStatus(s) => AgentError::Status { rpc, code: s.code(), message: s.message().to_string() },
+        other => AgentError::Rpc { rpc, message: other.to_string() },
     }
+}
+
+/// No deadline: for calls that block until something happens in the guest.
+fn no_deadline() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
 }
 
 impl KataAgent {
@@ -212,5 +259,115 @@ impl Agent for KataAgent {
             .await
             .map_err(rpc_err("DestroySandbox"))?;
         Ok(())
+    }
+
+    async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> Result<(), AgentError> {
+        self.agent.create_sandbox(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CreateSandbox"))?;
+        Ok(())
+    }
+
+    async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
+        self.agent.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CreateContainer"))?;
+        Ok(())
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = pb::StartContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.agent.start_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("StartContainer"))?;
+        Ok(())
+    }
+
+    async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = pb::RemoveContainerRequest { container_id: container_id.into(), timeout: 10, ..Default::default() };
+        self.agent.remove_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("RemoveContainer"))?;
+        Ok(())
+    }
+
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<(), AgentError> {
+        self.agent.exec_process(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("ExecProcess"))?;
+        Ok(())
+    }
+
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<(), AgentError> {
+        let req = pb::SignalProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            ..Default::default()
+        };
+        self.agent.signal_process(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SignalProcess"))?;
+        Ok(())
+    }
+
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, AgentError> {
+        let req = pb::WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let r = self.agent.wait_process(no_deadline(), &req).await.map_err(rpc_err("WaitProcess"))?;
+        Ok(r.status)
+    }
+
+    async fn read_stream(&self, container_id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>, AgentError> {
+        let req = pb::ReadStreamRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            len: READ_CHUNK,
+            ..Default::default()
+        };
+        let r = if stderr {
+            self.agent.read_stderr(no_deadline(), &req).await.map_err(rpc_err("ReadStderr"))?
+        } else {
+            self.agent.read_stdout(no_deadline(), &req).await.map_err(rpc_err("ReadStdout"))?
+        };
+        Ok(r.data)
+    }
+
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
+        let req = pb::WriteStreamRequest { container_id: container_id.into(), exec_id: exec_id.into(), data, ..Default::default() };
+        let r = self.agent.write_stdin(no_deadline(), &req).await.map_err(rpc_err("WriteStdin"))?;
+        Ok(r.len)
+    }
+
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = pb::CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.agent.close_stdin(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CloseStdin"))?;
+        Ok(())
+    }
+
+    async fn tty_win_resize(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), AgentError> {
+        let req = pb::TtyWinResizeRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            row: rows,
+            column: columns,
+            ..Default::default()
+        };
+        self.agent.tty_win_resize(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("TtyWinResize"))?;
+        Ok(())
+    }
+
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = pb::PauseContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.agent.pause_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("PauseContainer"))?;
+        Ok(())
+    }
+
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = pb::ResumeContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.agent.resume_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("ResumeContainer"))?;
+        Ok(())
+    }
+
+    async fn stats_container(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError> {
+        let req = pb::StatsContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.agent.stats_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("StatsContainer"))
+    }
+
+    async fn update_container(&self, req: pb::UpdateContainerRequest) -> Result<(), AgentError> {
+        self.agent.update_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateContainer"))?;
+        Ok(())
+    }
+
+    async fn get_oom_event(&self) -> Result<String, AgentError> {
+        let r = self.agent.get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new()).await.map_err(rpc_err("GetOOMEvent"))?;
+        Ok(r.container_id)
     }
 }

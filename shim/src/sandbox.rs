@@ -40,6 +40,36 @@ impl Sandbox {
         Self::boot_with(id, vm, config.agent.dial_timeout, &log).await
     }
 
+    /// Boots a pod VM for `id` that shares `shared_dir` with the guest over virtio-fs, and has
+    /// the agent mount it at [`crate::mounts::GUEST_SHARED`] (`CreateSandbox`).
+    pub async fn boot_pod(id: &str, config: &Config, shared_dir: &std::path::Path, hostname: &str, log: &Logger) -> Result<Sandbox, BootError> {
+        let log = log.new(slog::o!("sandbox" => id.to_string()));
+        for w in &config.warnings {
+            warn!(log, "{}", w);
+        }
+        let vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
+        let vm: Arc<dyn Hypervisor> = Arc::new(vm);
+        let sandbox = Self::boot_with(id, vm, config.agent.dial_timeout, &log).await?;
+        let storage = agent_protocol::agent::Storage {
+            driver: "virtio-fs".into(),
+            source: hypervisor::qemu::cmdline::VIRTIO_FS_TAG.into(),
+            fstype: "virtiofs".into(),
+            mount_point: format!("{}/", crate::mounts::GUEST_SHARED),
+            ..Default::default()
+        };
+        let req = agent_protocol::agent::CreateSandboxRequest {
+            hostname: hostname.into(),
+            storages: vec![storage],
+            sandbox_id: id.into(),
+            ..Default::default()
+        };
+        if let Err(e) = sandbox.agent.create_sandbox(req).await {
+            let _ = sandbox.shutdown().await;
+            return Err(e.into());
+        }
+        Ok(sandbox)
+    }
+
     /// Boots `vm` (not yet prepared) and connects to its agent within `dial_timeout`.
     pub async fn boot_with(id: &str, vm: Arc<dyn Hypervisor>, dial_timeout: Duration, log: &Logger) -> Result<Sandbox, BootError> {
         let result = async {
@@ -86,7 +116,7 @@ impl Sandbox {
     }
 
     /// Asks the guest to shut down, then stops the VM and removes everything on the host.
-    pub async fn shutdown(self) -> Result<(), hypervisor::Error> {
+    pub async fn shutdown(&self) -> Result<(), hypervisor::Error> {
         match tokio::time::timeout(Duration::from_secs(5), self.agent.destroy_sandbox()).await {
             Ok(Ok(())) => {
                 // The guest powers off by itself; give it a moment before stop() forces it.

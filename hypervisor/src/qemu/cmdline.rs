@@ -62,7 +62,13 @@ pub struct VmSpec {
     pub qmp_socket: PathBuf,
     /// Agent channel device.
     pub vsock: VsockDevice,
+    /// virtiofsd's vhost-user socket, when a directory is shared with the guest (tag
+    /// [`VIRTIO_FS_TAG`]).
+    pub virtio_fs: Option<PathBuf>,
 }
+
+/// The virtio-fs tag the guest mounts (Kata's).
+pub const VIRTIO_FS_TAG: &str = "kataShared";
 
 impl VmSpec {
     /// Resolves a configuration against this host (CPU count, RAM) into a spec.
@@ -88,6 +94,7 @@ impl VmSpec {
             debug: config.enable_debug,
             qmp_socket,
             vsock,
+            virtio_fs: None,
         }
     }
 
@@ -142,6 +149,10 @@ impl VmSpec {
             }
             VsockDevice::None => {}
         }
+        if let Some(socket) = &self.virtio_fs {
+            push(&["-chardev", &format!("socket,id=vfschr,path={}", socket.display())]);
+            push(&["-device", &format!("vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag={VIRTIO_FS_TAG},queue-size=1024")]);
+        }
         if self.machine == "q35" {
             // One free root port per possible hot-plugged block device (pcie.0 has no hotplug).
             for i in 0..HOTPLUG_ROOT_PORTS {
@@ -175,6 +186,7 @@ mod tests {
             debug: false,
             qmp_socket: "/run/x/qmp.sock".into(),
             vsock,
+            virtio_fs: None,
         }
     }
 
@@ -216,6 +228,15 @@ mod tests {
         let p = s.kernel_params();
         assert!(p.ends_with("agent.log=debug") && !p.contains("quiet"), "{p}");
         assert!(p.starts_with("console=ttyS0 "), "{p}");
+    }
+
+    #[test]
+    fn virtio_fs_device_uses_kata_tag() {
+        let mut s = spec(AccelChoice::Kvm, VsockDevice::None);
+        assert!(!joined(&s).contains("vhost-user-fs"));
+        s.virtio_fs = Some("/run/x/vfs.sock".into());
+        let j = joined(&s);
+        assert!(j.contains("-chardev socket,id=vfschr,path=/run/x/vfs.sock -device vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag=kataShared,queue-size=1024"), "{j}");
     }
 
     #[test]

@@ -52,6 +52,7 @@ enum VmState {
 struct Inner {
     qemu: Option<Arc<ChildProcess>>,
     vsockd: Option<ChildProcess>,
+    virtiofsd: Option<ChildProcess>,
     qmp: Option<Arc<Qmp>>,
     vhost_fd: Option<OwnedFd>,
     hotplug: hotplug::State,
@@ -67,6 +68,8 @@ pub struct Qemu {
     facts: HostFacts,
     channel: AgentChannel,
     console: Tail,
+    /// Host directory shared with the guest over virtio-fs, if any.
+    shared_dir: Option<PathBuf>,
     /// Guest CID on the kernel vsock path (0 until started).
     vsock_cid: AtomicU32,
     state: watch::Sender<VmState>,
@@ -98,10 +101,19 @@ impl Qemu {
             facts,
             channel,
             console: Tail::default(),
+            shared_dir: None,
             vsock_cid: AtomicU32::new(0),
             state: watch::channel(VmState::NotStarted).0,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Shares `dir` with the guest over virtio-fs (tag `kataShared`), served by one virtiofsd
+    /// started with the VM (`virtio_fs_daemon`, `virtio_fs_cache`, `virtio_fs_extra_args`).
+    /// Mounts made below `dir` after the start reach the guest only if `dir` is a shared mount.
+    pub fn with_shared_dir(mut self, dir: impl Into<PathBuf>) -> Qemu {
+        self.shared_dir = Some(dir.into());
+        self
     }
 
     /// The per-VM run directory.
@@ -186,13 +198,17 @@ impl Qemu {
                 &self.log,
                 "vsockdPid",
             )?;
+            self.record_pid("vhost-device-vsock", child.pid());
             let ready = wait_for_path(&socket, &child, SOCKET_WAIT).await;
             inner.vsockd = Some(child);
             ready?;
             info!(self.log, "agent channel: hybrid vsock"; "uds" => %uds.display());
             VsockDevice::VhostUser { socket }
         };
-        let spec = self.spec(accel, vsock);
+        let mut spec = self.spec(accel, vsock);
+        if let Some(dir) = &self.shared_dir {
+            spec.virtio_fs = Some(self.start_virtiofsd(inner, dir).await?);
+        }
         inner.hotplug = hotplug::State::new(&spec);
         let mut cmd = tokio::process::Command::new(&self.config.path);
         cmd.args(spec.args()).stdout(std::process::Stdio::piped());
@@ -217,6 +233,7 @@ impl Qemu {
             &self.log,
             "qemuPid",
         )?;
+        self.record_pid("qemu", qemu.pid());
         let qemu = Arc::new(qemu);
         inner.qemu = Some(qemu.clone());
         if let Some(out) = stdout {
@@ -246,6 +263,55 @@ impl Qemu {
         self.state.send_replace(VmState::Running);
         self.spawn_monitor(qemu, qmp);
         Ok(())
+    }
+
+    /// Starts virtiofsd for `dir` and waits for its vhost-user socket.
+    async fn start_virtiofsd(&self, inner: &mut Inner, dir: &Path) -> Result<PathBuf> {
+        let daemon = host::find_program(&self.config.virtio_fs_daemon).ok_or_else(|| {
+            Error::Host(format!(
+                "virtio_fs_daemon {} not found or not executable; install it with \
+                 `cargo install --locked --root /usr/local virtiofsd` or fix virtio_fs_daemon in [hypervisor.qemu]",
+                self.config.virtio_fs_daemon.display()
+            ))
+        })?;
+        let socket = self.run_dir.join("vfs.sock");
+        let mut cmd = tokio::process::Command::new(&daemon);
+        cmd.arg("--socket-path").arg(&socket).arg("--shared-dir").arg(dir);
+        cmd.arg("--cache").arg(&self.config.virtio_fs_cache);
+        // Its own log lines go to the journal as identifier `virtiofsd` (when there is one);
+        // stderr is relayed into our log as well.
+        cmd.arg("--syslog");
+        cmd.args(&self.config.virtio_fs_extra_args);
+        cmd.stdout(std::process::Stdio::null());
+        let (child, _) = ChildProcess::spawn(
+            "virtiofsd",
+            cmd,
+            &daemon,
+            "install it with `cargo install --locked --root /usr/local virtiofsd` or fix virtio_fs_daemon",
+            &self.log,
+            "virtiofsdPid",
+        )?;
+        self.record_pid("virtiofsd", child.pid());
+        let ready = wait_for_path(&socket, &child, SOCKET_WAIT).await;
+        inner.virtiofsd = Some(child);
+        ready?;
+        info!(self.log, "sharing a directory over virtio-fs"; "dir" => %dir.display(), "cache" => &self.config.virtio_fs_cache);
+        Ok(socket)
+    }
+
+    /// Appends `<name> <pid>` to `<run dir>/pids`, so that a later `delete` can find the
+    /// processes of a shim that died ([`kill_leftovers`]).
+    fn record_pid(&self, name: &str, pid: u32) {
+        use std::io::Write;
+        let path = self.run_dir.join(PIDS_FILE);
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{name} {pid}"));
+        if let Err(e) = written {
+            warn!(self.log, "cannot record pid"; "file" => %path.display(), "error" => %e);
+        }
     }
 
     /// Watches QEMU's exit and QMP events; turns them into state changes.
@@ -306,7 +372,8 @@ impl Qemu {
                 }
             }
         }
-        if let Some(d) = &inner.vsockd {
+        // virtiofsd exits by itself when QEMU disconnects; vhost-device-vsock does not.
+        for d in inner.virtiofsd.iter().chain(inner.vsockd.iter()) {
             d.terminate(Duration::from_secs(2)).await;
         }
         inner.qmp = None;
@@ -322,7 +389,7 @@ impl Qemu {
         } else {
             self.state.send_replace(VmState::Exited(ExitInfo { code: None, signal: None, message: "never started".into() }));
         }
-        for name in ["qmp.sock", "vhost.sock", "hvsock"] {
+        for name in ["qmp.sock", "vhost.sock", "hvsock", "vfs.sock", PIDS_FILE] {
             let _ = std::fs::remove_file(self.run_dir.join(name));
         }
     }
@@ -349,6 +416,49 @@ fn exit_info(qemu: &ChildProcess, status: std::process::ExitStatus, console: &Ta
             console.joined()
         ),
     }
+}
+
+/// File in the run directory listing `<name> <pid>` of every helper process.
+const PIDS_FILE: &str = "pids";
+
+/// Kills what a VM left behind when its owner died without stopping it (a shim killed with
+/// SIGKILL): every process listed in `<run_dir>/pids` whose command line still names the run
+/// directory (so a recycled pid is never hit), then the run directory itself. Returns the pids
+/// that were killed.
+pub fn kill_leftovers(run_dir: &Path) -> Result<Vec<u32>> {
+    let listed = match std::fs::read_to_string(run_dir.join(PIDS_FILE)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(format!("read {}", run_dir.join(PIDS_FILE).display()))(e)),
+    };
+    let needle = run_dir.as_os_str().as_encoded_bytes();
+    let mut killed = Vec::new();
+    for pid in listed.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            let p = nix::unistd::Pid::from_raw(pid as i32);
+            if nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                killed.push(pid);
+            }
+        }
+    }
+    // They are not our children: wait until they are gone (or zombies of their reaper).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while killed.iter().any(|p| process_running(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match std::fs::remove_dir_all(run_dir) {
+        Ok(()) => Ok(killed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
+        Err(e) => Err(io_err(format!("remove run directory {}", run_dir.display()))(e)),
+    }
+}
+
+/// A process exists and is not a zombie.
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
 }
 
 /// Opens `/dev/vhost-vsock` and claims a free guest CID on it (as Kata does); the fd is then
@@ -469,7 +579,7 @@ impl Hypervisor for Qemu {
 
     async fn pids(&self) -> Vec<u32> {
         let inner = self.inner.lock().await;
-        inner.qemu.iter().map(|c| c.pid()).chain(inner.vsockd.iter().map(|c| c.pid())).collect()
+        inner.qemu.iter().map(|c| c.pid()).chain(inner.vsockd.iter().chain(inner.virtiofsd.iter()).map(|c| c.pid())).collect()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -477,7 +587,7 @@ impl Hypervisor for Qemu {
             memory_hotplug: true,
             vcpu_hotplug: true,
             block_device_hotplug: true,
-            fs_sharing: false,
+            fs_sharing: self.shared_dir.is_some(),
             hybrid_vsock: matches!(self.channel, AgentChannel::HybridVsock { .. }),
         }
     }

@@ -1,0 +1,564 @@
+//! One pod as the shim daemon sees it: the VM (booted by the first container), the shared
+//! directory, and the containers with their processes. Task RPCs land here (through
+//! `service.rs`), so every rule about states and cleanup lives in this file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use agent_protocol::agent as pb;
+use containerd_shim_protos::events::task as ev;
+use slog::{error, info, warn, Logger};
+use tokio::sync::Notify;
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::events::Publisher;
+use crate::mounts::{self, MountSpec, SharedDir};
+use crate::process::{Exit, Process, Status, Stdio};
+use crate::sandbox::Sandbox;
+use crate::spec;
+
+/// Errors of task operations; `service.rs` maps each kind to containerd's error code.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// No such container or exec.
+    #[error("{0}: not found")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    /// The request does not fit the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Not supported by a VM runtime.
+    #[error("{0}")]
+    NotImplemented(String),
+    /// Anything else, with its cause.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::agent::AgentError> for TaskError {
+    fn from(e: crate::agent::AgentError) -> Self {
+        use crate::agent::AgentError;
+        match &e {
+            AgentError::Status { code: ttrpc::Code::NOT_FOUND, .. } => TaskError::NotFound(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. } => TaskError::InvalidArgument(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::FAILED_PRECONDITION, .. } => TaskError::FailedPrecondition(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::ALREADY_EXISTS, .. } => TaskError::AlreadyExists(e.to_string()),
+            _ => TaskError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Result of task operations.
+pub type TaskResult<T> = Result<T, TaskError>;
+
+/// What `Create` needs from the request.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Rootfs mounts (containerd); empty from CRI-O and `ctr run --rootfs`.
+    pub rootfs: Vec<MountSpec>,
+    /// stdio.
+    pub stdio: Stdio,
+    /// `config_path` from the runtime options, if any.
+    pub config_path: Option<String>,
+}
+
+/// A container.
+pub struct Container {
+    /// Its id.
+    pub id: String,
+    /// Its bundle.
+    pub bundle: PathBuf,
+    /// The init process.
+    pub init: Arc<Process>,
+    /// Exec'd processes by exec id.
+    pub execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Execs registered by `Exec` and not started yet: their OCI process.
+    pending: Mutex<HashMap<String, agent_protocol::oci::Process>>,
+    /// `<bundle>/rootfs` when the shim mounted it.
+    mounted_rootfs: Option<PathBuf>,
+    /// CRI-O wants OOM kills as a `<bundle>/oom` file.
+    crio: bool,
+}
+
+impl Container {
+    /// The process `exec_id` names (empty: init).
+    pub fn process(&self, exec_id: &str) -> TaskResult<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs
+            .lock()
+            .unwrap()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| TaskError::NotFound(format!("exec {exec_id} of container {}", self.id)))
+    }
+}
+
+struct Vm {
+    sandbox: Sandbox,
+    shared: SharedDir,
+}
+
+/// The pod served by this shim daemon.
+pub struct Pod {
+    /// The sandbox id (the first container's id, or the pod's sandbox annotation).
+    pub sandbox_id: String,
+    log: Logger,
+    events: Publisher,
+    vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Notified when the daemon should exit (Shutdown with no container left).
+    pub exit: Arc<Notify>,
+    config_path_env: Option<String>,
+}
+
+impl Pod {
+    /// A pod with no VM yet.
+    pub fn new(sandbox_id: &str, events: Publisher, log: Logger, config_path_env: Option<String>) -> Pod {
+        Pod {
+            sandbox_id: sandbox_id.into(),
+            log,
+            events,
+            vm: tokio::sync::Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            exit: Arc::new(Notify::new()),
+            config_path_env,
+        }
+    }
+
+    /// The events publisher.
+    pub fn events(&self) -> &Publisher {
+        &self.events
+    }
+
+    /// The container `id`.
+    pub fn container(&self, id: &str) -> TaskResult<Arc<Container>> {
+        self.containers.lock().unwrap().get(id).cloned().ok_or_else(|| TaskError::NotFound(format!("container {id}")))
+    }
+
+    /// The process `exec_id` of container `id`.
+    pub fn process(&self, id: &str, exec_id: &str) -> TaskResult<Arc<Process>> {
+        self.container(id)?.process(exec_id)
+    }
+
+    async fn running_vm(&self) -> TaskResult<Arc<Vm>> {
+        self.vm.lock().await.clone().ok_or_else(|| TaskError::FailedPrecondition("the sandbox VM is not running".into()))
+    }
+
+    /// The agent of the running VM.
+    pub async fn agent(&self) -> TaskResult<Arc<dyn Agent>> {
+        Ok(self.running_vm().await?.sandbox.agent().clone())
+    }
+
+    /// The VMM's pid (reported as the task pid, as Kata does); 0 without a VM.
+    pub async fn vmm_pid(&self) -> u32 {
+        match self.vm.lock().await.as_ref() {
+            Some(vm) => vm.sandbox.vm().pids().await.first().copied().unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    fn load_config(&self, from_request: Option<&str>) -> TaskResult<Config> {
+        let path = from_request.or(self.config_path_env.as_deref()).map(Path::new);
+        crate::config::load(path).map_err(|e| TaskError::InvalidArgument(e.to_string()))
+    }
+
+    /// Boots the VM unless it runs; the first container's config decides its shape.
+    async fn ensure_vm(self: &Arc<Self>, req: &CreateRequest, hostname: &str) -> TaskResult<(Arc<Vm>, bool)> {
+        let mut guard = self.vm.lock().await;
+        if let Some(vm) = guard.as_ref() {
+            return Ok((vm.clone(), false));
+        }
+        let config = self.load_config(req.config_path.as_deref())?;
+        let shared = SharedDir::new(&self.sandbox_id);
+        let booted = async {
+            shared.create().map_err(|e| TaskError::Internal(e.to_string()))?;
+            Sandbox::boot_pod(&self.sandbox_id, &config, shared.root(), hostname, &self.log)
+                .await
+                .map_err(|e| TaskError::Internal(format!("cannot start the sandbox VM: {e}")))
+        }
+        .await;
+        let sandbox = match booted {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(c) = shared.destroy() {
+                    warn!(self.log, "cleanup of the shared directory failed"; "error" => %c);
+                }
+                return Err(e);
+            }
+        };
+        let vm = Arc::new(Vm { sandbox, shared });
+        *guard = Some(vm.clone());
+        self.spawn_oom_watch(vm.sandbox.agent().clone());
+        Ok((vm, true))
+    }
+
+    /// `Create`: mounts the rootfs, boots the VM if needed, shares the rootfs and bind sources,
+    /// and creates the container in the guest. Nothing is left behind on failure.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> TaskResult<u32> {
+        if req.id.is_empty() {
+            return Err(TaskError::InvalidArgument("container id is empty".into()));
+        }
+        if self.containers.lock().unwrap().contains_key(&req.id) {
+            return Err(TaskError::AlreadyExists(format!("container {}", req.id)));
+        }
+        let oci = spec::load(&req.bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let binds = spec::host_binds(&oci).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let mounted_rootfs = if req.rootfs.is_empty() {
+            None
+        } else {
+            let target = req.bundle.join("rootfs");
+            mounts::mount_rootfs(&req.rootfs, &target).map_err(|e| {
+                let _ = mounts::unmount_all(&target);
+                TaskError::Internal(format!("cannot mount the rootfs: {e}"))
+            })?;
+            Some(target)
+        };
+        let result = self.create_mounted(&req, oci, &binds).await;
+        match result {
+            Ok(c) => {
+                self.containers.lock().unwrap().insert(req.id.clone(), Arc::new(Container { mounted_rootfs, ..c }));
+                let pid = self.vmm_pid().await;
+                self.events.publish(
+                    containerd_shim_protos::topics::TASK_CREATE_EVENT_TOPIC,
+                    ev::TaskCreate {
+                        container_id: req.id.clone(),
+                        bundle: req.bundle.display().to_string(),
+                        pid,
+                        ..Default::default()
+                    },
+                );
+                Ok(pid)
+            }
+            Err(e) => {
+                if let Some(t) = &mounted_rootfs {
+                    let _ = mounts::unmount_all(t);
+                }
+                if self.containers.lock().unwrap().is_empty() {
+                    self.stop_vm().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_mounted(self: &Arc<Self>, req: &CreateRequest, oci: oci_spec::runtime::Spec, binds: &[spec::HostBind]) -> TaskResult<Container> {
+        let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty()).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let hostname = oci.hostname().clone().unwrap_or_default();
+        let crio = oci.annotations().as_ref().and_then(|a| a.get("io.container.manager")).is_some_and(|m| m == "cri-o");
+        let (vm, _) = self.ensure_vm(req, &hostname).await?;
+        let id = &req.id;
+        let shared = async {
+            let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, false)?;
+            let mut sources = Vec::new();
+            for b in binds {
+                let base = b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+                sources.push(vm.shared.share(&format!("{id}-mounts/{}-{base}", b.index), &b.source, b.read_only)?);
+            }
+            Ok::<_, mounts::MountError>((root, sources))
+        }
+        .await;
+        let (guest_root, sources) = match shared {
+            Ok(v) => v,
+            Err(e) => {
+                self.unshare(&vm, id);
+                return Err(TaskError::Internal(format!("cannot share the container's files with the VM: {e}")));
+            }
+        };
+        let (guest_spec, warnings) = spec::for_guest(oci, &guest_root, binds, &sources);
+        for w in warnings {
+            warn!(self.log, "{}", w; "container" => id);
+        }
+        let grpc = agent_protocol::convert::spec_to_grpc(&guest_spec);
+        let agent = vm.sandbox.agent().clone();
+        let creq = pb::CreateContainerRequest {
+            container_id: id.clone(),
+            exec_id: id.clone(),
+            OCI: Some(grpc).into(),
+            ..Default::default()
+        };
+        let init = Process::new(id, "", req.stdio.clone());
+        let created = async {
+            agent.create_container(creq).await?;
+            init.start_io(agent.clone(), &self.log).await.map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            Ok::<_, TaskError>(())
+        }
+        .await;
+        if let Err(e) = created {
+            let _ = agent.remove_container(id).await;
+            self.unshare(&vm, id);
+            return Err(e);
+        }
+        info!(self.log, "container created"; "container" => id);
+        Ok(Container {
+            id: id.clone(),
+            bundle: req.bundle.clone(),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            mounted_rootfs: None,
+            crio,
+        })
+    }
+
+    fn unshare(&self, vm: &Vm, id: &str) {
+        for prefix in [id.to_string(), format!("{id}-mounts")] {
+            if let Err(e) = vm.shared.unshare(&prefix) {
+                warn!(self.log, "cannot remove shared files"; "container" => id, "error" => %e);
+            }
+        }
+    }
+
+    /// `Start`: the init process (container) or an exec registered by `Exec`.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> TaskResult<u32> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        if p.status() != Status::Created {
+            return Err(TaskError::FailedPrecondition(format!("process {} of container {id} was already started", p.agent_exec_id())));
+        }
+        let agent = self.agent().await?;
+        if exec_id.is_empty() {
+            agent.start_container(id).await?;
+        } else {
+            let process = c.pending.lock().unwrap().remove(exec_id).ok_or_else(|| TaskError::NotFound(format!("exec {exec_id}")))?;
+            let req = pb::ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                process: Some(process).into(),
+                ..Default::default()
+            };
+            agent.exec_process(req).await?;
+            p.start_io(agent.clone(), &self.log).await.map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        }
+        p.set_status(Status::Running);
+        let pid = self.vmm_pid().await;
+        self.spawn_waiter(agent, c.clone(), p.clone(), pid);
+        if exec_id.is_empty() {
+            self.events.publish(containerd_shim_protos::topics::TASK_START_EVENT_TOPIC, ev::TaskStart { container_id: id.into(), pid, ..Default::default() });
+        } else {
+            self.events.publish(
+                containerd_shim_protos::topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                ev::TaskExecStarted { container_id: id.into(), exec_id: exec_id.into(), pid, ..Default::default() },
+            );
+        }
+        Ok(pid)
+    }
+
+    /// Waits in the guest for the process to exit, delivers its output, records and publishes
+    /// the exit.
+    fn spawn_waiter(self: &Arc<Self>, agent: Arc<dyn Agent>, c: Arc<Container>, p: Arc<Process>, pid: u32) {
+        let pod = self.clone();
+        tokio::spawn(async move {
+            let code = match agent.wait_process(&p.container_id, p.agent_exec_id()).await {
+                Ok(s) => s as u32,
+                Err(e) => {
+                    warn!(pod.log, "WaitProcess failed; reporting exit 255"; "container" => &c.id, "exec" => &p.exec_id, "error" => %e);
+                    255
+                }
+            };
+            p.drain_output().await;
+            let exit = p.set_exit(code);
+            info!(pod.log, "process exited"; "container" => &c.id, "exec" => &p.exec_id, "exit_status" => code);
+            pod.events.publish(
+                containerd_shim_protos::topics::TASK_EXIT_EVENT_TOPIC,
+                ev::TaskExit {
+                    container_id: c.id.clone(),
+                    id: if p.exec_id.is_empty() { c.id.clone() } else { p.exec_id.clone() },
+                    pid,
+                    exit_status: exit.code,
+                    exited_at: Some(crate::service::timestamp(exit.at)).into(),
+                    ..Default::default()
+                },
+            );
+        });
+    }
+
+    /// Publishes OOM kills reported by the agent (and writes `<bundle>/oom` for CRI-O).
+    fn spawn_oom_watch(self: &Arc<Self>, agent: Arc<dyn Agent>) {
+        let pod = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // Ends when the VM is gone (the RPC fails) or the pod is dropped.
+            while let Ok(id) = agent.get_oom_event().await {
+                let Some(pod) = pod.upgrade() else { return };
+                if id.is_empty() {
+                    continue;
+                }
+                warn!(pod.log, "container OOM-killed in the guest"; "container" => &id);
+                if let Ok(c) = pod.container(&id) {
+                    if c.crio {
+                        if let Err(e) = std::fs::write(c.bundle.join("oom"), b"") {
+                            warn!(pod.log, "cannot write the oom file"; "container" => &id, "error" => %e);
+                        }
+                    }
+                }
+                pod.events.publish(containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC, ev::TaskOOM { container_id: id, ..Default::default() });
+            }
+        });
+    }
+
+    /// `Exec`: registers a process to start with `Start`.
+    pub fn exec(&self, id: &str, exec_id: &str, stdio: Stdio, process: agent_protocol::oci::Process) -> TaskResult<()> {
+        if exec_id.is_empty() {
+            return Err(TaskError::InvalidArgument("exec id is empty".into()));
+        }
+        let c = self.container(id)?;
+        if c.init.status() != Status::Running {
+            return Err(TaskError::FailedPrecondition(format!("container {id} is not running ({:?})", c.init.status())));
+        }
+        let mut execs = c.execs.lock().unwrap();
+        if execs.contains_key(exec_id) {
+            return Err(TaskError::AlreadyExists(format!("exec {exec_id} in container {id}")));
+        }
+        execs.insert(exec_id.into(), Process::new(id, exec_id, stdio));
+        c.pending.lock().unwrap().insert(exec_id.into(), process);
+        self.events.publish(
+            containerd_shim_protos::topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            ev::TaskExecAdded { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() },
+        );
+        Ok(())
+    }
+
+    /// `Kill`: a signal to a process (`all`: the container's init takes its pid namespace down).
+    pub async fn kill(&self, id: &str, exec_id: &str, signal: u32) -> TaskResult<()> {
+        let p = self.process(id, exec_id)?;
+        match p.status() {
+            Status::Stopped => return Err(TaskError::NotFound(format!("process {} of container {id}: process already finished", p.agent_exec_id()))),
+            Status::Created if exec_id.is_empty() => {
+                // Never started: there is nothing to signal; the container ends here.
+                let agent = self.agent().await?;
+                agent.remove_container(id).await?;
+                let exit = p.set_exit(128 + signal);
+                self.publish_exit(id, &p, exit).await;
+                return Ok(());
+            }
+            Status::Created => return Err(TaskError::FailedPrecondition(format!("exec {exec_id} of container {id} was not started"))),
+            _ => {}
+        }
+        let agent = self.agent().await?;
+        match agent.signal_process(id, p.agent_exec_id(), signal).await {
+            Ok(()) => Ok(()),
+            Err(e) if p.exit().is_some() => Err(TaskError::NotFound(format!("{e}: process already finished"))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn publish_exit(&self, id: &str, p: &Process, exit: Exit) {
+        let pid = self.vmm_pid().await;
+        self.events.publish(
+            containerd_shim_protos::topics::TASK_EXIT_EVENT_TOPIC,
+            ev::TaskExit {
+                container_id: id.into(),
+                id: if p.exec_id.is_empty() { id.into() } else { p.exec_id.clone() },
+                pid,
+                exit_status: exit.code,
+                exited_at: Some(crate::service::timestamp(exit.at)).into(),
+                ..Default::default()
+            },
+        );
+    }
+
+    /// `Delete`: an exec that ended, or a container whose init ended (or never started). The
+    /// sandbox container, or the last container, takes the VM with it.
+    pub async fn delete(&self, id: &str, exec_id: &str) -> TaskResult<(u32, Exit)> {
+        let c = self.container(id)?;
+        let pid = self.vmm_pid().await;
+        if !exec_id.is_empty() {
+            let p = c.process(exec_id)?;
+            if matches!(p.status(), Status::Running | Status::Paused) {
+                return Err(TaskError::FailedPrecondition(format!("exec {exec_id} of container {id} is still running; kill it first")));
+            }
+            let exit = p.exit().unwrap_or(Exit { code: 0, at: std::time::SystemTime::now() });
+            c.execs.lock().unwrap().remove(exec_id);
+            c.pending.lock().unwrap().remove(exec_id);
+            return Ok((pid, exit));
+        }
+        if matches!(c.init.status(), Status::Running | Status::Paused) {
+            return Err(TaskError::FailedPrecondition(format!("container {id} is still running; kill it first")));
+        }
+        if let Ok(vm) = self.running_vm().await {
+            if let Err(e) = vm.sandbox.agent().remove_container(id).await {
+                warn!(self.log, "RemoveContainer failed"; "container" => id, "error" => %e);
+            }
+            self.unshare(&vm, id);
+        }
+        if let Some(root) = &c.mounted_rootfs {
+            if let Err(e) = mounts::unmount_all(root) {
+                error!(self.log, "cannot unmount the rootfs"; "container" => id, "error" => %e);
+            }
+        }
+        let exit = c.init.exit().unwrap_or(Exit { code: 0, at: std::time::SystemTime::now() });
+        let last = {
+            let mut map = self.containers.lock().unwrap();
+            map.remove(id);
+            map.is_empty()
+        };
+        self.events.publish(
+            containerd_shim_protos::topics::TASK_DELETE_EVENT_TOPIC,
+            ev::TaskDelete {
+                container_id: id.into(),
+                pid,
+                exit_status: exit.code,
+                exited_at: Some(crate::service::timestamp(exit.at)).into(),
+                ..Default::default()
+            },
+        );
+        if last || id == self.sandbox_id {
+            self.stop_vm().await;
+        }
+        info!(self.log, "container deleted"; "container" => id);
+        Ok((pid, exit))
+    }
+
+    /// Stops the VM and removes the shared directory; idempotent.
+    pub async fn stop_vm(&self) {
+        let Some(vm) = self.vm.lock().await.take() else { return };
+        if let Err(e) = vm.sandbox.shutdown().await {
+            error!(self.log, "stopping the VM failed"; "error" => %e);
+        }
+        if let Err(e) = vm.shared.destroy() {
+            error!(self.log, "removing the shared directory failed"; "error" => %e);
+        }
+    }
+
+    /// `Pause` / `Resume` of a container.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> TaskResult<()> {
+        let c = self.container(id)?;
+        let want = if paused { Status::Running } else { Status::Paused };
+        if c.init.status() != want {
+            return Err(TaskError::FailedPrecondition(format!("container {id} is {:?}, not {want:?}", c.init.status())));
+        }
+        let agent = self.agent().await?;
+        if paused {
+            agent.pause_container(id).await?;
+            c.init.set_status(Status::Paused);
+            self.events.publish(containerd_shim_protos::topics::TASK_PAUSED_EVENT_TOPIC, ev::TaskPaused { container_id: id.into(), ..Default::default() });
+        } else {
+            agent.resume_container(id).await?;
+            c.init.set_status(Status::Running);
+            self.events.publish(containerd_shim_protos::topics::TASK_RESUMED_EVENT_TOPIC, ev::TaskResumed { container_id: id.into(), ..Default::default() });
+        }
+        Ok(())
+    }
+
+    /// Whether no container is left.
+    pub fn is_empty(&self) -> bool {
+        self.containers.lock().unwrap().is_empty()
+    }
+
+    /// Ids of the containers (for `delete` and diagnostics).
+    pub fn container_ids(&self) -> Vec<String> {
+        self.containers.lock().unwrap().keys().cloned().collect()
+    }
+}
