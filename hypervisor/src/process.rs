@@ -81,12 +81,16 @@ impl ChildProcess {
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
             let log = log.new(slog::o!(pid_key => pid, "source" => name));
+            // Kata's markers around a helper's relayed stderr, e.g.
+            // `Start logging QEMU (qemuPid=123)` ... `Stop logging QEMU (qemuPid=123)`.
+            info!(log, "Start logging {} ({}={})", name, pid_key, pid);
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     warn!(log, "{}", line);
                     tail.push(line);
                 }
+                info!(log, "Stop logging {} ({}={})", name, pid_key, pid);
             });
         }
         let (status_tx, status) = watch::channel(None);

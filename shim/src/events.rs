@@ -401,9 +401,8 @@ mod tests {
         assert!(events.close().await);
         let (paused, _) = received.try_recv().expect("the event after a reconnect was lost");
         assert_eq!(envelope(&paused).topic, "/tasks/paused");
-        let lines = lines.lock().unwrap();
-        assert!(!lines.iter().any(|l| l.contains("event dropped")), "{lines:?}");
-        drop(lines);
+        let logged = lines.lock().unwrap().clone();
+        assert!(!logged.iter().any(|l| l.contains("event dropped")), "{logged:?}");
         server.shutdown().await.unwrap();
     }
 

@@ -444,7 +444,6 @@ impl Fallback {
     /// ENXIO; the next line tries again.
     fn open(&mut self) {
         let file = std::fs::OpenOptions::new()
-            .write(true)
             .append(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&self.path);
@@ -840,8 +839,8 @@ mod tests {
         let journald = Path::new("/lib/systemd/systemd-journald");
         assert!(journald.exists(), "{} is missing: apt-get install systemd", journald.display());
         assert!(!Path::new(JOURNAL_SOCKET).exists(), "{JOURNAL_SOCKET} exists already; not touching someone else's journald");
-        let runtime_journal = Path::new("/run/log/journal");
-        let had_runtime_journal = runtime_journal.exists();
+        // journald creates /run/log/journal for its files; remove whatever was not there before.
+        let created = ["/run/log", "/run/log/journal"].into_iter().find(|p| !Path::new(p).exists());
         let mut child = std::process::Command::new(journald).spawn().expect("start systemd-journald");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Path::new(JOURNAL_SOCKET).exists() {
@@ -860,8 +859,8 @@ mod tests {
         let _ = child.wait();
         // A socket left there with no listener would make every journal writer fail.
         let _ = std::fs::remove_dir_all("/run/systemd/journal");
-        if !had_runtime_journal {
-            let _ = std::fs::remove_dir_all(runtime_journal);
+        if let Some(dir) = created {
+            let _ = std::fs::remove_dir_all(dir);
         }
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("QEMUPID=77"), "journalctl showed: {text}");
