@@ -137,7 +137,14 @@ fn serve(flags: Flags) -> ExitCode {
         let publisher = events::Publisher::new(ttrpc_address, flags.namespace.clone(), log.clone());
         let pod = Arc::new(pod::Pod::new(&flags.id, publisher, log.clone(), std::env::var(bootstrap::CONFIG_PATH_ENV).ok()));
         let service = service::TaskService::new(pod.clone(), log.clone());
-        let services = containerd_shim_protos::shim_async::create_task(Arc::new(service));
+        let service = Arc::new(service);
+        // containerd 1.6 and CRI-O call `containerd.task.v2.Task`; the protos crate names the
+        // same messages `containerd.task.v3.Task` (containerd 2.x). Serve both names.
+        let mut services = containerd_shim_protos::shim_async::create_task(service.clone());
+        let v2 = containerd_shim_protos::shim_async::create_task(service).into_values().next();
+        if let Some(v2) = v2 {
+            services.insert("containerd.task.v2.Task".to_string(), v2);
+        }
         // SAFETY: fd 3 is the listening socket `start` handed over; nothing else uses it.
         let server = unsafe { ttrpc::asynchronous::Server::new().add_unix_listener(3) };
         let mut server = match server {
