@@ -24,21 +24,26 @@ build:
 	$(CARGO) build --release --workspace --exclude podvisor-agent
 
 # The agent: a static binary (glibc, static-pie); an explicit --target keeps build scripts and
-# proc-macros dynamic.
+# proc-macros dynamic. libseccomp (OCI seccomp in containers) is linked statically from Debian's
+# libseccomp-dev (libseccomp.a).
 agent:
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release -p podvisor-agent --target $(TARGET)
 
 guest-image: agent
 	guest-image/build.sh --agent $(AGENT) --out $(GUEST_DIR)
 
+# The containerd tests run the shim binary, which `cargo test` does not build by itself.
 test: deps guest-image
+	$(CARGO) build -p podvisor-shim
 	$(CARGO) test --workspace -- --test-threads=2
 
 bench: deps guest-image
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
 
 demo: deps guest-image
-	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- demo
+	$(CARGO) build --release -p podvisor-shim
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo
 
 check: build
 	target/release/containerd-shim-kata-v2 check

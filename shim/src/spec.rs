@@ -119,11 +119,27 @@ pub fn for_guest(mut spec: Spec, guest_root: &str, binds: &[HostBind], guest_sou
             }
         }
     }
+    if let Some(p) = spec.process_mut() {
+        ensure_path(p);
+    }
     if spec.hooks().is_some() {
         warnings.push("OCI hooks are not run (they are host programs and the container runs in a VM)".into());
         spec.set_hooks(None);
     }
     (spec, warnings)
+}
+
+/// runc's default `PATH`, used when the process environment has none (e.g. `ctr run
+/// --rootfs`), so that a bare command is found as `execvp` would.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Adds [`DEFAULT_PATH`] to a process environment without `PATH`.
+pub fn ensure_path(p: &mut oci_spec::runtime::Process) {
+    let mut env = p.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.to_string());
+        p.set_env(Some(env));
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +156,7 @@ mod tests {
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/data", "type": "bind", "source": dir, "options": ["rbind", "ro"]},
@@ -160,6 +177,7 @@ mod tests {
         assert_eq!(m[2].source().as_deref(), Some(Path::new("/run/g/m2")));
         assert!(g.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
         assert!(g.hooks().is_none());
+        assert!(g.process().as_ref().unwrap().env().as_ref().unwrap().contains(&DEFAULT_PATH.to_string()));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
     }
 
