@@ -11,6 +11,8 @@ APT_PACKAGES=(
   binutils          # readelf: checks the PVH note of the extracted kernel
   libseccomp-dev libcap-ng-dev pkg-config  # build dependencies of virtiofsd
   ca-certificates
+  containerd        # 1.6.20 (pulls runc): the container manager of the end-to-end tests and the demo
+  busybox-static    # the test image's only binary
 )
 
 missing=()

@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use hypervisor::QemuConfig;
 
+pub mod containerd;
+pub mod image;
+pub mod leaks;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
