@@ -39,7 +39,9 @@ test: deps guest-image
 	$(CARGO) test --workspace -- --test-threads=2
 
 bench: deps guest-image
+	$(CARGO) build --release -p podvisor-shim
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo -- bench
 
 demo: deps guest-image
 	$(CARGO) build --release -p podvisor-shim

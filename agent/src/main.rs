@@ -1,12 +1,22 @@
 //! podvisor's guest agent. It runs as PID 1 of the initrd: sets up the guest (file systems,
 //! kernel modules, loopback), reaps orphans, and serves Kata's agent API over ttrpc on vsock port
 //! 1024. A fatal error prints its cause on the console and powers the guest off.
+//!
+//! Other invocations (checked before anything else):
+//! * `kata-agent __runtime <request>`: the single-threaded libcontainer helper
+//!   (`container::helper`), started by the agent itself.
+//! * `kata-agent --listen unix:///path [--run-dir DIR]`: test mode on a host: no PID-1 setup,
+//!   serves on the given address, becomes a child subreaper (so container processes are
+//!   re-parented to it) and exits 0 after DestroySandbox.
 
+mod container;
 mod guest;
 mod init;
 mod logging;
 mod rpc;
+mod sandbox;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use slog::{error, info};
@@ -14,8 +24,54 @@ use slog::{error, info};
 /// The agent's version (the workspace version).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The agent's tmpfs directory in the guest (container state, bundles, console sockets).
+const RUN_DIR: &str = "/run/podvisor";
+
+/// How the agent was asked to serve.
+#[derive(Debug)]
+struct Mode {
+    /// `vsock://...` in the guest, `unix://...` in test mode.
+    listen: String,
+    run_dir: PathBuf,
+    test: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Mode, String> {
+    let mut mode = Mode { listen: rpc::vsock_addr(), run_dir: PathBuf::from(RUN_DIR), test: false };
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--listen" => {
+                mode.listen = it.next().ok_or("--listen needs an address (unix:///path)")?.clone();
+                mode.test = true;
+            }
+            "--run-dir" => mode.run_dir = PathBuf::from(it.next().ok_or("--run-dir needs a directory")?),
+            other => return Err(format!("unknown argument {other:?} (usage: kata-agent [--listen unix:///path] [--run-dir DIR])")),
+        }
+    }
+    if mode.test && !mode.listen.starts_with("unix://") {
+        return Err(format!("--listen {}: only unix:// addresses are supported in test mode", mode.listen));
+    }
+    Ok(mode)
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(container::runtime::HELPER_ARG) {
+        container::helper::main(&args);
+    }
     let pid1 = nix::unistd::getpid().as_raw() == 1;
+    let mode = if pid1 {
+        Mode { listen: rpc::vsock_addr(), run_dir: PathBuf::from(RUN_DIR), test: false }
+    } else {
+        match parse_args(&args) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("kata-agent: {e}");
+                std::process::exit(2);
+            }
+        }
+    };
     if pid1 {
         // A panic in PID 1 would make the kernel panic ("Attempted to kill init"); print the
         // cause on the console and power off instead.
@@ -50,8 +106,13 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => init::fatal(&format!("tokio runtime: {e}")),
     };
-    let result = runtime.block_on(serve(log.clone(), pid1));
+    let debug = matches!(logging::level_from_cmdline(&cmdline), slog::Level::Debug | slog::Level::Trace);
+    let result = runtime.block_on(serve(log.clone(), &mode, debug));
     match result {
+        Ok(()) if mode.test => {
+            info!(log, "agent shutting down (test mode)");
+            std::process::exit(0);
+        }
         Ok(()) => {
             info!(log, "agent shutting down; powering off");
             init::power_off();
@@ -64,35 +125,45 @@ fn main() {
 }
 
 /// Serves the agent API until DestroySandbox.
-async fn serve(log: slog::Logger, pid1: bool) -> Result<(), String> {
-    if pid1 {
-        tokio::spawn(reap_orphans(log.clone()));
+async fn serve(log: slog::Logger, mode: &Mode, debug: bool) -> Result<(), String> {
+    if mode.test {
+        // Not PID 1: make container processes (re-parented when their helper exits) come to us.
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
     }
+    // The one reaper: every child (helpers, container processes, orphans) is reaped here.
+    let reaper = container::reaper::Reaper::new();
+    reaper.start(log.new(slog::o!("subsystem" => "reaper")))?;
+    let containers = Arc::new(container::Containers::new(log.new(slog::o!("subsystem" => "containers")), reaper, mode.run_dir.clone(), debug));
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    let mut server = rpc::server(log.clone(), shutdown.clone())?;
-    server.start().await.map_err(|e| format!("start ttrpc server on vsock port {}: {e}", agent_protocol::AGENT_VSOCK_PORT))?;
-    info!(log, "agent listening"; "vsock_port" => agent_protocol::AGENT_VSOCK_PORT);
+    let mut server = rpc::server(log.clone(), &mode.listen, shutdown.clone(), containers)?;
+    server.start().await.map_err(|e| format!("start ttrpc server on {}: {e}", mode.listen))?;
+    info!(log, "agent listening"; "address" => &mode.listen);
     shutdown.notified().await;
     // Let the DestroySandbox reply leave before the guest powers off.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server.shutdown()).await;
+    if let Some(path) = mode.listen.strip_prefix("unix://") {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
-/// PID 1 inherits every orphan; reap them on SIGCHLD.
-async fn reap_orphans(log: slog::Logger) {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
-        error!(log, "cannot watch SIGCHLD; orphans will not be reaped");
-        return;
-    };
-    loop {
-        sigchld.recv().await;
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => slog::debug!(log, "reaped"; "status" => format!("{status:?}")),
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("kata-agent").chain(a.iter().copied()).map(String::from).collect()
+    }
+
+    #[test]
+    fn test_mode_arguments() {
+        let m = parse_args(&args(&["--listen", "unix:///tmp/a.sock", "--run-dir", "/tmp/r"])).unwrap();
+        assert!(m.test);
+        assert_eq!((m.listen.as_str(), m.run_dir.to_str().unwrap()), ("unix:///tmp/a.sock", "/tmp/r"));
+        let m = parse_args(&args(&[])).unwrap();
+        assert!(!m.test && m.listen.starts_with("vsock://"));
+        assert!(parse_args(&args(&["--listen", "vsock://-1:1024"])).is_err());
+        assert!(parse_args(&args(&["--bogus"])).unwrap_err().contains("--bogus"));
     }
 }

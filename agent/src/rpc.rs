@@ -12,15 +12,40 @@ use slog::{info, warn, Logger};
 use ttrpc::asynchronous::{MethodHandler, Server, TtrpcContext};
 use ttrpc::{Code, Request, Response};
 
+use crate::container::Containers;
 use crate::guest::{self, Sysfs};
 use crate::VERSION;
 
 /// AgentService RPCs implemented here; the rest answer UNIMPLEMENTED.
-pub const IMPLEMENTED: &[&str] =
-    &["GetGuestDetails", "SetGuestDateTime", "OnlineCPUMem", "DestroySandbox", "GetMetrics"];
+pub const IMPLEMENTED: &[&str] = &[
+    "GetGuestDetails",
+    "SetGuestDateTime",
+    "OnlineCPUMem",
+    "GetMetrics",
+    "CreateSandbox",
+    "DestroySandbox",
+    "CreateContainer",
+    "StartContainer",
+    "RemoveContainer",
+    "ExecProcess",
+    "SignalProcess",
+    "WaitProcess",
+    "UpdateContainer",
+    "StatsContainer",
+    "PauseContainer",
+    "ResumeContainer",
+    "WriteStdin",
+    "ReadStdout",
+    "ReadStderr",
+    "CloseStdin",
+    "TtyWinResize",
+    "GetOOMEvent",
+];
 
 /// Features reported in `AgentDetails.extra_features`.
-const FEATURES: &[&str] = &["vsock", "hybrid-vsock", "memory-hotplug", "cpu-hotplug"];
+const FEATURES: &[&str] = &["vsock", "hybrid-vsock", "memory-hotplug", "cpu-hotplug", "containers"];
+
+type Empty = protobuf::well_known_types::empty::Empty;
 
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -49,6 +74,7 @@ struct AgentService {
     log: Logger,
     sysfs: Sysfs,
     shutdown: Arc<tokio::sync::Notify>,
+    containers: Arc<Containers>,
 }
 
 #[async_trait]
@@ -106,10 +132,120 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(pb::Metrics { metrics: text, ..Default::default() })
     }
 
-    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: pb::DestroySandboxRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
-        info!(self.log, "DestroySandbox: shutting the guest down");
+    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: pb::DestroySandboxRequest) -> ttrpc::Result<Empty> {
+        info!(self.log, "DestroySandbox: stopping containers and shutting the guest down");
+        let c = self.containers.clone();
+        detached(async move {
+            c.destroy_sandbox().await;
+            Ok(())
+        })
+        .await?;
         self.shutdown.notify_one();
         Ok(Default::default())
+    }
+
+    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: pb::CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        self.containers.create_sandbox(&req)?;
+        Ok(Default::default())
+    }
+
+    async fn create_container(&self, _ctx: &TtrpcContext, req: pb::CreateContainerRequest) -> ttrpc::Result<Empty> {
+        let c = self.containers.clone();
+        detached(async move { c.create_container(&req).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn start_container(&self, _ctx: &TtrpcContext, req: pb::StartContainerRequest) -> ttrpc::Result<Empty> {
+        let c = self.containers.clone();
+        detached(async move { c.start_container(&req.container_id).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn remove_container(&self, _ctx: &TtrpcContext, req: pb::RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        let timeout = std::time::Duration::from_secs(req.timeout.into());
+        let c = self.containers.clone();
+        detached(async move { c.remove_container(&req.container_id, timeout).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: pb::ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let c = self.containers.clone();
+        detached(async move { c.exec_process(&req).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: pb::SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.signal_process(&req.container_id, &req.exec_id, req.signal)?;
+        Ok(Default::default())
+    }
+
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: pb::WaitProcessRequest) -> ttrpc::Result<pb::WaitProcessResponse> {
+        let status = self.containers.wait_process(&req.container_id, &req.exec_id).await?;
+        Ok(pb::WaitProcessResponse { status, ..Default::default() })
+    }
+
+    async fn update_container(&self, _ctx: &TtrpcContext, req: pb::UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        let resources = req.resources.clone().unwrap_or_default();
+        self.containers.update(&req.container_id, &resources)?;
+        Ok(Default::default())
+    }
+
+    async fn stats_container(&self, _ctx: &TtrpcContext, req: pb::StatsContainerRequest) -> ttrpc::Result<pb::StatsContainerResponse> {
+        Ok(self.containers.stats(&req.container_id)?)
+    }
+
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: pb::PauseContainerRequest) -> ttrpc::Result<Empty> {
+        let c = self.containers.clone();
+        detached(async move { c.pause_container(&req.container_id).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: pb::ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        let c = self.containers.clone();
+        detached(async move { c.resume_container(&req.container_id).await }).await?;
+        Ok(Default::default())
+    }
+
+    async fn write_stdin(&self, _ctx: &TtrpcContext, req: pb::WriteStreamRequest) -> ttrpc::Result<pb::WriteStreamResponse> {
+        let len = self.containers.write_stdin(&req.container_id, &req.exec_id, &req.data).await?;
+        Ok(pb::WriteStreamResponse { len, ..Default::default() })
+    }
+
+    async fn read_stdout(&self, _ctx: &TtrpcContext, req: pb::ReadStreamRequest) -> ttrpc::Result<pb::ReadStreamResponse> {
+        let data = self.containers.read_stream(&req.container_id, &req.exec_id, false, req.len).await?;
+        Ok(pb::ReadStreamResponse { data, ..Default::default() })
+    }
+
+    async fn read_stderr(&self, _ctx: &TtrpcContext, req: pb::ReadStreamRequest) -> ttrpc::Result<pb::ReadStreamResponse> {
+        let data = self.containers.read_stream(&req.container_id, &req.exec_id, true, req.len).await?;
+        Ok(pb::ReadStreamResponse { data, ..Default::default() })
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: pb::CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.containers.close_stdin(&req.container_id, &req.exec_id).await?;
+        Ok(Default::default())
+    }
+
+    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: pb::TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        self.containers.resize_tty(&req.container_id, &req.exec_id, req.row, req.column)?;
+        Ok(Default::default())
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: pb::GetOOMEventRequest) -> ttrpc::Result<pb::OOMEvent> {
+        let container_id = self.containers.next_oom().await;
+        Ok(pb::OOMEvent { container_id, ..Default::default() })
+    }
+}
+
+/// Runs a state-changing container operation to its end even if the caller goes away (ttrpc
+/// cancels a handler when its connection closes or its deadline passes): a container created
+/// half-way and then forgotten would leak.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = crate::container::Result<T>> + Send + 'static,
+) -> ttrpc::Result<T> {
+    match tokio::spawn(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(status(Code::INTERNAL, format!("container operation failed: {e}"))),
     }
 }
 
@@ -130,8 +266,12 @@ impl MethodHandler for Unimplemented {
 }
 
 /// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED.
-pub fn services(log: Logger, shutdown: Arc<tokio::sync::Notify>) -> std::collections::HashMap<String, ttrpc::asynchronous::Service> {
-    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown };
+pub fn services(
+    log: Logger,
+    shutdown: Arc<tokio::sync::Notify>,
+    containers: Arc<Containers>,
+) -> std::collections::HashMap<String, ttrpc::asynchronous::Service> {
+    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown, containers };
     let mut services = agent_ttrpc::create_agent_service(Arc::new(agent));
     let implemented: HashSet<&str> = IMPLEMENTED.iter().copied().collect();
     for (name, service) in services.iter_mut() {
@@ -145,14 +285,22 @@ pub fn services(log: Logger, shutdown: Arc<tokio::sync::Notify>) -> std::collect
     services
 }
 
-/// A ttrpc server listening on vsock port 1024 (any CID).
-pub fn server(log: Logger, shutdown: Arc<tokio::sync::Notify>) -> Result<Server, String> {
-    let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
-    let server = Server::new().bind(&addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-    if !std::path::Path::new("/dev/vsock").exists() {
+/// A ttrpc server listening on `addr` (`vsock://-1:1024` in the guest, any CID; `unix://...`
+/// in test mode).
+pub fn server(log: Logger, addr: &str, shutdown: Arc<tokio::sync::Notify>, containers: Arc<Containers>) -> Result<Server, String> {
+    if let Some(path) = addr.strip_prefix("unix://") {
+        let _ = std::fs::remove_file(path);
+    }
+    let server = Server::new().bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+    if addr.starts_with("vsock://") && !std::path::Path::new("/dev/vsock").exists() {
         warn!(log, "/dev/vsock is missing; is the vsock transport module loaded?");
     }
-    Ok(server.register_service(services(log, shutdown)))
+    Ok(server.register_service(services(log, shutdown, containers)))
+}
+
+/// The guest's listening address.
+pub fn vsock_addr() -> String {
+    format!("vsock://-1:{AGENT_VSOCK_PORT}")
 }
 
 #[cfg(test)]
@@ -174,10 +322,11 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
         let log = Logger::root(slog::Discard, slog::o!());
         let shutdown = Arc::new(tokio::sync::Notify::new());
+        let containers = Arc::new(Containers::new(log.clone(), crate::container::reaper::Reaper::new(), dir.join("run"), false));
         let mut server = Server::new()
             .bind(&format!("unix://{}", sock.display()))
             .unwrap()
-            .register_service(services(log, shutdown.clone()));
+            .register_service(services(log, shutdown.clone(), containers));
         server.start().await.unwrap();
 
         let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", sock.display())).await.unwrap();
@@ -188,14 +337,22 @@ mod tests {
         assert_eq!(r.status.enum_value(), Ok(health::health_check_response::ServingStatus::SERVING));
         assert_eq!(health.version(ctx(), &health::CheckRequest::new()).await.unwrap().agent_version, VERSION);
 
-        let err = agent.create_container(ctx(), &pb::CreateContainerRequest::new()).await.unwrap_err();
+        let err = agent.list_interfaces(ctx(), &pb::ListInterfacesRequest::new()).await.unwrap_err();
         match err {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::UNIMPLEMENTED);
-                assert!(s.message().contains("grpc.AgentService/CreateContainer"), "{}", s.message());
+                assert!(s.message().contains("grpc.AgentService/ListInterfaces"), "{}", s.message());
             }
             other => panic!("expected an RPC status, got {other:?}"),
         }
+
+        // Container RPCs answer with statuses naming the id.
+        let req = pb::StartContainerRequest { container_id: "nope".into(), ..Default::default() };
+        let err = agent.start_container(ctx(), &req).await.unwrap_err();
+        assert!(matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::NOT_FOUND && s.message().contains("nope")), "{err:?}");
+        let req = pb::CreateContainerRequest { container_id: "../x".into(), ..Default::default() };
+        let err = agent.create_container(ctx(), &req).await.unwrap_err();
+        assert!(matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::INVALID_ARGUMENT && s.message().contains("container_id")), "{err:?}");
 
         let bad = pb::SetGuestDateTimeRequest { Sec: 1, Usec: 2_000_000, ..Default::default() };
         let err = agent.set_guest_date_time(ctx(), &bad).await.unwrap_err();

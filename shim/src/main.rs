@@ -145,6 +145,16 @@ fn serve(flags: Flags) -> ExitCode {
         if let Some(v2) = v2 {
             services.insert("containerd.task.v2.Task".to_string(), v2);
         }
+        // fd 3 came without close-on-exec; children (QEMU, virtiofsd, ...) must not inherit
+        // it, or the socket would keep accepting after this daemon died and `delete` would
+        // take the pod's shim for alive.
+        // SAFETY: fcntl on an fd number; no memory is involved.
+        unsafe {
+            let flags = libc::fcntl(3, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(3, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
         // SAFETY: fd 3 is the listening socket `start` handed over; nothing else uses it.
         let server = unsafe { ttrpc::asynchronous::Server::new().add_unix_listener(3) };
         let mut server = match server {

@@ -193,11 +193,13 @@ impl Process {
         let mut closing = false;
         loop {
             let n = if closing {
-                // CloseIO: take what is already in the FIFO, then stop.
-                match input.try_read(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) => 0,
-                }
+                // CloseIO: take what is already in the FIFO, then stop. A plain non-blocking
+                // read(2): tokio's try_read reports WouldBlock until it has seen readiness,
+                // even with data in the pipe.
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&input);
+                // SAFETY: reads into a live buffer of the given length from an fd we own.
+                let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                r.max(0) as usize
             } else {
                 tokio::select! {
                     r = input.read(&mut buf) => r.unwrap_or(0),

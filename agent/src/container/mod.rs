@@ -1,0 +1,368 @@
+//! Containers in the guest: the state the agent keeps per sandbox, container and process, and
+//! the RPC logic behind `grpc.AgentService`'s container calls.
+//!
+//! * [`runtime`] / [`helper`]: libcontainer runs in a re-executed single-threaded helper.
+//! * [`reaper`]: the only place that waits for children.
+//! * [`process`]: one process (init or exec): stdio buffers, signal, wait.
+//! * [`lifecycle`]: create / start / exec / pause / resume / remove.
+//! * [`spec`], [`cgroup`]: spec normalisation, cgroup paths, stats, limits.
+//!
+//! Layout on the guest's tmpfs (`run_dir`, `/run/podvisor` in the guest): `containers/` is
+//! libcontainer's state, `bundles/<id>/config.json` the normalised spec, `console/` the
+//! console sockets of terminals being set up. Cgroups live at `/podvisor/<sandbox>/<id>`.
+
+pub mod cgroup;
+pub mod helper;
+mod lifecycle;
+mod process;
+pub mod reaper;
+pub mod runtime;
+pub mod spec;
+pub mod stdio;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_protocol::agent as pb;
+use slog::{info, warn, Logger};
+use ttrpc::Code;
+
+use crate::sandbox::{self, Mounted};
+use cgroup::Cgroup;
+use process::Process;
+use reaper::Reaper;
+use runtime::{HelperError, Kind, Runtime};
+
+/// A failed container RPC: a ttrpc code and a message naming the container or exec id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(Code::NOT_FOUND, m)
+    }
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self::new(Code::INVALID_ARGUMENT, m)
+    }
+    pub fn precondition(m: impl Into<String>) -> Self {
+        Self::new(Code::FAILED_PRECONDITION, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(Code::INTERNAL, m)
+    }
+
+    /// A helper failure, prefixed with what was being done.
+    pub fn helper(what: &str, e: HelperError) -> Self {
+        let code = match e.kind {
+            Kind::NotFound => Code::NOT_FOUND,
+            Kind::AlreadyExists => Code::ALREADY_EXISTS,
+            Kind::InvalidArgument => Code::INVALID_ARGUMENT,
+            Kind::FailedPrecondition => Code::FAILED_PRECONDITION,
+            Kind::Internal => Code::INTERNAL,
+        };
+        Self::new(code, format!("{what}: {}", e.message))
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(e: Error) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code, e.message))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How long a helper may take (container creation on virtio-fs under TCG can be slow).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Finished exec processes remembered per container (exit status for late Wait/Read calls).
+const FINISHED_EXECS: usize = 1024;
+
+/// Libcontainer's view of a created container, as far as the agent tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Created,
+    Running,
+    Paused,
+}
+
+/// One container.
+pub struct Container {
+    id: String,
+    rootfs: PathBuf,
+    bundle: PathBuf,
+    cgroup: Cgroup,
+    own_pid_ns: bool,
+    has_seccomp: bool,
+    seccomp_warned: AtomicBool,
+    storages: Vec<Mounted>,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Exec ids whose process is being started (reserved against a concurrent duplicate).
+    starting: Mutex<HashSet<String>>,
+    /// exec id → exit status of exec processes that finished and were fully consumed.
+    finished: Mutex<(HashMap<String, i32>, VecDeque<String>)>,
+    state: Mutex<State>,
+    /// Held shared by exec, exclusively by start / pause / resume / remove.
+    lifecycle: tokio::sync::RwLock<()>,
+    oom_kills: AtomicU64,
+}
+
+impl Container {
+    fn state(&self) -> State {
+        *self.state.lock().unwrap()
+    }
+
+    fn set_state(&self, s: State) {
+        *self.state.lock().unwrap() = s;
+    }
+
+    /// The process of `exec_id`: empty, the container id or the init's exec id name the init
+    /// process; an exec process that finished and was fully consumed is `Finished`.
+    fn lookup(&self, exec_id: &str) -> Result<Lookup> {
+        if exec_id.is_empty() || exec_id == self.id || exec_id == self.init.exec_id {
+            return Ok(Lookup::Live(self.init.clone()));
+        }
+        // `collect` moves an entry to `finished` while holding the `execs` lock.
+        let execs = self.execs.lock().unwrap();
+        if let Some(p) = execs.get(exec_id) {
+            return Ok(Lookup::Live(p.clone()));
+        }
+        if let Some(status) = self.finished.lock().unwrap().0.get(exec_id) {
+            return Ok(Lookup::Finished(*status));
+        }
+        Err(Error::not_found(format!("container {}: no process with exec id {exec_id}", self.id)))
+    }
+
+    /// Forgets an exec process once it exited, was waited for and both streams reached EOF
+    /// (its status stays available for late calls).
+    fn collect(&self, p: &Arc<Process>) {
+        if Arc::ptr_eq(p, &self.init) {
+            return;
+        }
+        let Some(status) = p.consumed() else { return };
+        let mut execs = self.execs.lock().unwrap();
+        if !execs.get(&p.exec_id).is_some_and(|cur| Arc::ptr_eq(cur, p)) {
+            return;
+        }
+        // Recorded as finished before it leaves `execs`: a concurrent lookup always finds one.
+        {
+            let mut f = self.finished.lock().unwrap();
+            f.0.insert(p.exec_id.clone(), status);
+            f.1.retain(|id| id != &p.exec_id);
+            f.1.push_back(p.exec_id.clone());
+            while f.1.len() > FINISHED_EXECS {
+                if let Some(old) = f.1.pop_front() {
+                    f.0.remove(&old);
+                }
+            }
+        }
+        execs.remove(&p.exec_id);
+        drop(execs);
+        p.shutdown();
+    }
+}
+
+/// A process found by exec id.
+enum Lookup {
+    Live(Arc<Process>),
+    /// Exited, waited for, output drained: only its status is kept.
+    Finished(i32),
+}
+
+struct SandboxState {
+    id: String,
+    storages: Vec<Mounted>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sandbox: Option<SandboxState>,
+    containers: HashMap<String, Arc<Container>>,
+    /// Ids being created (an entry reserves the id and keeps the cgroup parents alive).
+    creating: HashSet<String>,
+}
+
+/// Every container of the sandbox.
+pub struct Containers {
+    log: Logger,
+    runtime: Runtime,
+    reaper: Arc<Reaper>,
+    run_dir: PathBuf,
+    cgroup_root: PathBuf,
+    inner: Mutex<Inner>,
+    counter: AtomicU64,
+}
+
+impl Containers {
+    /// `run_dir`: the agent's tmpfs directory (`/run/podvisor` in the guest). `debug`: the
+    /// helpers log libcontainer's debug messages too.
+    pub fn new(log: Logger, reaper: Arc<Reaper>, run_dir: PathBuf, debug: bool) -> Self {
+        let runtime = Runtime::new(run_dir.join("containers"), reaper.clone(), log.clone(), debug);
+        Self {
+            log,
+            runtime,
+            reaper,
+            run_dir,
+            cgroup_root: PathBuf::from(cgroup::CGROUP_ROOT),
+            inner: Mutex::new(Inner::default()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        self.inner.lock().unwrap().containers.get(id).cloned().ok_or_else(|| Error::not_found(format!("container {id} not found")))
+    }
+
+    fn sandbox_id(&self) -> String {
+        self.inner.lock().unwrap().sandbox.as_ref().map(|s| s.id.clone()).unwrap_or_default()
+    }
+
+    // ---------------------------------------------------------------------------- sandbox
+
+    /// CreateSandbox: hostname and storages. A second call fails with ALREADY_EXISTS.
+    pub fn create_sandbox(&self, req: &pb::CreateSandboxRequest) -> Result<()> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(s) = &inner.sandbox {
+            return Err(Error::new(Code::ALREADY_EXISTS, format!("sandbox {} already exists", s.id)));
+        }
+        if !req.sandbox_id.is_empty() && !spec::valid_id(&req.sandbox_id) {
+            return Err(Error::invalid(format!("sandbox_id: {:?} is not a valid id", req.sandbox_id)));
+        }
+        if req.sandbox_pidns {
+            warn!(self.log, "CreateSandbox: sandbox_pidns is not supported; every container gets its own pid namespace");
+        }
+        sandbox::set_hostname(&req.hostname).map_err(Error::internal)?;
+        let storages = sandbox::mount_storages(&req.storages).map_err(|e| {
+            if e.contains(": mount ") {
+                Error::internal(format!("CreateSandbox: {e}"))
+            } else {
+                Error::invalid(format!("CreateSandbox: {e}"))
+            }
+        })?;
+        info!(self.log, "sandbox created"; "sandbox_id" => &req.sandbox_id, "hostname" => &req.hostname, "storages" => storages.len());
+        inner.sandbox = Some(SandboxState { id: req.sandbox_id.clone(), storages });
+        Ok(())
+    }
+
+    /// DestroySandbox: removes every container (SIGKILL, wait, delete), unmounts the
+    /// storages and removes the cgroup parents. Errors are logged, never stop the teardown.
+    pub async fn destroy_sandbox(&self) {
+        let ids: Vec<String> = self.inner.lock().unwrap().containers.keys().cloned().collect();
+        let removals = ids.iter().map(|id| self.remove_container(id, Duration::from_secs(5)));
+        for (id, r) in ids.iter().zip(futures_join_all(removals).await) {
+            if let Err(e) = r {
+                warn!(self.log, "DestroySandbox: removing a container failed"; "container_id" => id, "error" => &e.message);
+            }
+        }
+        let sandbox = self.inner.lock().unwrap().sandbox.take();
+        if let Some(s) = sandbox {
+            for e in sandbox::unmount_all(&s.storages) {
+                warn!(self.log, "DestroySandbox: {e}");
+            }
+            let parent = spec::cgroup_path(&s.id, "x");
+            cgroup::remove_empty_parents(&self.cgroup_root, &parent);
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        info!(self.log, "sandbox destroyed"; "containers" => ids.len());
+    }
+
+    // ---------------------------------------------------------------------------- queries
+
+    /// StatsContainer.
+    pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse> {
+        let c = self.get(id)?;
+        Ok(pb::StatsContainerResponse { cgroup_stats: Some(c.cgroup.stats()).into(), ..Default::default() })
+    }
+
+    /// The processes of a container's cgroup as `ps` would list them (`json` or `table`).
+    /// (Kata's current agent.proto has no ListProcesses RPC; kept for when it is wired.)
+    #[allow(dead_code)]
+    pub fn list_processes(&self, id: &str, format: &str) -> Result<Vec<u8>> {
+        let c = self.get(id)?;
+        cgroup::format_processes(&c.cgroup.procs(), format, &cgroup::comm)
+            .map_err(|e| Error::invalid(format!("ListProcesses for container {id}: {e}")))
+    }
+
+    /// UpdateContainer: memory / CPU / pids (and other cgroup v2) limits.
+    pub fn update(&self, id: &str, resources: &agent_protocol::oci::LinuxResources) -> Result<()> {
+        let c = self.get(id)?;
+        let wrapper = agent_protocol::oci::Spec {
+            Linux: Some(agent_protocol::oci::Linux { Resources: Some(resources.clone()).into(), ..Default::default() }).into(),
+            ..Default::default()
+        };
+        let spec = agent_protocol::convert::spec_from_grpc(&wrapper)
+            .map_err(|e| Error::invalid(format!("UpdateContainer {id}: resources.{}", e.to_string().trim_start_matches("Linux.Resources."))))?;
+        let res = spec.linux().as_ref().and_then(|l| l.resources().clone()).unwrap_or_default();
+        c.cgroup.update(&res).map_err(|e| Error::internal(format!("UpdateContainer {id}: {e}")))?;
+        info!(self.log, "container resources updated"; "container_id" => id);
+        Ok(())
+    }
+
+    /// GetOOMEvent: waits until a container's `memory.events` `oom_kill` count grows
+    /// (polled every 200 ms while someone waits) and returns that container's id.
+    pub async fn next_oom(&self) -> String {
+        loop {
+            let containers: Vec<Arc<Container>> = self.inner.lock().unwrap().containers.values().cloned().collect();
+            for c in containers {
+                let Some(n) = c.cgroup.oom_kills() else { continue };
+                if n > c.oom_kills.swap(n, Ordering::Relaxed) {
+                    info!(self.log, "OOM kill in container"; "container_id" => &c.id, "oom_kill" => n);
+                    return c.id.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join("bundles").join(id)
+    }
+
+    fn console_dir(&self) -> PathBuf {
+        self.run_dir.join("console")
+    }
+
+    fn path_exists(p: &Path) -> bool {
+        p.exists()
+    }
+}
+
+/// Awaits futures concurrently on the current task (in order of the results).
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futs.map(Box::pin).map(Some).collect();
+    let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        out[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(|r| r.expect("every future completed")).collect()
+}
