@@ -8,6 +8,9 @@ use async_trait::async_trait;
 use hypervisor::{AgentChannel, Hypervisor};
 use slog::{debug, info, Logger};
 
+/// What the podvisor agent prints on the console once it listens (see `agent/src/main.rs`).
+pub const AGENT_READY_MARKER: &str = "\"msg\":\"agent listening\"";
+
 /// Per-RPC timeout for calls that do not say otherwise.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -154,7 +157,19 @@ impl KataAgent {
     pub async fn dial(vm: &dyn Hypervisor, timeout: Duration, log: &Logger) -> Result<KataAgent, AgentError> {
         let channel = vm.agent_channel();
         let started = tokio::time::Instant::now();
-        let attempt_loop = dial_loop(&channel, timeout, log);
+        let attempt_loop = async {
+            // Connecting before the guest's vsock driver is up only queues requests in the
+            // vhost-user daemon (and, seen under load, can wedge vhost-device-vsock 0.3): wait
+            // for the agent's "listening" line on the console, for at most half the budget.
+            let grace = (timeout / 2).min(Duration::from_secs(20));
+            let hint = async {
+                while !vm.console_tail().iter().any(|l| l.contains(AGENT_READY_MARKER)) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let _ = tokio::time::timeout(grace, hint).await;
+            dial_loop(&channel, timeout.saturating_sub(started.elapsed()), log).await
+        };
         tokio::select! {
             r = attempt_loop => match r {
                 Ok(agent) => {
