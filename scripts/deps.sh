@@ -13,6 +13,7 @@ APT_PACKAGES=(
   ca-certificates
   containerd        # 1.6.20 (pulls runc): the container manager of the end-to-end tests and the demo
   busybox-static    # the test image's only binary
+  systemd           # systemd-journald and journalctl for the journal test (no systemd as PID 1 needed)
 )
 
 missing=()
