@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod annotations;
 pub mod bootstrap;
 pub mod cleanup;
 pub mod config;

@@ -89,6 +89,8 @@ pub struct Container {
     mounted_rootfs: Option<PathBuf>,
     /// CRI-O wants OOM kills as a `<bundle>/oom` file.
     crio: bool,
+    /// Ids of block devices hot-plugged for this container.
+    devices: Vec<String>,
 }
 
 impl Container {
@@ -109,6 +111,12 @@ impl Container {
 struct Vm {
     sandbox: Sandbox,
     shared: SharedDir,
+    /// Boot memory (MiB) plus what was hot-plugged for containers.
+    memory_mib: Mutex<u64>,
+    /// The container manager sized the VM (sandbox annotations): no per-container hotplug.
+    sized_by_manager: bool,
+    /// Hot-plugged devices so far (for unique ids).
+    next_device: std::sync::atomic::AtomicU32,
 }
 
 /// The pod served by this shim daemon.
@@ -175,21 +183,32 @@ impl Pod {
         crate::config::load(path).map_err(|e| TaskError::InvalidArgument(e.to_string()))
     }
 
-    /// Boots the VM unless it runs; the first container's config decides its shape.
-    async fn ensure_vm(self: &Arc<Self>, req: &CreateRequest, hostname: &str) -> TaskResult<(Arc<Vm>, bool)> {
+    /// Boots the VM unless it runs. The first container (the pod's sandbox container for CRI)
+    /// decides its shape: configuration, `io.katacontainers.config.*` and sandbox-sizing
+    /// annotations, hostname, network namespace.
+    async fn ensure_vm(self: &Arc<Self>, req: &CreateRequest, oci: &oci_spec::runtime::Spec) -> TaskResult<Arc<Vm>> {
         let mut guard = self.vm.lock().await;
         if let Some(vm) = guard.as_ref() {
-            return Ok((vm.clone(), false));
+            return Ok(vm.clone());
         }
-        let config = self.load_config(req.config_path.as_deref())?;
+        let mut config = self.load_config(req.config_path.as_deref())?;
+        let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor).map_err(TaskError::InvalidArgument)?;
+        if applied.agent_policy.is_some() {
+            return Err(TaskError::InvalidArgument(
+                "annotation io.katacontainers.config.agent.policy: agent policies (SetPolicy) are not supported by the podvisor agent yet".into(),
+            ));
+        }
+        let hostname = oci.hostname().clone().unwrap_or_default();
+        let netns = spec::netns_path(oci);
         let shared = SharedDir::new(&self.sandbox_id);
         let booted = async {
             shared.create().map_err(|e| TaskError::Internal(e.to_string()))?;
-            Sandbox::boot_pod(&self.sandbox_id, &config, shared.root(), hostname, &self.log)
+            Sandbox::boot_pod(&self.sandbox_id, &config, shared.root(), &hostname, &self.log)
                 .await
                 .map_err(|e| TaskError::Internal(format!("cannot start the sandbox VM: {e}")))
         }
         .await;
+        let _ = netns;
         let sandbox = match booted {
             Ok(s) => s,
             Err(e) => {
@@ -199,10 +218,41 @@ impl Pod {
                 return Err(e);
             }
         };
-        let vm = Arc::new(Vm { sandbox, shared });
+        let vm = Arc::new(Vm {
+            sandbox,
+            shared,
+            memory_mib: Mutex::new(config.hypervisor.default_memory),
+            sized_by_manager: applied.sized_by_manager,
+            next_device: std::sync::atomic::AtomicU32::new(0),
+        });
         *guard = Some(vm.clone());
         self.spawn_oom_watch(vm.sandbox.agent().clone());
-        Ok((vm, true))
+        Ok(vm)
+    }
+
+    /// Hot-plugs the container's memory limit into the VM (unless the container manager sized
+    /// the VM for the whole pod), so the guest can hold what the container may use.
+    async fn grow_for(&self, vm: &Vm, oci: &oci_spec::runtime::Spec, id: &str) -> TaskResult<()> {
+        let limit = oci
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|l| *l > 0);
+        let Some(limit) = limit else { return Ok(()) };
+        if vm.sized_by_manager {
+            return Ok(());
+        }
+        let want = *vm.memory_mib.lock().unwrap() + (limit as u64).div_ceil(1 << 20);
+        let total = vm
+            .sandbox
+            .resize_memory(hypervisor::MemoryMiB(want))
+            .await
+            .map_err(|e| TaskError::Internal(format!("cannot hot-plug memory for container {id} (limit {limit} bytes): {e}")))?;
+        *vm.memory_mib.lock().unwrap() = total.0;
+        info!(self.log, "guest memory grown for a container"; "container" => id, "total_mib" => total.0);
+        Ok(())
     }
 
     /// `Create`: mounts the rootfs, boots the VM if needed, shares the rootfs and bind sources,
@@ -254,12 +304,24 @@ impl Pod {
         }
     }
 
-    async fn create_mounted(self: &Arc<Self>, req: &CreateRequest, oci: oci_spec::runtime::Spec, binds: &[spec::HostBind]) -> TaskResult<Container> {
+    async fn create_mounted(self: &Arc<Self>, req: &CreateRequest, mut oci: oci_spec::runtime::Spec, binds: &[spec::HostBind]) -> TaskResult<Container> {
         let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty()).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let hostname = oci.hostname().clone().unwrap_or_default();
-        let crio = oci.annotations().as_ref().and_then(|a| a.get("io.container.manager")).is_some_and(|m| m == "cri-o");
-        let (vm, _) = self.ensure_vm(req, &hostname).await?;
+        let annotations = spec::annotations(&oci);
+        let crio = annotations.get("io.container.manager").is_some_and(|m| m == "cri-o");
+        let kind = crate::annotations::container_type(&annotations).unwrap_or("").to_string();
+        if kind == "container" && self.vm.lock().await.is_none() {
+            return Err(TaskError::FailedPrecondition(format!(
+                "container {} belongs to sandbox {}, whose VM is not running; create the sandbox first",
+                req.id, self.sandbox_id
+            )));
+        }
+        let block_devices = spec::take_block_devices(&mut oci).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let sandbox_pidns = kind == "container" && spec::joins_pid_namespace(&oci);
+        let vm = self.ensure_vm(req, &oci).await?;
         let id = &req.id;
+        if kind == "container" {
+            self.grow_for(&vm, &oci, id).await?;
+        }
         let shared = async {
             let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, false)?;
             let mut sources = Vec::new();
@@ -283,10 +345,19 @@ impl Pod {
         }
         let grpc = agent_protocol::convert::spec_to_grpc(&guest_spec);
         let agent = vm.sandbox.agent().clone();
+        let (devices, plugged) = match self.plug_devices(&vm, id, &block_devices).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.unshare(&vm, id);
+                return Err(e);
+            }
+        };
         let creq = pb::CreateContainerRequest {
             container_id: id.clone(),
             exec_id: id.clone(),
             OCI: Some(grpc).into(),
+            devices,
+            sandbox_pidns,
             ..Default::default()
         };
         let init = Process::new(id, "", req.stdio.clone());
@@ -298,6 +369,7 @@ impl Pod {
         .await;
         if let Err(e) = created {
             let _ = agent.remove_container(id).await;
+            self.unplug_devices(&vm, &plugged).await;
             self.unshare(&vm, id);
             return Err(e);
         }
@@ -310,7 +382,49 @@ impl Pod {
             pending: Mutex::new(HashMap::new()),
             mounted_rootfs: None,
             crio,
+            devices: plugged,
         })
+    }
+
+    /// Hot-plugs the container's block devices as virtio-blk; returns the agent's device list
+    /// and the hypervisor's ids (undone here on failure).
+    async fn plug_devices(&self, vm: &Vm, id: &str, block: &[spec::BlockDevice]) -> TaskResult<(Vec<pb::Device>, Vec<String>)> {
+        let (mut devices, mut plugged) = (Vec::new(), Vec::new());
+        for b in block {
+            let n = vm.next_device.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dev_id = format!("blk{n}");
+            let dev = hypervisor::Device::Block { id: dev_id.clone(), path: b.host_path.clone(), read_only: false };
+            match vm.sandbox.vm().add_device(dev).await {
+                Ok(addr) => {
+                    info!(self.log, "block device hot-plugged"; "container" => id, "host" => %b.host_path.display(), "pci_path" => &addr.pci_path);
+                    plugged.push(dev_id.clone());
+                    devices.push(pb::Device {
+                        id: dev_id,
+                        type_: "blk".into(),
+                        vm_path: addr.pci_path,
+                        container_path: b.container_path.display().to_string(),
+                        ..Default::default()
+                    });
+                }
+                Err(e) => {
+                    self.unplug_devices(vm, &plugged).await;
+                    return Err(TaskError::Internal(format!(
+                        "cannot hot-plug block device {} for {} in container {id}: {e}",
+                        b.host_path.display(),
+                        b.container_path.display()
+                    )));
+                }
+            }
+        }
+        Ok((devices, plugged))
+    }
+
+    async fn unplug_devices(&self, vm: &Vm, ids: &[String]) {
+        for d in ids {
+            if let Err(e) = vm.sandbox.vm().remove_device(d).await {
+                warn!(self.log, "cannot hot-unplug a block device"; "device" => d, "error" => %e);
+            }
+        }
     }
 
     fn unshare(&self, vm: &Vm, id: &str) {
@@ -491,6 +605,7 @@ impl Pod {
             if let Err(e) = vm.sandbox.agent().remove_container(id).await {
                 warn!(self.log, "RemoveContainer failed"; "container" => id, "error" => %e);
             }
+            self.unplug_devices(&vm, &c.devices).await;
             self.unshare(&vm, id);
         }
         if let Some(root) = &c.mounted_rootfs {

@@ -66,6 +66,78 @@ pub struct HostBind {
     pub read_only: bool,
 }
 
+/// Where the guest keeps the pod's `/dev/shm` (a tmpfs the agent makes at `CreateSandbox`).
+pub const GUEST_SHM: &str = "/run/kata-containers/sandbox/shm";
+
+/// The spec's annotations as a map.
+pub fn annotations(spec: &Spec) -> std::collections::HashMap<String, String> {
+    spec.annotations().clone().unwrap_or_default()
+}
+
+fn namespace_path(spec: &Spec, typ: oci_spec::runtime::LinuxNamespaceType) -> Option<PathBuf> {
+    spec.linux().as_ref()?.namespaces().as_ref()?.iter().find(|n| n.typ() == typ)?.path().clone()
+}
+
+/// The pod's network namespace (the `network` entry's path), if the pod has one.
+pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
+    namespace_path(spec, oci_spec::runtime::LinuxNamespaceType::Network)
+}
+
+/// Whether the container joins an existing PID namespace (the pod shares one).
+pub fn joins_pid_namespace(spec: &Spec) -> bool {
+    namespace_path(spec, oci_spec::runtime::LinuxNamespaceType::Pid).is_some()
+}
+
+/// The pod's `/dev/shm` bind mount (containerd CRI's sandbox shm, CRI-O's `shm/`), which
+/// becomes the guest's per-pod tmpfs instead of a host path.
+fn is_pod_shm(m: &Mount) -> bool {
+    m.destination() == Path::new("/dev/shm") && is_bind(m)
+}
+
+/// A host block device the container asks for (`linux.devices` of type `b`), to hot-plug.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// Path inside the container.
+    pub container_path: PathBuf,
+    /// Host device node (found by major:minor).
+    pub host_path: PathBuf,
+    /// Major number.
+    pub major: i64,
+    /// Minor number.
+    pub minor: i64,
+}
+
+/// Takes the block devices out of `linux.devices` (they are hot-plugged into the VM and the
+/// agent adds the guest's own device node instead). The host node is found through
+/// `/sys/dev/block/<major>:<minor>/uevent`.
+pub fn take_block_devices(spec: &mut Spec) -> Result<Vec<BlockDevice>, SpecError> {
+    let Some(devices) = spec.linux_mut().as_mut().and_then(|l| l.devices_mut().as_mut()) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    let mut keep = Vec::new();
+    for (i, d) in devices.drain(..).enumerate() {
+        if d.typ() != oci_spec::runtime::LinuxDeviceType::B {
+            keep.push(d);
+            continue;
+        }
+        let uevent = format!("/sys/dev/block/{}:{}/uevent", d.major(), d.minor());
+        let name = std::fs::read_to_string(&uevent)
+            .ok()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_string)))
+            .ok_or_else(|| SpecError::Field {
+                field: format!("linux.devices[{i}]"),
+                message: format!(
+                    "block device {} ({}:{}) does not exist on the host ({uevent} unreadable)",
+                    d.path().display(),
+                    d.major(),
+                    d.minor()
+                ),
+            })?;
+        out.push(BlockDevice { container_path: d.path().clone(), host_path: Path::new("/dev").join(name), major: d.major(), minor: d.minor() });
+    }
+    *devices = keep;
+    Ok(out)
+}
+
 /// Whether a mount is a bind mount of a host path.
 pub fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
@@ -76,7 +148,7 @@ pub fn is_bind(m: &Mount) -> bool {
 pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
     let mut out = Vec::new();
     for (index, m) in spec.mounts().iter().flatten().enumerate() {
-        if !is_bind(m) {
+        if !is_bind(m) || is_pod_shm(m) {
             continue;
         }
         let source = m.source().clone().ok_or_else(|| SpecError::Field {
@@ -107,6 +179,9 @@ pub fn for_guest(mut spec: Spec, guest_root: &str, binds: &[HostBind], guest_sou
             if let Some(m) = mounts.get_mut(b.index) {
                 m.set_source(Some(PathBuf::from(src)));
             }
+        }
+        for m in mounts.iter_mut().filter(|m| is_pod_shm(m)) {
+            m.set_source(Some(PathBuf::from(GUEST_SHM)));
         }
     }
     if let Some(linux) = spec.linux_mut() {
@@ -179,6 +254,39 @@ mod tests {
         assert!(g.hooks().is_none());
         assert!(g.process().as_ref().unwrap().env().as_ref().unwrap().contains(&DEFAULT_PATH.to_string()));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
+    }
+
+    #[test]
+    fn pod_fields_are_read() {
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "annotations": {"io.kubernetes.cri.container-type": "container"},
+            "mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind", "rw"]}],
+            "linux": {
+                "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid", "path": "/proc/7/ns/pid"}],
+                "devices": [{"path": "/dev/null2", "type": "c", "major": 1, "minor": 3}]
+            }
+        }));
+        assert_eq!(netns_path(&s), Some(PathBuf::from("/var/run/netns/cni-1")));
+        assert!(joins_pid_namespace(&s));
+        assert_eq!(crate::annotations::container_type(&annotations(&s)), Some("container"));
+        assert!(host_binds(&s).unwrap().is_empty(), "the pod's /dev/shm is not shared from the host");
+        assert!(take_block_devices(&mut s).unwrap().is_empty(), "character devices stay");
+        assert_eq!(s.linux().as_ref().unwrap().devices().as_ref().unwrap().len(), 1);
+        let (g, _) = for_guest(s, "/r", &[], &[]);
+        assert_eq!(g.mounts().as_ref().unwrap()[0].source().as_deref(), Some(Path::new(GUEST_SHM)));
+    }
+
+    #[test]
+    fn missing_block_device_is_named() {
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"devices": [{"path": "/dev/xvda", "type": "b", "major": 4095, "minor": 4095}]}
+        }));
+        let e = take_block_devices(&mut s).unwrap_err().to_string();
+        assert!(e.contains("linux.devices[0]") && e.contains("/dev/xvda") && e.contains("4095:4095"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,187 @@
+//! Pod annotations that shape the VM: Kata's `io.katacontainers.config.*` overrides (honoured
+//! only when `enable_annotations` in `[hypervisor.qemu]` allows them) and the container
+//! managers' sandbox sizing (`io.kubernetes.cri.sandbox-memory`, `sandbox-cpu-quota`, ...).
+//!
+//! `enable_annotations` holds regular expressions matched against the key without the
+//! `io.katacontainers.config.hypervisor.` prefix (as in Kata), e.g. `["default_memory",
+//! "default_vcpus"]` or `[".*"]`; the agent policy is enabled by the entry `agent.policy`.
+//! Any other `io.katacontainers.config.*` key is rejected, naming it.
+
+use std::collections::HashMap;
+
+use hypervisor::QemuConfig;
+
+/// Prefix of Kata's configuration annotations.
+pub const KATA_PREFIX: &str = "io.katacontainers.config.";
+const HYPERVISOR_PREFIX: &str = "io.katacontainers.config.hypervisor.";
+
+/// The annotations podvisor understands, after [`KATA_PREFIX`].
+pub const SUPPORTED: &[&str] = &[
+    "hypervisor.default_memory",
+    "hypervisor.default_vcpus",
+    "hypervisor.machine_type",
+    "hypervisor.kernel_params",
+    "agent.policy",
+];
+
+/// What the annotations decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// MiB added for the pod's own containers (sandbox sizing), on top of `default_memory`.
+    pub sandbox_memory_mib: u64,
+    /// vCPUs added for the pod (sandbox sizing).
+    pub sandbox_vcpus: u32,
+    /// The agent policy (Rego), if given and enabled.
+    pub agent_policy: Option<String>,
+    /// Whether the container manager sized the sandbox (then containers' limits are not
+    /// hot-plugged one by one).
+    pub sized_by_manager: bool,
+}
+
+/// Container type from containerd's CRI or CRI-O annotations: `sandbox` or `container`.
+pub fn container_type(annotations: &HashMap<String, String>) -> Option<&str> {
+    ["io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType"]
+        .iter()
+        .find_map(|k| annotations.get(*k))
+        .map(String::as_str)
+}
+
+fn enabled(config: &QemuConfig, short: &str) -> Result<bool, String> {
+    for pattern in &config.enable_annotations {
+        let re = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| format!("[hypervisor.qemu] enable_annotations: {pattern:?} is not a valid regular expression: {e}"))?;
+        if re.is_match(short) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str, min: T, max: T) -> Result<T, String>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    let v: T = value.trim().parse().map_err(|_| format!("annotation {key}={value:?}: not a number"))?;
+    if v < min || v > max {
+        return Err(format!("annotation {key}={value}: out of range; use {min} to {max}"));
+    }
+    Ok(v)
+}
+
+/// Applies the pod's annotations to `config` (the VM's configuration). Errors name the
+/// annotation and the fix.
+pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> Result<Applied, String> {
+    let mut applied = Applied::default();
+    let mut keys: Vec<&String> = annotations.keys().filter(|k| k.starts_with(KATA_PREFIX)).collect();
+    keys.sort();
+    for key in keys {
+        let value = &annotations[key];
+        let name = &key[KATA_PREFIX.len()..];
+        if !SUPPORTED.contains(&name) {
+            return Err(format!(
+                "annotation {key} is not supported by podvisor; supported: {}",
+                SUPPORTED.iter().map(|s| format!("{KATA_PREFIX}{s}")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let short = key.strip_prefix(HYPERVISOR_PREFIX).unwrap_or(name);
+        if !enabled(config, short)? {
+            return Err(format!(
+                "annotation {key} is not enabled; add {short:?} to enable_annotations in [hypervisor.qemu] to allow it"
+            ));
+        }
+        match name {
+            "hypervisor.default_memory" => config.default_memory = parse_num(key, value, 128u64, 1 << 22)?,
+            "hypervisor.default_vcpus" => config.default_vcpus = parse_num(key, value, 1u32, 240)?,
+            "hypervisor.machine_type" => {
+                if !hypervisor::config::MACHINE_TYPES.contains(&value.as_str()) {
+                    return Err(format!("annotation {key}={value:?}: use one of {}", hypervisor::config::MACHINE_TYPES.join(", ")));
+                }
+                config.machine_type = value.clone();
+            }
+            "hypervisor.kernel_params" => {
+                config.kernel_params = format!("{} {}", config.kernel_params, value).trim().to_string();
+            }
+            "agent.policy" => applied.agent_policy = Some(value.clone()),
+            _ => unreachable!("checked against SUPPORTED"),
+        }
+    }
+    let get = |k: &str| annotations.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    if let Some(v) = get("io.kubernetes.cri.sandbox-memory") {
+        let bytes: u64 = parse_num("io.kubernetes.cri.sandbox-memory", v, 0, u64::MAX)?;
+        applied.sandbox_memory_mib = bytes.div_ceil(1 << 20);
+        applied.sized_by_manager = true;
+    }
+    let quota = get("io.kubernetes.cri.sandbox-cpu-quota").map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-quota", v, -1i64, i64::MAX)).transpose()?;
+    let period = get("io.kubernetes.cri.sandbox-cpu-period").map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-period", v, 0u64, u64::MAX)).transpose()?;
+    if let (Some(q), Some(p)) = (quota, period) {
+        if q > 0 && p > 0 {
+            applied.sandbox_vcpus = (q as u64).div_ceil(p) as u32;
+            applied.sized_by_manager = true;
+        }
+    }
+    if let Some(v) = get("io.kubernetes.cri.sandbox-cpu-shares") {
+        parse_num::<u64>("io.kubernetes.cri.sandbox-cpu-shares", v, 0, u64::MAX)?;
+    }
+    config.default_memory += applied.sandbox_memory_mib;
+    config.default_vcpus += applied.sandbox_vcpus;
+    if config.default_maxvcpus != 0 && config.default_vcpus > config.default_maxvcpus {
+        config.default_maxvcpus = config.default_vcpus;
+    }
+    if config.default_maxmemory != 0 && config.default_memory > config.default_maxmemory {
+        return Err(format!(
+            "the pod needs {} MiB of guest memory (default_memory plus sandbox sizing) but default_maxmemory is {} MiB",
+            config.default_memory, config.default_maxmemory
+        ));
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn enabled_overrides_apply() {
+        let mut c = QemuConfig { enable_annotations: vec!["default_.*".into(), "machine_type".into()], ..Default::default() };
+        let a = ann(&[
+            ("io.katacontainers.config.hypervisor.default_memory", "1024"),
+            ("io.katacontainers.config.hypervisor.default_vcpus", "2"),
+            ("io.katacontainers.config.hypervisor.machine_type", "pc"),
+        ]);
+        apply(&a, &mut c).unwrap();
+        assert_eq!((c.default_memory, c.default_vcpus, c.machine_type.as_str()), (1024, 2, "pc"));
+    }
+
+    #[test]
+    fn not_enabled_and_unknown_keys_are_rejected_by_name() {
+        let mut c = QemuConfig::default();
+        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "2")]), &mut c).unwrap_err();
+        assert!(e.contains("io.katacontainers.config.hypervisor.default_vcpus is not enabled") && e.contains("enable_annotations"), "{e}");
+        c.enable_annotations = vec![".*".into()];
+        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.block_device_driver", "virtio-blk")]), &mut c).unwrap_err();
+        assert!(e.contains("io.katacontainers.config.hypervisor.block_device_driver is not supported"), "{e}");
+        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "many")]), &mut c).unwrap_err();
+        assert!(e.contains("not a number"), "{e}");
+        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.machine_type", "virt")]), &mut c).unwrap_err();
+        assert!(e.contains("use one of q35, pc"), "{e}");
+    }
+
+    #[test]
+    fn sandbox_sizing_adds_memory_and_vcpus() {
+        let mut c = QemuConfig { default_memory: 512, default_vcpus: 1, default_maxvcpus: 2, ..Default::default() };
+        let a = ann(&[
+            ("io.kubernetes.cri.sandbox-memory", "268435456"),
+            ("io.kubernetes.cri.sandbox-cpu-quota", "150000"),
+            ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
+            ("io.kubernetes.cri.container-type", "sandbox"),
+        ]);
+        let applied = apply(&a, &mut c).unwrap();
+        assert_eq!((c.default_memory, c.default_vcpus, c.default_maxvcpus), (768, 3, 3));
+        assert!(applied.sized_by_manager);
+        assert_eq!(container_type(&a), Some("sandbox"));
+    }
+}
