@@ -13,6 +13,7 @@ mod container;
 mod guest;
 mod init;
 mod logging;
+mod network;
 mod rpc;
 mod sandbox;
 

@@ -40,6 +40,11 @@ pub const IMPLEMENTED: &[&str] = &[
     "CloseStdin",
     "TtyWinResize",
     "GetOOMEvent",
+    "UpdateInterface",
+    "UpdateRoutes",
+    "AddARPNeighbors",
+    "ListInterfaces",
+    "ListRoutes",
 ];
 
 /// Features reported in `AgentDetails.extra_features`.
@@ -235,6 +240,38 @@ impl agent_ttrpc::AgentService for AgentService {
         let container_id = self.containers.next_oom().await;
         Ok(pb::OOMEvent { container_id, ..Default::default() })
     }
+
+    // --- networking ---
+    async fn update_interface(&self, _ctx: &TtrpcContext, req: pb::UpdateInterfaceRequest) -> ttrpc::Result<agent_protocol::types::Interface> {
+        let want = req.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "UpdateInterface: no interface given"))?;
+        let ifc = crate::network::run("UpdateInterface", move || crate::network::update_interface(&want)).await?;
+        let addrs: Vec<String> = ifc.IPAddresses.iter().map(|a| format!("{}/{}", a.address, a.mask)).collect();
+        info!(self.log, "interface configured"; "name" => &ifc.name, "mac" => &ifc.hwAddr, "mtu" => ifc.mtu, "addresses" => addrs.join(","));
+        Ok(ifc)
+    }
+
+    async fn update_routes(&self, _ctx: &TtrpcContext, req: pb::UpdateRoutesRequest) -> ttrpc::Result<pb::Routes> {
+        let want = req.routes.into_option().map(|r| r.Routes).unwrap_or_default();
+        let routes = crate::network::run("UpdateRoutes", move || crate::network::update_routes(&want)).await?;
+        info!(self.log, "routes updated"; "count" => routes.len());
+        Ok(pb::Routes { Routes: routes, ..Default::default() })
+    }
+
+    async fn add_arp_neighbors(&self, _ctx: &TtrpcContext, req: pb::AddARPNeighborsRequest) -> ttrpc::Result<Empty> {
+        let want = req.neighbors.into_option().map(|n| n.ARPNeighbors).unwrap_or_default();
+        crate::network::run("AddARPNeighbors", move || crate::network::add_arp_neighbors(&want)).await?;
+        Ok(Default::default())
+    }
+
+    async fn list_interfaces(&self, _ctx: &TtrpcContext, _req: pb::ListInterfacesRequest) -> ttrpc::Result<pb::Interfaces> {
+        let interfaces = crate::network::run("ListInterfaces", crate::network::list_interfaces).await?;
+        Ok(pb::Interfaces { Interfaces: interfaces, ..Default::default() })
+    }
+
+    async fn list_routes(&self, _ctx: &TtrpcContext, _req: pb::ListRoutesRequest) -> ttrpc::Result<pb::Routes> {
+        let routes = crate::network::run("ListRoutes", crate::network::list_routes).await?;
+        Ok(pb::Routes { Routes: routes, ..Default::default() })
+    }
 }
 
 /// Runs a state-changing container operation to its end even if the caller goes away (ttrpc
@@ -337,11 +374,11 @@ mod tests {
         assert_eq!(r.status.enum_value(), Ok(health::health_check_response::ServingStatus::SERVING));
         assert_eq!(health.version(ctx(), &health::CheckRequest::new()).await.unwrap().agent_version, VERSION);
 
-        let err = agent.list_interfaces(ctx(), &pb::ListInterfacesRequest::new()).await.unwrap_err();
+        let err = agent.get_ip_tables(ctx(), &pb::GetIPTablesRequest::new()).await.unwrap_err();
         match err {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::UNIMPLEMENTED);
-                assert!(s.message().contains("grpc.AgentService/ListInterfaces"), "{}", s.message());
+                assert!(s.message().contains("grpc.AgentService/GetIPTables"), "{}", s.message());
             }
             other => panic!("expected an RPC status, got {other:?}"),
         }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod host;
+pub mod network;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 
 pub use config::{Accelerator, ConfigError, QemuConfig};
 pub use host::{AccelChoice, HostCheck};
+pub use network::{GuestNetwork, InternetworkingModel, NetworkError, PodNetwork};
 pub use qemu::Qemu;
 pub use vsock::AgentChannel;
 

@@ -64,6 +64,8 @@ impl Default for AgentConfig {
 pub struct RuntimeConfig {
     /// `enable_debug`: debug-level shim logs.
     pub enable_debug: bool,
+    /// `internetworking_model`: how the VM is joined to the pod network (`tcfilter`, `none`).
+    pub internetworking_model: hypervisor::InternetworkingModel,
 }
 
 /// A loaded configuration.
@@ -162,6 +164,12 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         match (key.as_str(), value) {
             ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
             ("enable_debug", v) => return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into()),
+            ("internetworking_model", Value::String(m)) => {
+                runtime.internetworking_model = hypervisor::InternetworkingModel::parse(m).map_err(|e| value_err("runtime", key, e))?
+            }
+            ("internetworking_model", v) => {
+                return Err(value_err("runtime", key, format!("expected a string (\"tcfilter\" or \"none\"), found {v}")).into())
+            }
             _ => warnings.push(format!("{}: [runtime] {key}: not used by podvisor yet; ignored", file.display())),
         }
     }
@@ -203,6 +211,7 @@ mod tests {
             ("[hypervisor.qemu]\ndefault_vcpus = \"two\"", "/c.toml: [hypervisor.qemu] default_vcpus: expected an integer"),
             ("[hypervisor]\nqemu = 3", "/c.toml: [hypervisor] qemu: must be a table"),
             ("[runtime]\nenable_debug = \"yes\"", "/c.toml: [runtime] enable_debug: expected true or false"),
+            ("[runtime]\ninternetworking_model = \"macvtap\"", "/c.toml: [runtime] internetworking_model: internetworking_model = \"macvtap\" is not supported"),
             ("[hypervisor.qemu\n", "/c.toml: invalid TOML"),
         ];
         for (text, want) in cases {

@@ -203,12 +203,12 @@ impl Pod {
         let shared = SharedDir::new(&self.sandbox_id);
         let booted = async {
             shared.create().map_err(|e| TaskError::Internal(e.to_string()))?;
-            Sandbox::boot_pod(&self.sandbox_id, &config, shared.root(), &hostname, &self.log)
+            let netns = netns.as_deref().filter(|_| config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter);
+            Sandbox::boot_pod_with_network(&self.sandbox_id, &config, shared.root(), &hostname, netns, &self.log)
                 .await
                 .map_err(|e| TaskError::Internal(format!("cannot start the sandbox VM: {e}")))
         }
         .await;
-        let _ = netns;
         let sandbox = match booted {
             Ok(s) => s,
             Err(e) => {

@@ -1,10 +1,15 @@
 //! The sandbox layer: one VM and the agent inside it. Boot is all-or-nothing: on any failure
-//! the VM, its helpers and its run directory are gone before the error is returned.
+//! the VM, its helpers, its run directory and the pod network's taps and tc filters are gone
+//! before the error is returned.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hypervisor::{Hypervisor, MemoryMiB, Qemu};
+use agent_protocol::agent_ttrpc::AgentServiceClient;
+use agent_protocol::{agent as pb, types};
+use hypervisor::network::{GuestNetwork, NetInterface, NetNeighbour, NetRoute};
+use hypervisor::{Hypervisor, MemoryMiB, PodNetwork, Qemu};
 use slog::{info, warn, Logger};
 
 use crate::agent::{Agent, AgentError, KataAgent};
@@ -19,6 +24,9 @@ pub enum BootError {
     /// The agent did not come up.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The pod network could not be attached.
+    #[error(transparent)]
+    Network(#[from] hypervisor::NetworkError),
 }
 
 /// A running pod VM with a connected agent.
@@ -27,6 +35,8 @@ pub struct Sandbox {
     vm: Arc<dyn Hypervisor>,
     agent: Arc<dyn Agent>,
     log: Logger,
+    /// A second agent connection for the networking RPCs (not in the [`Agent`] trait yet).
+    net_client: tokio::sync::OnceCell<AgentServiceClient>,
 }
 
 impl Sandbox {
@@ -42,12 +52,39 @@ impl Sandbox {
 
     /// Boots a pod VM for `id` that shares `shared_dir` with the guest over virtio-fs, and has
     /// the agent mount it at [`crate::mounts::GUEST_SHARED`] (`CreateSandbox`).
-    pub async fn boot_pod(id: &str, config: &Config, shared_dir: &std::path::Path, hostname: &str, log: &Logger) -> Result<Sandbox, BootError> {
+    pub async fn boot_pod(id: &str, config: &Config, shared_dir: &Path, hostname: &str, log: &Logger) -> Result<Sandbox, BootError> {
+        Self::boot_pod_with_network(id, config, shared_dir, hostname, None, log).await
+    }
+
+    /// As [`Sandbox::boot_pod`], and with `netns` (the pod's network namespace, from the `network`
+    /// namespace `path` of the sandbox container's OCI spec): one tap per pod interface joined
+    /// to it by tc redirects (Kata's `tcfilter` model), QEMU running in that netns, and the guest
+    /// given the interfaces' MACs, addresses, routes and ARP neighbours. `None`: no network.
+    pub async fn boot_pod_with_network(
+        id: &str,
+        config: &Config,
+        shared_dir: &Path,
+        hostname: &str,
+        netns: Option<&Path>,
+        log: &Logger,
+    ) -> Result<Sandbox, BootError> {
         let log = log.new(slog::o!("sandbox" => id.to_string()));
         for w in &config.warnings {
             warn!(log, "{}", w);
         }
-        let vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
+        let mut vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
+        let mut guest_network = None;
+        if let Some(path) = netns {
+            let path = path.to_path_buf();
+            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path))
+                .await
+                .map_err(|e| hypervisor::Error::InvalidRequest(format!("pod network setup: {e}")))??;
+            let names: Vec<&str> = network.guest().interfaces.iter().map(|i| i.name.as_str()).collect();
+            info!(log, "pod network attached"; "netns" => %network.netns_path().display(), "interfaces" => names.join(","));
+            guest_network = Some(network.guest().clone());
+            // From here on the VM owns the taps: any failure below tears them down with it.
+            vm = vm.with_network(network);
+        }
         let vm: Arc<dyn Hypervisor> = Arc::new(vm);
         let sandbox = Self::boot_with(id, vm, config.agent.dial_timeout, &log).await?;
         let storage = agent_protocol::agent::Storage {
@@ -67,7 +104,61 @@ impl Sandbox {
             let _ = sandbox.shutdown().await;
             return Err(e.into());
         }
+        if let Some(g) = guest_network {
+            if let Err(e) = sandbox.configure_network(&g).await {
+                let _ = sandbox.shutdown().await;
+                return Err(e.into());
+            }
+        }
         Ok(sandbox)
+    }
+
+    /// Gives the guest the pod's interfaces (found by MAC), then its routes and neighbours.
+    async fn configure_network(&self, g: &GuestNetwork) -> Result<(), AgentError> {
+        let client = self.net_client().await?;
+        for ifc in &g.interfaces {
+            let req = pb::UpdateInterfaceRequest { interface: Some(interface_pb(ifc)).into(), ..Default::default() };
+            client.update_interface(ctx(), &req).await.map_err(rpc_err("UpdateInterface"))?;
+        }
+        if !g.routes.is_empty() {
+            let routes = pb::Routes { Routes: g.routes.iter().map(route_pb).collect(), ..Default::default() };
+            let req = pb::UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
+            client.update_routes(ctx(), &req).await.map_err(rpc_err("UpdateRoutes"))?;
+        }
+        if !g.neighbours.is_empty() {
+            let neighbours = pb::ARPNeighbors { ARPNeighbors: g.neighbours.iter().map(neighbour_pb).collect(), ..Default::default() };
+            let req = pb::AddARPNeighborsRequest { neighbors: Some(neighbours).into(), ..Default::default() };
+            client.add_arp_neighbors(ctx(), &req).await.map_err(rpc_err("AddARPNeighbors"))?;
+        }
+        info!(self.log, "guest network configured"; "interfaces" => g.interfaces.len(), "routes" => g.routes.len(), "neighbours" => g.neighbours.len());
+        Ok(())
+    }
+
+    /// `ListInterfaces`: the guest's links and addresses.
+    pub async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError> {
+        let r = self.net_client().await?.list_interfaces(ctx(), &pb::ListInterfacesRequest::new()).await;
+        Ok(r.map_err(rpc_err("ListInterfaces"))?.Interfaces)
+    }
+
+    /// `ListRoutes`: the guest's main-table routes.
+    pub async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError> {
+        let r = self.net_client().await?.list_routes(ctx(), &pb::ListRoutesRequest::new()).await;
+        Ok(r.map_err(rpc_err("ListRoutes"))?.Routes)
+    }
+
+    async fn net_client(&self) -> Result<&AgentServiceClient, AgentError> {
+        self.net_client
+            .get_or_try_init(|| async {
+                let channel = self.vm.agent_channel();
+                let fail = |e: std::io::Error| AgentError::Rpc { rpc: "connect", message: format!("{channel}: {e}") };
+                let fd = channel.connect(Duration::from_secs(10)).await.map_err(fail)?;
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                stream.set_nonblocking(true).map_err(fail)?;
+                let stream = tokio::net::UnixStream::from_std(stream).map_err(fail)?;
+                let client = ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
+                Ok(AgentServiceClient::new(client))
+            })
+            .await
     }
 
     /// Boots `vm` (not yet prepared) and connects to its agent within `dial_timeout`.
@@ -83,7 +174,13 @@ impl Sandbox {
         }
         .await;
         match result {
-            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent: Arc::new(agent), log: log.clone() }),
+            Ok(agent) => Ok(Sandbox {
+                id: id.to_string(),
+                vm,
+                agent: Arc::new(agent),
+                log: log.clone(),
+                net_client: tokio::sync::OnceCell::new(),
+            }),
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
                     warn!(log, "cleanup after failed boot failed"; "error" => %c);
@@ -128,5 +225,113 @@ impl Sandbox {
         self.vm.cleanup().await?;
         info!(self.log, "sandbox stopped");
         Ok(())
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
+}
+
+fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
+    move |e| match e {
+        ttrpc::Error::RpcStatus(s) => AgentError::Status { rpc, code: s.code(), message: s.message().to_string() },
+        other => AgentError::Rpc { rpc, message: other.to_string() },
+    }
+}
+
+fn ip_family(ipv6: bool) -> protobuf::EnumOrUnknown<types::IPFamily> {
+    if ipv6 { types::IPFamily::v6 } else { types::IPFamily::v4 }.into()
+}
+
+/// A pod interface as Kata's `Interface` (the agent finds the guest NIC by `hwAddr`).
+fn interface_pb(i: &NetInterface) -> types::Interface {
+    types::Interface {
+        device: i.name.clone(),
+        name: i.name.clone(),
+        IPAddresses: i
+            .addresses
+            .iter()
+            .map(|a| types::IPAddress {
+                family: ip_family(a.addr.is_ipv6()),
+                address: a.addr.to_string(),
+                mask: a.prefix.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        mtu: u64::from(i.mtu),
+        hwAddr: i.mac.clone(),
+        type_: i.kind.clone(),
+        ..Default::default()
+    }
+}
+
+/// A pod route as Kata's `Route` (default route: empty `dest`).
+fn route_pb(r: &NetRoute) -> types::Route {
+    types::Route {
+        dest: r.dest.map(|d| d.to_string()).unwrap_or_default(),
+        gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        device: r.device.clone(),
+        source: r.source.map(|s| s.to_string()).unwrap_or_default(),
+        scope: u32::from(r.scope),
+        family: ip_family(r.ipv6),
+        flags: r.flags,
+        ..Default::default()
+    }
+}
+
+/// A permanent neighbour as Kata's `ARPNeighbor`.
+fn neighbour_pb(n: &NetNeighbour) -> types::ARPNeighbor {
+    let prefix = if n.ip.is_ipv6() { 128 } else { 32 };
+    types::ARPNeighbor {
+        toIPAddress: Some(types::IPAddress {
+            family: ip_family(n.ip.is_ipv6()),
+            address: n.ip.to_string(),
+            mask: prefix.to_string(),
+            ..Default::default()
+        })
+        .into(),
+        device: n.device.clone(),
+        lladdr: n.mac.clone(),
+        state: i32::from(n.state),
+        flags: i32::from(n.flags),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypervisor::network::IpNet;
+
+    #[test]
+    fn pod_network_to_agent_types() {
+        let i = NetInterface {
+            name: "eth0".into(),
+            mac: "02:42:0a:c8:01:02".into(),
+            mtu: 1450,
+            addresses: vec![IpNet { addr: "10.200.1.2".parse().unwrap(), prefix: 24 }, IpNet { addr: "fd00::2".parse().unwrap(), prefix: 64 }],
+            kind: "veth".into(),
+        };
+        let p = interface_pb(&i);
+        assert_eq!((p.name.as_str(), p.device.as_str(), p.hwAddr.as_str(), p.mtu, p.type_.as_str()), ("eth0", "eth0", "02:42:0a:c8:01:02", 1450, "veth"));
+        assert_eq!((p.IPAddresses[0].address.as_str(), p.IPAddresses[0].mask.as_str()), ("10.200.1.2", "24"));
+        assert_eq!(p.IPAddresses[1].family.enum_value(), Ok(types::IPFamily::v6));
+
+        let default = NetRoute { dest: None, gateway: Some("10.200.1.1".parse().unwrap()), source: None, device: "eth0".into(), scope: 0, ipv6: false, flags: 0 };
+        let r = route_pb(&default);
+        assert_eq!((r.dest.as_str(), r.gateway.as_str(), r.device.as_str(), r.source.as_str()), ("", "10.200.1.1", "eth0", ""));
+        let subnet = NetRoute {
+            dest: Some(IpNet { addr: "10.200.1.0".parse().unwrap(), prefix: 24 }),
+            gateway: None,
+            source: Some("10.200.1.2".parse().unwrap()),
+            scope: 253,
+            ..default
+        };
+        let r = route_pb(&subnet);
+        assert_eq!((r.dest.as_str(), r.source.as_str(), r.scope), ("10.200.1.0/24", "10.200.1.2", 253));
+
+        let n = NetNeighbour { ip: "10.200.1.9".parse().unwrap(), mac: "aa:bb:cc:dd:ee:ff".into(), device: "eth0".into(), state: 0x80, flags: 0 };
+        let a = neighbour_pb(&n);
+        assert_eq!((a.toIPAddress.address.as_str(), a.toIPAddress.mask.as_str(), a.lladdr.as_str(), a.state), ("10.200.1.9", "32", "aa:bb:cc:dd:ee:ff", 0x80));
     }
 }

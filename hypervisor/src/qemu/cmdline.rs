@@ -31,6 +31,18 @@ pub enum VsockDevice {
     None,
 }
 
+/// A guest NIC backed by a tap whose fd QEMU inherits (pod networking, `tcfilter` model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicDevice {
+    /// The tap fd number in QEMU.
+    pub fd: i32,
+    /// The guest MAC (the pod veth's).
+    pub mac: String,
+    /// In-kernel virtio-net backend; only when `/dev/vhost-net` exists (QEMU 7.2 aborts on
+    /// `vhost=on` without it).
+    pub vhost: bool,
+}
+
 /// Everything the command line depends on, already validated and resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -65,6 +77,8 @@ pub struct VmSpec {
     /// virtiofsd's vhost-user socket, when a directory is shared with the guest (tag
     /// [`VIRTIO_FS_TAG`]).
     pub virtio_fs: Option<PathBuf>,
+    /// Guest NICs, `net0`, `net1`, ... in order.
+    pub nics: Vec<NicDevice>,
 }
 
 /// The virtio-fs tag the guest mounts (Kata's).
@@ -95,6 +109,7 @@ impl VmSpec {
             qmp_socket,
             vsock,
             virtio_fs: None,
+            nics: Vec::new(),
         }
     }
 
@@ -153,6 +168,13 @@ impl VmSpec {
             push(&["-chardev", &format!("socket,id=vfschr,path={}", socket.display())]);
             push(&["-device", &format!("vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag={VIRTIO_FS_TAG},queue-size=1024")]);
         }
+        for (i, nic) in self.nics.iter().enumerate() {
+            // Cold-plugged on the root bus (pcie.0 on q35, pci.0 on pc), so the hotplug root
+            // ports stay free for block devices. `romfile=`: no iPXE option ROM to load.
+            let vhost = if nic.vhost { "on" } else { "off" };
+            push(&["-netdev", &format!("tap,id=net{i},fd={},vhost={vhost}", nic.fd)]);
+            push(&["-device", &format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={},romfile=", nic.mac)]);
+        }
         if self.machine == "q35" {
             // One free root port per possible hot-plugged block device (pcie.0 has no hotplug).
             for i in 0..HOTPLUG_ROOT_PORTS {
@@ -187,6 +209,7 @@ mod tests {
             qmp_socket: "/run/x/qmp.sock".into(),
             vsock,
             virtio_fs: None,
+            nics: Vec::new(),
         }
     }
 
@@ -237,6 +260,29 @@ mod tests {
         s.virtio_fs = Some("/run/x/vfs.sock".into());
         let j = joined(&s);
         assert!(j.contains("-chardev socket,id=vfschr,path=/run/x/vfs.sock -device vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag=kataShared,queue-size=1024"), "{j}");
+    }
+
+    #[test]
+    fn nics_golden() {
+        let mut s = spec(AccelChoice::Tcg { reason: "test".into() }, VsockDevice::VhostUser { socket: "/run/x/vhost.sock".into() });
+        s.virtio_fs = Some("/run/x/vfs.sock".into());
+        s.nics = vec![
+            NicDevice { fd: 4, mac: "02:42:0a:c8:01:02".into(), vhost: false },
+            NicDevice { fd: 5, mac: "02:42:0a:c8:02:02".into(), vhost: true },
+        ];
+        let want = format!(
+            "-name sandbox-abc -nodefaults -no-user-config -nographic -no-reboot -machine q35,accel=tcg \
+-smp 1,maxcpus=2 -m 512M,slots=10,maxmem=4096M -object memory-backend-memfd,id=mem0,size=512M,share=on \
+-numa node,memdev=mem0 -kernel /k/vmlinux -initrd /k/initrd.img -append {BASE_KERNEL_PARAMS} quiet foo=1 \
+-qmp unix:/run/x/qmp.sock,server=on,wait=off -chardev stdio,id=console,signal=off -serial chardev:console \
+-chardev socket,id=vsockchr,path=/run/x/vhost.sock -device vhost-user-vsock-pci,id=vsock0,chardev=vsockchr \
+-chardev socket,id=vfschr,path=/run/x/vfs.sock -device vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag=kataShared,queue-size=1024 \
+-netdev tap,id=net0,fd=4,vhost=off -device virtio-net-pci,id=nic0,netdev=net0,mac=02:42:0a:c8:01:02,romfile= \
+-netdev tap,id=net1,fd=5,vhost=on -device virtio-net-pci,id=nic1,netdev=net1,mac=02:42:0a:c8:02:02,romfile= \
+-device pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,port=1 -device pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2,port=2 \
+-device pcie-root-port,id=rp2,bus=pcie.0,chassis=3,slot=3,port=3 -device pcie-root-port,id=rp3,bus=pcie.0,chassis=4,slot=4,port=4"
+        );
+        assert_eq!(joined(&s), want);
     }
 
     #[test]

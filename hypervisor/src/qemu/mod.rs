@@ -1,11 +1,13 @@
 //! The QEMU driver: one value per VM. It owns the run directory
 //! (`<run_root>/<sandbox id>/`: `qmp.sock`, and for hybrid vsock `vhost.sock` and `hvsock`), the
 //! QEMU process and the vhost-device-vsock daemon, and it watches QMP for a guest that stops.
+//! With a pod network, QEMU runs in the pod netns with the taps, which are torn down once QEMU
+//! is gone.
 
 pub mod cmdline;
 mod hotplug;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -18,10 +20,11 @@ use tokio::sync::{watch, Mutex};
 
 use crate::config::QemuConfig;
 use crate::host::{self, AccelChoice, HostFacts};
+use crate::network::PodNetwork;
 use crate::process::{describe_status, wait_for_path, ChildProcess, Tail};
 use crate::qmp::Qmp;
 use crate::{io_err, AgentChannel, Capabilities, Device, DeviceAddress, Error, ExitInfo, Hypervisor, MemoryMiB, Result};
-use cmdline::{VmSpec, VsockDevice};
+use cmdline::{NicDevice, VmSpec, VsockDevice};
 
 /// Default parent of the per-VM run directories.
 pub const DEFAULT_RUN_ROOT: &str = "/run/kata-containers/vm";
@@ -34,6 +37,15 @@ const MAX_SOCKET_PATH: usize = 107;
 
 /// How long helpers may take to create their sockets.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+/// The fd number of the vhost-vsock fd in QEMU.
+const VHOST_VSOCK_FD: RawFd = 3;
+
+/// The fd number of the first tap in QEMU (`tap<N>_kata` gets `TAP_FD_BASE + N`).
+pub const TAP_FD_BASE: RawFd = 4;
+
+/// Most guest NICs per VM.
+pub const MAX_NICS: usize = 16;
 
 /// Where the VM is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +82,8 @@ pub struct Qemu {
     console: Tail,
     /// Host directory shared with the guest over virtio-fs, if any.
     shared_dir: Option<PathBuf>,
+    /// The pod network: QEMU runs in its netns with its taps.
+    network: Option<Arc<PodNetwork>>,
     /// Guest CID on the kernel vsock path (0 until started).
     vsock_cid: AtomicU32,
     state: watch::Sender<VmState>,
@@ -102,6 +116,7 @@ impl Qemu {
             channel,
             console: Tail::default(),
             shared_dir: None,
+            network: None,
             vsock_cid: AtomicU32::new(0),
             state: watch::channel(VmState::NotStarted).0,
             inner: Mutex::new(Inner::default()),
@@ -113,6 +128,15 @@ impl Qemu {
     /// Mounts made below `dir` after the start reach the guest only if `dir` is a shared mount.
     pub fn with_shared_dir(mut self, dir: impl Into<PathBuf>) -> Qemu {
         self.shared_dir = Some(dir.into());
+        self
+    }
+
+    /// Runs QEMU inside the pod's network namespace with one virtio-net NIC per tap of `network`
+    /// (the veth's MAC, `vhost=on` only when `/dev/vhost-net` exists). The VM owns it from now
+    /// on: its taps and tc filters are torn down once QEMU is gone, on every path (stop,
+    /// cleanup, failed start, QEMU killed).
+    pub fn with_network(mut self, network: PodNetwork) -> Qemu {
+        self.network = Some(Arc::new(network));
         self
     }
 
@@ -176,7 +200,7 @@ impl Qemu {
             inner.vhost_fd = Some(fd);
             self.vsock_cid.store(cid, Ordering::Relaxed);
             info!(self.log, "agent channel: vhost-vsock"; "cid" => cid);
-            VsockDevice::Kernel { cid, vhostfd: Some(3) }
+            VsockDevice::Kernel { cid, vhostfd: Some(VHOST_VSOCK_FD) }
         } else {
             let daemon = host::find_program(&self.config.vhost_user_vsock_daemon).ok_or_else(|| {
                 Error::Host(format!(
@@ -209,19 +233,34 @@ impl Qemu {
         if let Some(dir) = &self.shared_dir {
             spec.virtio_fs = Some(self.start_virtiofsd(inner, dir).await?);
         }
+        // Fds QEMU inherits: (our fd, its number in QEMU).
+        let mut fds: Vec<(RawFd, RawFd)> = Vec::new();
+        if let Some(fd) = &inner.vhost_fd {
+            fds.push((fd.as_raw_fd(), VHOST_VSOCK_FD));
+        }
+        let mut netns = None;
+        if let Some(net) = &self.network {
+            let taps = net.taps();
+            if taps.len() > MAX_NICS {
+                return Err(Error::InvalidRequest(format!("the pod has {} interfaces; at most {MAX_NICS} are supported", taps.len())));
+            }
+            let vhost = Path::new("/dev/vhost-net").exists();
+            for (i, (fd, mac)) in taps.into_iter().enumerate() {
+                let number = TAP_FD_BASE + i as RawFd;
+                fds.push((fd, number));
+                spec.nics.push(NicDevice { fd: number, mac, vhost });
+            }
+            netns = Some(net.netns_fd());
+            info!(self.log, "pod network"; "netns" => %net.netns_path().display(), "nics" => spec.nics.len(), "vhost_net" => vhost);
+        }
         inner.hotplug = hotplug::State::new(&spec);
         let mut cmd = tokio::process::Command::new(&self.config.path);
         cmd.args(spec.args()).stdout(std::process::Stdio::piped());
-        if let Some(fd) = &inner.vhost_fd {
-            let raw = fd.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+        if !fds.is_empty() || netns.is_some() {
+            // SAFETY: child_setup makes only async-signal-safe calls (setns, fcntl, dup2) and
+            // does not allocate; it runs in the child between fork and exec.
             unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(raw, 3) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || child_setup(netns, &fds));
             }
         }
         info!(self.log, "launching QEMU"; "path" => %self.config.path.display(), "args" => spec.args().join(" "));
@@ -378,6 +417,22 @@ impl Qemu {
         }
         inner.qmp = None;
         inner.vhost_fd = None;
+        self.wait_qemu_gone(inner).await;
+        // QEMU holds copies of the tap fds: only now do the taps go with ours.
+        if let Some(net) = self.network.clone() {
+            match tokio::task::spawn_blocking(move || net.teardown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(self.log, "pod network teardown failed"; "error" => %e),
+                Err(e) => warn!(self.log, "pod network teardown failed"; "error" => %e),
+            }
+        }
+        for name in ["qmp.sock", "vhost.sock", "hvsock", "vfs.sock", PIDS_FILE] {
+            let _ = std::fs::remove_file(self.run_dir.join(name));
+        }
+    }
+
+    /// Waits until the monitor has published QEMU's exit (or publishes it itself).
+    async fn wait_qemu_gone(&self, inner: &Inner) {
         if let Some(qemu) = &inner.qemu {
             // The monitor publishes Exited; wait for it so that wait_exit callers see the end.
             let mut rx = self.state.subscribe();
@@ -388,9 +443,6 @@ impl Qemu {
             }
         } else {
             self.state.send_replace(VmState::Exited(ExitInfo { code: None, signal: None, message: "never started".into() }));
-        }
-        for name in ["qmp.sock", "vhost.sock", "hvsock", "vfs.sock", PIDS_FILE] {
-            let _ = std::fs::remove_file(self.run_dir.join(name));
         }
     }
 
@@ -416,6 +468,35 @@ fn exit_info(qemu: &ChildProcess, status: std::process::ExitStatus, console: &Ta
             console.joined()
         ),
     }
+}
+
+/// In the child between fork and exec: enters the netns, then gives each `(fd, number)` its
+/// number. Every source is first copied above all target numbers (close-on-exec), so no dup2
+/// can clobber a source not yet copied. Async-signal-safe: syscalls only, no allocation.
+fn child_setup(netns: Option<RawFd>, fds: &[(RawFd, RawFd)]) -> std::io::Result<()> {
+    // SAFETY (all calls): plain syscalls on fds that stay open in the child until exec.
+    if let Some(ns) = netns {
+        if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let above = fds.iter().map(|(_, to)| *to).max().unwrap_or(0) + 1;
+    let mut tmp = [-1 as RawFd; MAX_NICS + 1];
+    if fds.len() > tmp.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (i, (from, _)) in fds.iter().enumerate() {
+        tmp[i] = unsafe { libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, above) };
+        if tmp[i] < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (i, (_, to)) in fds.iter().enumerate() {
+        if unsafe { libc::dup2(tmp[i], *to) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// File in the run directory listing `<name> <pid>` of every helper process.

@@ -1,0 +1,692 @@
+//! Guest networking: the pod's interfaces, routes and ARP neighbours as the shim found them in the
+//! pod netns (UpdateInterface, UpdateRoutes, AddARPNeighbors), and what the guest has
+//! (ListInterfaces, ListRoutes). Netlink on a blocking socket, run with `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use agent_protocol::types::{ARPNeighbor, IPAddress, IPFamily, Interface, Route};
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use ttrpc::Code;
+
+/// Why a networking RPC failed; becomes a ttrpc status.
+#[derive(Debug)]
+pub enum NetError {
+    /// A request field is malformed (INVALID_ARGUMENT).
+    Invalid(String),
+    /// The interface or device named does not exist in the guest (NOT_FOUND).
+    NotFound(String),
+    /// The kernel refused a netlink request (INTERNAL).
+    Netlink {
+        /// What was being done, naming the interface or route.
+        what: String,
+        /// The errno.
+        source: io::Error,
+    },
+}
+
+impl std::fmt::Display for NetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetError::Invalid(m) | NetError::NotFound(m) => f.write_str(m),
+            NetError::Netlink { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+impl NetError {
+    fn code(&self) -> Code {
+        match self {
+            NetError::Invalid(_) => Code::INVALID_ARGUMENT,
+            NetError::NotFound(_) => Code::NOT_FOUND,
+            NetError::Netlink { .. } => Code::INTERNAL,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, NetError>;
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
+}
+
+/// Runs blocking netlink work off the async workers; errors become statuses prefixed by `rpc`.
+pub async fn run<T: Send + 'static>(rpc: &'static str, f: impl FnOnce() -> Result<T> + Send + 'static) -> ttrpc::Result<T> {
+    let status = |code, msg: String| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg));
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(status(e.code(), format!("{rpc}: {e}"))),
+        Err(e) => Err(status(Code::INTERNAL, format!("{rpc}: {e}"))),
+    }
+}
+
+/// Every link with its addresses.
+pub fn list_interfaces() -> Result<Vec<Interface>> {
+    let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
+    let (links, addrs) = dump_links_and_addresses(&mut nl)?;
+    Ok(links.iter().map(|l| interface_of(l, &addrs)).collect())
+}
+
+/// Configures the guest link whose MAC is `want.hwAddr`: renamed to `want.name`, MTU, its
+/// addresses replaced by `want.IPAddresses`, up. Returns the link as it is afterwards.
+pub fn update_interface(want: &Interface) -> Result<Interface> {
+    let mac = parse_mac(&want.hwAddr)?;
+    let addresses = want.IPAddresses.iter().map(parse_ip_address).collect::<Result<Vec<_>>>()?;
+    let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
+    let (links, addrs) = dump_links_and_addresses(&mut nl)?;
+    let link = links.iter().find(|l| link_mac(l).as_deref() == Some(mac.as_slice())).ok_or_else(|| {
+        NetError::NotFound(format!("no guest interface has MAC {} (interface {:?})", want.hwAddr, want.name))
+    })?;
+    let index = link.header.index;
+    let current = link_name(link);
+    let name = if want.name.is_empty() { current.clone() } else { want.name.clone() };
+    let ctx = |what: &str| format!("{what} of interface {name} ({})", want.hwAddr);
+    set_link(&mut nl, index, Some(false), None, None).map_err(nl_err(ctx("set down")))?;
+    if name != current {
+        // Another guest link may hold the name (eth0 vs. the pod's eth0): move it aside.
+        if let Some(other) = links.iter().find(|l| link_name(l) == name && l.header.index != index) {
+            let aside = format!("pv{}", other.header.index);
+            set_link(&mut nl, other.header.index, None, Some(&aside), None).map_err(nl_err(format!("rename {name} to {aside}")))?;
+        }
+        set_link(&mut nl, index, None, Some(&name), None).map_err(nl_err(format!("rename {current} to {name} ({})", want.hwAddr)))?;
+    }
+    if want.mtu > 0 {
+        let mtu = u32::try_from(want.mtu).map_err(|_| NetError::Invalid(format!("MTU {} of {name} is too large", want.mtu)))?;
+        set_link(&mut nl, index, None, None, Some(mtu)).map_err(nl_err(ctx(&format!("set MTU {mtu}"))))?;
+    }
+    for old in addrs.iter().filter(|a| a.header.index == index) {
+        if address_of(old).is_some_and(|(ip, _)| !is_link_local(&ip)) {
+            let shown = address_of(old).map(|(ip, p)| format!("{ip}/{p}")).unwrap_or_default();
+            match nl.request(RouteNetlinkMessage::DelAddress(old.clone()), 0) {
+                // Setting the link down flushed it already (IPv6 without keep_addr_on_down).
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+                r => r.map(|_| ()).map_err(nl_err(ctx(&format!("delete address {shown}"))))?,
+            }
+        }
+    }
+    for (ip, prefix) in &addresses {
+        nl.request(RouteNetlinkMessage::NewAddress(address_message(index, *ip, *prefix)), NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(nl_err(ctx(&format!("add address {ip}/{prefix}"))))?;
+    }
+    set_link(&mut nl, index, Some(true), None, None).map_err(nl_err(ctx("set up")))?;
+    let (links, addrs) = dump_links_and_addresses(&mut nl)?;
+    let link = links.iter().find(|l| l.header.index == index).ok_or_else(|| NetError::NotFound(format!("interface {name} vanished")))?;
+    Ok(interface_of(link, &addrs))
+}
+
+/// The main-table unicast routes.
+pub fn list_routes() -> Result<Vec<Route>> {
+    let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
+    let names = link_names(&mut nl)?;
+    let routes = nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP).map_err(nl_err("list routes"))?;
+    Ok(routes.iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { route_of(r, &names) } else { None }).collect())
+}
+
+/// Makes `want` the main-table routes of the links it names: adds or replaces each (routes
+/// without a gateway first, so gateways are reachable), then deletes the other routes of those
+/// links. Returns the guest's routes afterwards.
+pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
+    let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
+    let names = link_names(&mut nl)?;
+    let index_of: HashMap<&str, u32> = names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
+    let mut messages = Vec::new();
+    for r in want {
+        let index = *index_of
+            .get(r.device.as_str())
+            .ok_or_else(|| NetError::NotFound(format!("route {}: no guest interface {:?}", describe_route(r), r.device)))?;
+        messages.push((describe_route(r), route_message(r, index)?));
+    }
+    messages.sort_by_key(|(_, m)| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
+    for (shown, m) in &messages {
+        nl.request(RouteNetlinkMessage::NewRoute(m.clone()), NLM_F_CREATE | NLM_F_REPLACE).map_err(nl_err(format!("add route {shown}")))?;
+    }
+    let links: Vec<u32> = messages.iter().filter_map(|(_, m)| route_oif(m)).collect();
+    let keys: Vec<RouteKey> = messages.iter().map(|(_, m)| route_key(m)).collect();
+    let existing = nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP).map_err(nl_err("list routes"))?;
+    for m in existing {
+        let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+        let Some(shown) = route_of(&r, &names) else { continue };
+        let key = route_key(&r);
+        // IPv6 link-local and multicast routes belong to the guest kernel.
+        let kernels = key.2.is_some_and(|ip| is_link_local(&ip));
+        if route_oif(&r).is_some_and(|i| links.contains(&i)) && !keys.contains(&key) && !kernels {
+            nl.request(RouteNetlinkMessage::DelRoute(r), 0).map_err(nl_err(format!("delete route {}", describe_route(&shown))))?;
+        }
+    }
+    list_routes()
+}
+
+/// Adds (or replaces) each neighbour entry.
+pub fn add_arp_neighbors(neighbours: &[ARPNeighbor]) -> Result<()> {
+    let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
+    let names = link_names(&mut nl)?;
+    for n in neighbours {
+        let ip = n.toIPAddress.as_ref().map(|a| a.address.as_str()).unwrap_or("");
+        let shown = format!("{ip} lladdr {} dev {}", n.lladdr, n.device);
+        let ip: IpAddr = ip.parse().map_err(|_| NetError::Invalid(format!("ARP neighbour {shown}: bad IP address")))?;
+        let mac = parse_mac(&n.lladdr).map_err(|e| NetError::Invalid(format!("ARP neighbour {shown}: {e}")))?;
+        let index = names
+            .iter()
+            .find(|(_, name)| **name == n.device)
+            .map(|(i, _)| *i)
+            .ok_or_else(|| NetError::NotFound(format!("ARP neighbour {shown}: no guest interface {:?}", n.device)))?;
+        let mut m = NeighbourMessage::default();
+        m.header.family = family_of(&ip);
+        m.header.ifindex = index;
+        m.header.state = if n.state == 0 { NeighbourState::Permanent } else { NeighbourState::from(n.state as u16) };
+        m.header.flags = NeighbourFlags::from_bits_retain(n.flags as u8);
+        m.header.kind = RouteType::Unspec;
+        m.attributes = vec![
+            NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }),
+            NeighbourAttribute::LinkLayerAddress(mac),
+        ];
+        nl.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE | NLM_F_REPLACE).map_err(nl_err(format!("add ARP neighbour {shown}")))?;
+    }
+    Ok(())
+}
+
+fn dump_links_and_addresses(nl: &mut Netlink) -> Result<(Vec<LinkMessage>, Vec<AddressMessage>)> {
+    let links = nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
+    let addrs = nl.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP).map_err(nl_err("list addresses"))?;
+    let links = links.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None }).collect();
+    let addrs = addrs.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None }).collect();
+    Ok((links, addrs))
+}
+
+fn link_names(nl: &mut Netlink) -> Result<HashMap<u32, String>> {
+    let links = nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
+    Ok(links.iter().filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some((l.header.index, link_name(l))) } else { None }).collect())
+}
+
+/// RTM_SETLINK: up/down, name, MTU (each when given).
+fn set_link(nl: &mut Netlink, index: u32, up: Option<bool>, name: Option<&str>, mtu: Option<u32>) -> io::Result<()> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    if let Some(up) = up {
+        m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
+        m.header.change_mask = LinkFlags::Up;
+    }
+    if let Some(n) = name {
+        m.attributes.push(LinkAttribute::IfName(n.to_string()));
+    }
+    if let Some(mtu) = mtu {
+        m.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    nl.request(RouteNetlinkMessage::SetLink(m), 0).map(|_| ())
+}
+
+fn link_name(l: &LinkMessage) -> String {
+    l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None }).unwrap_or_default()
+}
+
+fn link_mac(l: &LinkMessage) -> Option<Vec<u8>> {
+    l.attributes.iter().find_map(|a| if let LinkAttribute::Address(m) = a { Some(m.clone()) } else { None })
+}
+
+/// A link as Kata's `Interface` (device and name are both the link name).
+fn interface_of(l: &LinkMessage, addrs: &[AddressMessage]) -> Interface {
+    let mut ifc = Interface { name: link_name(l), raw_flags: l.header.flags.bits(), ..Default::default() };
+    ifc.device = ifc.name.clone();
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::Mtu(m) => ifc.mtu = u64::from(*m),
+            LinkAttribute::Address(m) => ifc.hwAddr = format_mac(m),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        ifc.type_ = k.to_string();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    ifc.IPAddresses = addrs.iter().filter(|a| a.header.index == l.header.index).filter_map(address_of).map(|(ip, p)| ip_address(ip, p)).collect();
+    ifc
+}
+
+fn address_of(a: &AddressMessage) -> Option<(IpAddr, u8)> {
+    let local = a.attributes.iter().find_map(|x| if let AddressAttribute::Local(ip) = x { Some(*ip) } else { None });
+    let addr = a.attributes.iter().find_map(|x| if let AddressAttribute::Address(ip) = x { Some(*ip) } else { None });
+    Some((local.or(addr)?, a.header.prefix_len))
+}
+
+fn address_message(index: u32, ip: IpAddr, prefix: u8) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = family_of(&ip);
+    m.header.prefix_len = prefix;
+    m.header.index = index;
+    if ip.is_ipv4() {
+        // As iproute2: IFA_LOCAL and IFA_ADDRESS both hold the address on non-p2p links.
+        m.attributes.push(AddressAttribute::Local(ip));
+    }
+    m.attributes.push(AddressAttribute::Address(ip));
+    m
+}
+
+fn ip_address(ip: IpAddr, prefix: u8) -> IPAddress {
+    IPAddress {
+        family: if ip.is_ipv6() { IPFamily::v6 } else { IPFamily::v4 }.into(),
+        address: ip.to_string(),
+        mask: prefix.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `IPAddress` -> (address, prefix); `mask` is a prefix length (Kata's) or, for IPv4, a dotted
+/// netmask.
+fn parse_ip_address(a: &IPAddress) -> Result<(IpAddr, u8)> {
+    let bad = |why: &str| NetError::Invalid(format!("address {:?}/{:?}: {why}", a.address, a.mask));
+    let ip: IpAddr = a.address.parse().map_err(|_| bad("not an IP address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = if a.mask.is_empty() {
+        max
+    } else if let Ok(p) = a.mask.parse::<u8>() {
+        p
+    } else if let (true, Ok(m)) = (ip.is_ipv4(), a.mask.parse::<std::net::Ipv4Addr>()) {
+        let bits = u32::from(m);
+        if bits.leading_ones() + bits.trailing_zeros() != 32 {
+            return Err(bad("netmask is not contiguous"));
+        }
+        bits.leading_ones() as u8
+    } else {
+        return Err(bad("mask is not a prefix length"));
+    };
+    if prefix > max {
+        return Err(bad("prefix length too large"));
+    }
+    Ok((ip, prefix))
+}
+
+/// Route destination: `""` or `"default"` is the default route.
+fn parse_dest(dest: &str, ipv6: bool) -> Result<Option<(IpAddr, u8)>> {
+    if dest.is_empty() || dest == "default" {
+        return Ok(None);
+    }
+    let (ip, prefix) = dest.split_once('/').unwrap_or((dest, ""));
+    let parsed = parse_ip_address(&IPAddress { address: ip.into(), mask: prefix.into(), ..Default::default() })
+        .map_err(|_| NetError::Invalid(format!("route destination {dest:?} is not an address or CIDR")))?;
+    if parsed.0.is_ipv6() != ipv6 && !prefix.is_empty() {
+        return Err(NetError::Invalid(format!("route destination {dest:?} does not match the route's family")));
+    }
+    Ok(Some(parsed))
+}
+
+/// The netlink message adding `r` via link `index`.
+fn route_message(r: &Route, index: u32) -> Result<RouteMessage> {
+    let gateway = if r.gateway.is_empty() {
+        None
+    } else {
+        Some(r.gateway.parse::<IpAddr>().map_err(|_| NetError::Invalid(format!("route {}: bad gateway", describe_route(r))))?)
+    };
+    let source = if r.source.is_empty() {
+        None
+    } else {
+        Some(r.source.parse::<IpAddr>().map_err(|_| NetError::Invalid(format!("route {}: bad source", describe_route(r))))?)
+    };
+    let ipv6 = r.family.enum_value() == Ok(IPFamily::v6) || gateway.is_some_and(|g| g.is_ipv6());
+    let dest = parse_dest(&r.dest, ipv6).map_err(|e| NetError::Invalid(format!("route {}: {e}", describe_route(r))))?;
+    let ipv6 = dest.map_or(ipv6, |(ip, _)| ip.is_ipv6());
+    let mut m = RouteMessage::default();
+    m.header.address_family = if ipv6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    m.header.destination_prefix_length = dest.map_or(0, |(_, p)| p);
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::from(r.scope as u8);
+    m.header.kind = RouteType::Unicast;
+    m.header.flags = RouteFlags::from_bits_retain(r.flags);
+    if let Some((ip, _)) = dest {
+        m.attributes.push(RouteAttribute::Destination(RouteAddress::from(ip)));
+    }
+    if let Some(g) = gateway {
+        m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(g)));
+    }
+    if let Some(s) = source {
+        m.attributes.push(RouteAttribute::PrefSource(RouteAddress::from(s)));
+    }
+    m.attributes.push(RouteAttribute::Oif(index));
+    Ok(m)
+}
+
+/// What identifies a route for replacement: family, destination, gateway, link.
+type RouteKey = (AddressFamily, u8, Option<IpAddr>, Option<IpAddr>, Option<u32>);
+
+fn route_key(r: &RouteMessage) -> RouteKey {
+    let mut key = (r.header.address_family, r.header.destination_prefix_length, None, None, None);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(d) => key.2 = route_ip(d),
+            RouteAttribute::Gateway(g) => key.3 = route_ip(g),
+            RouteAttribute::Oif(i) => key.4 = Some(*i),
+            _ => {}
+        }
+    }
+    key
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// A main-table unicast route as Kata's `Route` (default route: empty `dest`).
+fn route_of(r: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
+    let table = r.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None });
+    if table.unwrap_or(u32::from(r.header.table)) != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut out = Route {
+        scope: u32::from(u8::from(r.header.scope)),
+        family: if r.header.address_family == AddressFamily::Inet6 { IPFamily::v6 } else { IPFamily::v4 }.into(),
+        flags: r.header.flags.bits(),
+        ..Default::default()
+    };
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(d) => {
+                if let Some(ip) = route_ip(d) {
+                    out.dest = format!("{ip}/{}", r.header.destination_prefix_length);
+                }
+            }
+            RouteAttribute::Gateway(g) => out.gateway = route_ip(g).map(|ip| ip.to_string()).unwrap_or_default(),
+            RouteAttribute::PrefSource(s) => out.source = route_ip(s).map(|ip| ip.to_string()).unwrap_or_default(),
+            RouteAttribute::Oif(i) => out.device = names.get(i).cloned().unwrap_or_default(),
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+/// `10.0.0.0/24 via 10.0.0.1 dev eth0` (iproute2 style) for messages.
+fn describe_route(r: &Route) -> String {
+    let mut s = if r.dest.is_empty() { "default".to_string() } else { r.dest.clone() };
+    if !r.gateway.is_empty() {
+        s.push_str(&format!(" via {}", r.gateway));
+    }
+    s.push_str(&format!(" dev {}", r.device));
+    s
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] & 0xff00 == 0xff00,
+    }
+}
+
+fn family_of(ip: &IpAddr) -> AddressFamily {
+    if ip.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+fn format_mac(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn parse_mac(s: &str) -> Result<Vec<u8>> {
+    let bytes: Vec<u8> = s.split(':').filter_map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None }).collect();
+    if bytes.len() != 6 || s.split(':').count() != 6 {
+        return Err(NetError::Invalid(format!("MAC address {s:?} is not of the form aa:bb:cc:dd:ee:ff")));
+    }
+    Ok(bytes)
+}
+
+/// A blocking NETLINK_ROUTE socket.
+struct Netlink {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Netlink {
+    fn open() -> io::Result<Netlink> {
+        use nix::sys::socket::{bind, socket, AddressFamily as Af, NetlinkAddr, SockFlag, SockProtocol, SockType};
+        let fd = socket(Af::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        Ok(Netlink { fd, seq: 0 })
+    }
+
+    /// Sends `msg` (REQUEST, plus ACK unless `flags` has DUMP) and collects the answers until
+    /// DONE or the ACK; a kernel error becomes its errno.
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+        use nix::sys::socket::{recv, send, MsgFlags};
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        send(self.fd.as_raw_fd(), &buf, MsgFlags::empty())?;
+        let mut out = Vec::new();
+        let mut rbuf = vec![0u8; 64 * 1024];
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut rbuf, MsgFlags::empty())?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes([rbuf[off], rbuf[off + 1], rbuf[off + 2], rbuf[off + 3]]) as usize;
+                if len < 16 || off + len > n {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..off + len])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}")))?;
+                off += (len + 3) & !3;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => match e.code {
+                        Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
+                        None if !dump => return Ok(out),
+                        None => {}
+                    },
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb_route(dest: &str, gw: &str, dev: &str, scope: u32) -> Route {
+        Route { dest: dest.into(), gateway: gw.into(), device: dev.into(), scope, ..Default::default() }
+    }
+
+    #[test]
+    fn ip_addresses_with_prefix_or_netmask() {
+        let a = |address: &str, mask: &str| IPAddress { address: address.into(), mask: mask.into(), ..Default::default() };
+        assert_eq!(parse_ip_address(&a("10.200.1.2", "24")).unwrap(), ("10.200.1.2".parse().unwrap(), 24));
+        assert_eq!(parse_ip_address(&a("10.200.1.2", "255.255.255.0")).unwrap().1, 24);
+        assert_eq!(parse_ip_address(&a("fd00::2", "64")).unwrap(), ("fd00::2".parse().unwrap(), 64));
+        assert_eq!(parse_ip_address(&a("10.0.0.1", "")).unwrap().1, 32);
+        for (addr, mask) in [("10.0.0.1", "33"), ("nope", "24"), ("10.0.0.1", "255.0.255.0"), ("fd00::1", "ffff::")] {
+            let e = parse_ip_address(&a(addr, mask)).unwrap_err().to_string();
+            assert!(e.contains(addr), "{e}");
+        }
+        let back = ip_address("fd00::2".parse().unwrap(), 64);
+        assert_eq!((back.family.enum_value(), back.mask.as_str()), (Ok(IPFamily::v6), "64"));
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("02:42:AC:11:00:02").unwrap(), [2, 0x42, 0xac, 0x11, 0, 2]);
+        assert_eq!(format_mac(&[2, 0x42, 0xac, 0x11, 0, 2]), "02:42:ac:11:00:02");
+        for bad in ["", "02:42:ac:11:00", "02:42:ac:11:00:02:03", "zz:42:ac:11:00:02", "2:42:ac:11:00:02"] {
+            assert!(parse_mac(bad).unwrap_err().to_string().contains("aa:bb:cc:dd:ee:ff"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn route_destinations() {
+        assert_eq!(parse_dest("", false).unwrap(), None);
+        assert_eq!(parse_dest("default", true).unwrap(), None);
+        assert_eq!(parse_dest("10.200.1.0/24", false).unwrap(), Some(("10.200.1.0".parse().unwrap(), 24)));
+        assert_eq!(parse_dest("10.200.1.7", false).unwrap(), Some(("10.200.1.7".parse().unwrap(), 32)));
+        assert!(parse_dest("10.0.0.0/40", false).unwrap_err().to_string().contains("10.0.0.0/40"));
+    }
+
+    #[test]
+    fn route_messages_and_back() {
+        let r = pb_route("10.200.1.0/24", "", "eth0", 253);
+        let m = route_message(&r, 2).unwrap();
+        assert_eq!((m.header.destination_prefix_length, m.header.table, m.header.scope), (24, 254, RouteScope::Link));
+        let names: HashMap<u32, String> = [(2, "eth0".to_string())].into();
+        let back = route_of(&m, &names).unwrap();
+        assert_eq!((back.dest.as_str(), back.gateway.as_str(), back.device.as_str(), back.scope), ("10.200.1.0/24", "", "eth0", 253));
+
+        let d = route_message(&pb_route("", "10.200.1.1", "eth0", 0), 2).unwrap();
+        assert!(d.attributes.iter().all(|a| !matches!(a, RouteAttribute::Destination(_))), "default route has no RTA_DST");
+        let back = route_of(&d, &names).unwrap();
+        assert_eq!((back.dest.as_str(), back.gateway.as_str()), ("", "10.200.1.1"));
+
+        let v6 = route_message(&pb_route("", "fd00::1", "eth0", 0), 2).unwrap();
+        assert_eq!(v6.header.address_family, AddressFamily::Inet6, "family follows the gateway");
+        let e = route_message(&pb_route("10.0.0.0/8", "not-an-ip", "eth0", 0), 2).unwrap_err().to_string();
+        assert!(e.contains("10.0.0.0/8 via not-an-ip dev eth0") && e.contains("gateway"), "{e}");
+    }
+
+    #[test]
+    fn other_tables_and_kinds_are_not_listed() {
+        let names: HashMap<u32, String> = [(2, "eth0".to_string())].into();
+        let mut m = route_message(&pb_route("10.0.0.0/8", "", "eth0", 253), 2).unwrap();
+        m.header.table = 255;
+        assert!(route_of(&m, &names).is_none());
+        m.header.table = 254;
+        m.header.kind = RouteType::Local;
+        assert!(route_of(&m, &names).is_none());
+    }
+
+    #[test]
+    fn gateway_routes_sort_after_link_routes() {
+        let mut v = [
+            route_message(&pb_route("", "10.0.0.1", "eth0", 0), 2).unwrap(),
+            route_message(&pb_route("10.0.0.0/24", "", "eth0", 253), 2).unwrap(),
+        ];
+        v.sort_by_key(|m| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
+        assert_eq!(v[0].header.destination_prefix_length, 24);
+    }
+
+    #[test]
+    fn interface_from_link_and_addresses() {
+        let mut l = LinkMessage::default();
+        l.header.index = 2;
+        l.header.flags = LinkFlags::Up;
+        l.attributes = vec![LinkAttribute::IfName("eth0".into()), LinkAttribute::Address(vec![2, 0, 0, 0, 0, 9]), LinkAttribute::Mtu(1400)];
+        let addrs = [address_message(2, "10.1.2.3".parse().unwrap(), 16), address_message(3, "10.9.9.9".parse().unwrap(), 8)];
+        let i = interface_of(&l, &addrs);
+        assert_eq!((i.name.as_str(), i.device.as_str(), i.hwAddr.as_str(), i.mtu), ("eth0", "eth0", "02:00:00:00:00:09", 1400));
+        assert_eq!(i.IPAddresses.len(), 1);
+        assert_eq!((i.IPAddresses[0].address.as_str(), i.IPAddresses[0].mask.as_str()), ("10.1.2.3", "16"));
+        assert_eq!(i.raw_flags, LinkFlags::Up.bits());
+    }
+
+    #[test]
+    fn errors_map_to_codes() {
+        assert_eq!(NetError::Invalid(String::new()).code(), Code::INVALID_ARGUMENT);
+        assert_eq!(NetError::NotFound(String::new()).code(), Code::NOT_FOUND);
+        let e = NetError::Netlink { what: "add route default via 10.0.0.1 dev eth0".into(), source: io::Error::from_raw_os_error(libc::ENETUNREACH) };
+        assert_eq!(e.code(), Code::INTERNAL);
+        assert!(e.to_string().starts_with("add route default via 10.0.0.1 dev eth0: "), "{e}");
+    }
+}
+
+/// The RPC functions against a real kernel: in a thread that has its own network namespace
+/// (gone with the thread), on a veth pair made there with `ip`.
+#[cfg(test)]
+mod netns_tests {
+    use super::*;
+
+    fn sh(cmd: &str) -> String {
+        let out = std::process::Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn configure_a_link_its_routes_and_neighbours() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) needs root");
+            sh("ip link add pvt0 address 02:00:0a:09:00:02 type veth peer name pvt1 && ip link set pvt1 up");
+            let want = Interface {
+                name: "eth7".into(),
+                hwAddr: "02:00:0A:09:00:02".into(),
+                mtu: 1400,
+                IPAddresses: vec![ip_address("10.9.0.2".parse().unwrap(), 24), ip_address("fd09::2".parse().unwrap(), 64)],
+                ..Default::default()
+            };
+            let got = update_interface(&want).unwrap();
+            assert_eq!((got.name.as_str(), got.mtu, got.hwAddr.as_str()), ("eth7", 1400, "02:00:0a:09:00:02"));
+            assert!(got.IPAddresses.iter().any(|a| a.address == "10.9.0.2" && a.mask == "24"), "{got:?}");
+            assert!(got.raw_flags & LinkFlags::Up.bits() != 0);
+            // Again with one address less: the old one goes.
+            let want2 = Interface { IPAddresses: vec![ip_address("10.9.0.3".parse().unwrap(), 24)], ..want.clone() };
+            let got = update_interface(&want2).unwrap();
+            let v4: Vec<&str> = got.IPAddresses.iter().filter(|a| a.family.enum_value() == Ok(IPFamily::v4)).map(|a| a.address.as_str()).collect();
+            assert_eq!(v4, ["10.9.0.3"]);
+
+            let routes = [pb_route("", "10.9.0.1", "eth7", 0), pb_route("10.9.0.0/24", "", "eth7", 253), pb_route("10.77.0.0/16", "10.9.0.1", "eth7", 0)];
+            let got = update_routes(&routes).unwrap();
+            assert!(got.iter().any(|r| r.dest.is_empty() && r.gateway == "10.9.0.1" && r.device == "eth7"), "{got:?}");
+            // Replacing with fewer routes deletes the others of the link.
+            let got = update_routes(&routes[..2]).unwrap();
+            assert!(!got.iter().any(|r| r.dest == "10.77.0.0/16"), "{got:?}");
+            assert_eq!(list_routes().unwrap(), got);
+
+            let n = ARPNeighbor {
+                toIPAddress: Some(ip_address("10.9.0.9".parse().unwrap(), 32)).into(),
+                device: "eth7".into(),
+                lladdr: "02:00:00:00:00:09".into(),
+                state: 0x80,
+                ..Default::default()
+            };
+            add_arp_neighbors(std::slice::from_ref(&n)).unwrap();
+            add_arp_neighbors(&[n]).unwrap();
+            assert!(sh("ip neigh show dev eth7").contains("10.9.0.9 lladdr 02:00:00:00:00:09 PERMANENT"));
+
+            let e = update_interface(&Interface { hwAddr: "02:00:00:00:00:99".into(), name: "x".into(), ..Default::default() }).unwrap_err();
+            assert!(matches!(e, NetError::NotFound(_)) && e.to_string().contains("02:00:00:00:00:99"), "{e}");
+            let e = update_routes(&[pb_route("", "10.9.0.1", "nope0", 0)]).unwrap_err();
+            assert!(e.to_string().contains("default via 10.9.0.1 dev nope0"), "{e}");
+            let e = update_routes(&[pb_route("", "10.50.0.1", "eth7", 0)]).unwrap_err().to_string();
+            assert!(e.contains("add route default via 10.50.0.1 dev eth7: ") && e.contains("unreachable"), "{e}");
+            let names: Vec<String> = list_interfaces().unwrap().into_iter().map(|i| i.name).collect();
+            assert!(names.contains(&"eth7".to_string()) && names.contains(&"lo".to_string()), "{names:?}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn pb_route(dest: &str, gw: &str, dev: &str, scope: u32) -> Route {
+        Route { dest: dest.into(), gateway: gw.into(), device: dev.into(), scope, ..Default::default() }
+    }
+}
