@@ -24,11 +24,12 @@ RELEASE_DIR=target/x86_64-unknown-linux-gnu/release
 #   virtiofs                      shared rootfs (pulls fuse)
 #   virtio_net                    networking (pulls failover, net_failover)
 #   virtio_mem                    memory hotplug
-MODULES=(virtio_pci virtio_mmio virtio_console vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem)
+#   virtio_blk                    raw block volumes (hot-plugged virtio-blk)
+MODULES=(virtio_pci virtio_mmio virtio_console vmw_vsock_virtio_transport virtiofs virtio_net virtio_mem virtio_blk)
 # What the dependency resolution must yield (any order); a kernel bump that changes it fails loudly.
 EXPECTED_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
                   virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-                  fuse virtiofs failover net_failover virtio_net virtio_mem)
+                  fuse virtiofs failover net_failover virtio_net virtio_mem virtio_blk)
 
 die() { echo "guest-image: error: $*" >&2; exit 1; }
 log() { echo "guest-image: $*"; }

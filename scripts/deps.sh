@@ -14,6 +14,9 @@ APT_PACKAGES=(
   containerd        # 1.6.20 (pulls runc): the container manager of the end-to-end tests and the demo
   busybox-static    # the test image's only binary
   systemd           # systemd-journald and journalctl for the journal test (no systemd as PID 1 needed)
+  containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni for the CRI pod tests
+  iproute2          # ip (bridge, routes, links in pod network namespaces), tc
+  util-linux        # losetup (raw block volume test), nsenter, unshare
 )
 
 missing=()

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use agent_protocol::{agent as pb, agent_ttrpc::AgentServiceClient, health, health_ttrpc::HealthClient};
+use agent_protocol::{agent as pb, agent_ttrpc::AgentServiceClient, health, health_ttrpc::HealthClient, types};
 use async_trait::async_trait;
 use hypervisor::{AgentChannel, Hypervisor};
 use slog::{debug, info, Logger};
@@ -115,6 +115,16 @@ pub trait Agent: Send + Sync {
     async fn update_container(&self, req: pb::UpdateContainerRequest) -> Result<(), AgentError>;
     /// `GetOOMEvent`: blocks until a container is OOM-killed; its id.
     async fn get_oom_event(&self) -> Result<String, AgentError>;
+    /// `UpdateInterface`: configure the guest NIC with this MAC; the resulting interface.
+    async fn update_interface(&self, interface: types::Interface) -> Result<types::Interface, AgentError>;
+    /// `UpdateRoutes`: the routes of the given links; the resulting routes.
+    async fn update_routes(&self, routes: Vec<types::Route>) -> Result<Vec<types::Route>, AgentError>;
+    /// `AddARPNeighbors`.
+    async fn add_arp_neighbors(&self, neighbours: Vec<types::ARPNeighbor>) -> Result<(), AgentError>;
+    /// `ListInterfaces`.
+    async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError>;
+    /// `ListRoutes`.
+    async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError>;
 }
 
 /// Largest chunk asked for per `ReadStdout`/`ReadStderr` call.
@@ -384,5 +394,34 @@ impl Agent for KataAgent {
     async fn get_oom_event(&self) -> Result<String, AgentError> {
         let r = self.agent.get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new()).await.map_err(rpc_err("GetOOMEvent"))?;
         Ok(r.container_id)
+    }
+
+    async fn update_interface(&self, interface: types::Interface) -> Result<types::Interface, AgentError> {
+        let req = pb::UpdateInterfaceRequest { interface: Some(interface).into(), ..Default::default() };
+        self.agent.update_interface(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateInterface"))
+    }
+
+    async fn update_routes(&self, routes: Vec<types::Route>) -> Result<Vec<types::Route>, AgentError> {
+        let routes = pb::Routes { Routes: routes, ..Default::default() };
+        let req = pb::UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
+        let r = self.agent.update_routes(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateRoutes"))?;
+        Ok(r.Routes)
+    }
+
+    async fn add_arp_neighbors(&self, neighbours: Vec<types::ARPNeighbor>) -> Result<(), AgentError> {
+        let n = pb::ARPNeighbors { ARPNeighbors: neighbours, ..Default::default() };
+        let req = pb::AddARPNeighborsRequest { neighbors: Some(n).into(), ..Default::default() };
+        self.agent.add_arp_neighbors(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("AddARPNeighbors"))?;
+        Ok(())
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError> {
+        let r = self.agent.list_interfaces(ctx(RPC_TIMEOUT), &pb::ListInterfacesRequest::new()).await;
+        Ok(r.map_err(rpc_err("ListInterfaces"))?.Interfaces)
+    }
+
+    async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError> {
+        let r = self.agent.list_routes(ctx(RPC_TIMEOUT), &pb::ListRoutesRequest::new()).await;
+        Ok(r.map_err(rpc_err("ListRoutes"))?.Routes)
     }
 }

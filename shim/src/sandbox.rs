@@ -6,8 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use agent_protocol::agent_ttrpc::AgentServiceClient;
-use agent_protocol::{agent as pb, types};
+use agent_protocol::types;
 use hypervisor::network::{GuestNetwork, NetInterface, NetNeighbour, NetRoute};
 use hypervisor::{Hypervisor, MemoryMiB, PodNetwork, Qemu};
 use slog::{info, warn, Logger};
@@ -35,8 +34,6 @@ pub struct Sandbox {
     vm: Arc<dyn Hypervisor>,
     agent: Arc<dyn Agent>,
     log: Logger,
-    /// A second agent connection for the networking RPCs (not in the [`Agent`] trait yet).
-    net_client: tokio::sync::OnceCell<AgentServiceClient>,
 }
 
 impl Sandbox {
@@ -115,50 +112,17 @@ impl Sandbox {
 
     /// Gives the guest the pod's interfaces (found by MAC), then its routes and neighbours.
     async fn configure_network(&self, g: &GuestNetwork) -> Result<(), AgentError> {
-        let client = self.net_client().await?;
         for ifc in &g.interfaces {
-            let req = pb::UpdateInterfaceRequest { interface: Some(interface_pb(ifc)).into(), ..Default::default() };
-            client.update_interface(ctx(), &req).await.map_err(rpc_err("UpdateInterface"))?;
+            self.agent.update_interface(interface_pb(ifc)).await?;
         }
         if !g.routes.is_empty() {
-            let routes = pb::Routes { Routes: g.routes.iter().map(route_pb).collect(), ..Default::default() };
-            let req = pb::UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
-            client.update_routes(ctx(), &req).await.map_err(rpc_err("UpdateRoutes"))?;
+            self.agent.update_routes(g.routes.iter().map(route_pb).collect()).await?;
         }
         if !g.neighbours.is_empty() {
-            let neighbours = pb::ARPNeighbors { ARPNeighbors: g.neighbours.iter().map(neighbour_pb).collect(), ..Default::default() };
-            let req = pb::AddARPNeighborsRequest { neighbors: Some(neighbours).into(), ..Default::default() };
-            client.add_arp_neighbors(ctx(), &req).await.map_err(rpc_err("AddARPNeighbors"))?;
+            self.agent.add_arp_neighbors(g.neighbours.iter().map(neighbour_pb).collect()).await?;
         }
         info!(self.log, "guest network configured"; "interfaces" => g.interfaces.len(), "routes" => g.routes.len(), "neighbours" => g.neighbours.len());
         Ok(())
-    }
-
-    /// `ListInterfaces`: the guest's links and addresses.
-    pub async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError> {
-        let r = self.net_client().await?.list_interfaces(ctx(), &pb::ListInterfacesRequest::new()).await;
-        Ok(r.map_err(rpc_err("ListInterfaces"))?.Interfaces)
-    }
-
-    /// `ListRoutes`: the guest's main-table routes.
-    pub async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError> {
-        let r = self.net_client().await?.list_routes(ctx(), &pb::ListRoutesRequest::new()).await;
-        Ok(r.map_err(rpc_err("ListRoutes"))?.Routes)
-    }
-
-    async fn net_client(&self) -> Result<&AgentServiceClient, AgentError> {
-        self.net_client
-            .get_or_try_init(|| async {
-                let channel = self.vm.agent_channel();
-                let fail = |e: std::io::Error| AgentError::Rpc { rpc: "connect", message: format!("{channel}: {e}") };
-                let fd = channel.connect(Duration::from_secs(10)).await.map_err(fail)?;
-                let stream = std::os::unix::net::UnixStream::from(fd);
-                stream.set_nonblocking(true).map_err(fail)?;
-                let stream = tokio::net::UnixStream::from_std(stream).map_err(fail)?;
-                let client = ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
-                Ok(AgentServiceClient::new(client))
-            })
-            .await
     }
 
     /// Boots `vm` (not yet prepared) and connects to its agent within `dial_timeout`.
@@ -179,7 +143,6 @@ impl Sandbox {
                 vm,
                 agent: Arc::new(agent),
                 log: log.clone(),
-                net_client: tokio::sync::OnceCell::new(),
             }),
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
@@ -225,17 +188,6 @@ impl Sandbox {
         self.vm.cleanup().await?;
         info!(self.log, "sandbox stopped");
         Ok(())
-    }
-}
-
-fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
-}
-
-fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
-    move |e| match e {
-        ttrpc::Error::RpcStatus(s) => AgentError::Status { rpc, code: s.code(), message: s.message().to_string() },
-        other => AgentError::Rpc { rpc, message: other.to_string() },
     }
 }
 

@@ -384,9 +384,21 @@ impl TestContainerd {
 
     /// Starts one whose `KATA_CONF_FILE` holds `config_text`, or says why it could not.
     pub fn try_start(config_text: &str) -> Result<Self, String> {
+        Self::try_start_custom(config_text, Some(&shim_binary()), &default_containerd_config)
+    }
+
+    /// Starts one whose `KATA_CONF_FILE` holds `config_text` and whose containerd configuration
+    /// is `containerd_config(<its private directory>)` (which must put root, state, the gRPC and
+    /// ttrpc sockets and the opt plugin under that directory, as the default one does); `shim`
+    /// is linked as `bin/containerd-shim-kata-v2` (`None`: no link, for tests that only use other
+    /// runtimes). Used by the CRI harness (`cri.rs`).
+    pub fn try_start_custom(
+        config_text: &str,
+        shim: Option<&Path>,
+        containerd_config: &dyn Fn(&Path) -> String,
+    ) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         reap_stale_dirs();
-        let shim = shim_binary();
         let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         let mut me = TestContainerd {
@@ -403,11 +415,13 @@ impl TestContainerd {
         let io = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
         let bin = me.dir.join("bin");
         fs::create_dir_all(&bin).map_err(|e| io(&bin, e))?;
-        let link = bin.join("containerd-shim-kata-v2");
-        symlink(&shim, &link).map_err(|e| io(&link, e))?;
+        if let Some(shim) = shim {
+            let link = bin.join("containerd-shim-kata-v2");
+            symlink(shim, &link).map_err(|e| io(&link, e))?;
+        }
         fs::write(&me.kata_config, config_text).map_err(|e| io(&me.kata_config, e))?;
         let config = me.dir.join("config.toml");
-        fs::write(&config, me.containerd_config()).map_err(|e| io(&config, e))?;
+        fs::write(&config, containerd_config(&me.dir)).map_err(|e| io(&config, e))?;
         let log = fs::File::create(&me.log).map_err(|e| io(&me.log, e))?;
         let log2 = log.try_clone().map_err(|e| io(&me.log, e))?;
 
@@ -467,42 +481,21 @@ impl TestContainerd {
         Ok(me)
     }
 
-    fn containerd_config(&self) -> String {
-        let d = self.dir.display();
-        format!(
-            r#"# Private containerd of podvisor-tests.
-version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  level = "debug"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#
-        )
-    }
-
     /// A new container id ([`crate::unique_id`]) that teardown will also clean up after: if a
     /// test fails half-way, processes, mounts and run directories naming it are removed.
     pub fn new_id(&self, tag: &str) -> String {
         let id = crate::unique_id(tag);
         self.ids.lock().unwrap_or_else(|e| e.into_inner()).push(id.clone());
         id
+    }
+
+    /// Makes teardown clean up after `id` too (an id chosen by someone else, e.g. the CRI
+    /// plugin's 64-hex sandbox and container ids), as for ids from [`Self::new_id`].
+    pub fn track_id(&self, id: &str) {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_string());
+        }
     }
 
     /// Its private directory.
@@ -874,6 +867,38 @@ impl Drop for TestContainerd {
             }
         }
     }
+}
+
+/// The default configuration of a private containerd in `dir`: root, state, sockets and the
+/// opt plugin under it, the CRI plugin disabled, debug log level.
+pub fn default_containerd_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"# Private containerd of podvisor-tests.
+version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#
+    )
 }
 
 /// Removes directories of private containerds whose test process died (no cleanup ran): kills

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use hypervisor::QemuConfig;
 
 pub mod containerd;
+pub mod cri;
 pub mod image;
 pub mod leaks;
 
