@@ -289,8 +289,21 @@ impl Qemu {
         }
         let qmp_path = self.run_dir.join("qmp.sock");
         wait_for_path(&qmp_path, &qemu, SOCKET_WAIT).await?;
+        // QEMU binds the socket before it listens: a refused connection right after the file
+        // appears is retried (a loaded host widens that window) until QEMU answers or dies.
+        let connect = async {
+            let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
+            loop {
+                match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
+                    Err(crate::qmp::QmpError::Disconnected(m)) if tokio::time::Instant::now() < deadline && m.contains("connect ") => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    r => return r,
+                }
+            }
+        };
         let qmp = tokio::select! {
-            r = Qmp::connect(&qmp_path, Duration::from_secs(10)) => Arc::new(r?),
+            r = connect => Arc::new(r?),
             s = qemu.wait() => return Err(qemu.died_early(s)),
         };
         inner.qmp = Some(qmp.clone());
