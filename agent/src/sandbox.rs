@@ -1,11 +1,20 @@
-//! Sandbox-level guest setup: storages (mounts the host asks for) and the hostname.
+//! Sandbox-level guest setup: storages (mounts the host asks for), the hostname, and what the
+//! containers of a pod share: IPC and UTS namespaces and the `/dev/shm` tmpfs.
+//!
+//! * Shared namespaces: a short-lived thread `unshare`s CLONE_NEWIPC | CLONE_NEWUTS (allowed in a
+//!   multi-threaded process: they are per task), sets the pod hostname in the new UTS namespace
+//!   and bind-mounts its `/proc/<pid>/task/<tid>/ns/{ipc,uts}` on `SHARED_NS_DIR/{ipc,uts}`,
+//!   which keeps the namespaces alive after the thread ends. Containers join them by path.
+//! * `/dev/shm`: a tmpfs at [`SANDBOX_SHM`] (mode 1777, 64 MiB unless the host sent its own
+//!   storage for that mount point); the shim rewrites each container's `/dev/shm` bind mount to
+//!   it.
 //!
 //! Storage drivers: `virtio-fs` (the shared directory, `kataShared`, fstype `virtiofs`),
 //! `local` (a tmpfs when fstype is `tmpfs`, else a plain directory, as in Kata) and
 //! `ephemeral` (a tmpfs). Mount points are created (`mkdir -p`). Options are mount(8) words:
 //! flags (`ro`, `nosuid`, `nodev`, `noexec`, `relatime`, ...) and the rest as data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agent_protocol::agent as pb;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -127,6 +136,114 @@ pub fn unmount_all(mounted: &[Mounted]) -> Vec<String> {
     errors
 }
 
+/// Where the pod's shared namespaces are pinned (`ipc`, `uts`).
+pub const SHARED_NS_DIR: &str = "/run/kata-containers/sharedns";
+/// The pod's `/dev/shm` in the guest (the shim points every container's `/dev/shm` here).
+pub const SANDBOX_SHM: &str = "/run/kata-containers/sandbox/shm";
+/// Size of the pod's `/dev/shm` when the host sends none (Kata's and Docker's 64 MiB default).
+pub const SANDBOX_SHM_SIZE: u64 = 64 << 20;
+
+/// The namespaces every container of the pod joins: bind mounts of nsfs files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedNamespaces {
+    pub ipc: PathBuf,
+    pub uts: PathBuf,
+}
+
+impl SharedNamespaces {
+    fn files(&self) -> [(&'static str, &Path); 2] {
+        [("ipc", &self.ipc), ("uts", &self.uts)]
+    }
+}
+
+/// Creates the pod's IPC and UTS namespaces, pinned on `dir/ipc` and `dir/uts`, with
+/// `hostname` (if not empty) set in the new UTS namespace. All or nothing.
+pub fn create_shared_namespaces(dir: &Path, hostname: &str) -> Result<SharedNamespaces, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let ns = SharedNamespaces { ipc: dir.join("ipc"), uts: dir.join("uts") };
+    for (_, f) in ns.files() {
+        std::fs::File::create(f).map_err(|e| format!("create {}: {e}", f.display()))?;
+    }
+    let (targets, name) = (ns.clone(), hostname.to_string());
+    // A thread of its own: unshare changes only the calling task, which ends right after.
+    let result = std::thread::Builder::new()
+        .name("pod-namespaces".into())
+        .spawn(move || -> Result<(), String> {
+            use nix::sched::{unshare, CloneFlags};
+            unshare(CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS).map_err(|e| format!("unshare(CLONE_NEWIPC|CLONE_NEWUTS): {e}"))?;
+            if !name.is_empty() {
+                nix::unistd::sethostname(&name).map_err(|e| format!("sethostname {name:?} in the pod's UTS namespace: {e}"))?;
+            }
+            let task = format!("/proc/{}/task/{}/ns", std::process::id(), nix::unistd::gettid());
+            for (kind, target) in targets.files() {
+                let src = format!("{task}/{kind}");
+                mount(Some(src.as_str()), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                    .map_err(|e| format!("bind-mount {src} on {}: {e}", target.display()))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("spawn the namespace thread: {e}"))
+        .and_then(|t| t.join().unwrap_or_else(|_| Err("the namespace thread panicked".into())));
+    if let Err(e) = result {
+        remove_shared_namespaces(&ns);
+        return Err(e);
+    }
+    Ok(ns)
+}
+
+/// Unmounts and removes the namespace files and their directory (if empty). Returns errors
+/// worth a log line; a file that is not mounted is fine.
+pub fn remove_shared_namespaces(ns: &SharedNamespaces) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (_, f) in ns.files() {
+        match umount2(f, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => errors.push(format!("unmount {}: {e}", f.display())),
+        }
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("remove {}: {e}", f.display())),
+        }
+    }
+    if let Some(dir) = ns.ipc.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    errors
+}
+
+/// Whether one of the storages is the pod's `/dev/shm`.
+pub fn has_shm_storage(storages: &[pb::Storage]) -> bool {
+    storages.iter().any(|s| Path::new(&s.mount_point) == Path::new(SANDBOX_SHM))
+}
+
+/// The storage the agent mounts for the pod's `/dev/shm` when the host sent none.
+pub fn default_shm_storage() -> pb::Storage {
+    pb::Storage {
+        driver: "ephemeral".into(),
+        fstype: "tmpfs".into(),
+        source: "shm".into(),
+        mount_point: SANDBOX_SHM.into(),
+        options: ["nosuid", "nodev", "noexec", "mode=1777"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("size={SANDBOX_SHM_SIZE}")])
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Removes `dir` and then its parents up to (not including) `stop`, while they are empty.
+pub fn remove_empty_dirs(dir: &Path, stop: &Path) {
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        cur = d.parent();
+    }
+}
+
 /// Sets the guest's hostname (empty: leave it).
 pub fn set_hostname(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -169,6 +286,31 @@ mod tests {
         assert!(plan(&storage("blk", "ext4", "/dev/vda", "/x", &[]), 2).unwrap_err().starts_with("storages[2].driver"));
         assert!(plan(&storage("virtio-fs", "virtiofs", "tag", "rel", &[]), 0).unwrap_err().starts_with("storages[0].mount_point"));
         assert!(plan(&storage("virtio-fs", "virtiofs", "", "/x", &[]), 0).unwrap_err().starts_with("storages[0].source"));
+    }
+
+    #[test]
+    fn default_shm_is_a_64m_world_writable_tmpfs() {
+        let s = default_shm_storage();
+        assert!(has_shm_storage(std::slice::from_ref(&s)));
+        assert!(!has_shm_storage(&[storage("local", "tmpfs", "", "/run/x", &[])]));
+        let p = plan(&s, 0).unwrap().unwrap();
+        assert_eq!(p.mount_point, Path::new(SANDBOX_SHM));
+        assert_eq!(p.fstype.as_deref(), Some("tmpfs"));
+        assert_eq!(p.flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+        assert_eq!(p.data, "mode=1777,size=67108864");
+    }
+
+    #[test]
+    fn empty_directories_are_removed_up_to_the_stop() {
+        let root = std::env::temp_dir().join(format!("podvisor-agent-rmdirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        std::fs::create_dir_all(root.join("a/keep")).unwrap();
+        remove_empty_dirs(&root.join("a/b/c"), &root);
+        assert!(!root.join("a/b").exists() && root.join("a/keep").exists());
+        remove_empty_dirs(&root.join("a/keep"), &root);
+        assert!(!root.join("a").exists() && root.exists());
+        std::fs::remove_dir(&root).unwrap();
     }
 
     #[test]

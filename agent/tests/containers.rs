@@ -1,8 +1,8 @@
 //! Host-side integration test of the agent's container RPCs.
 //!
 //! Runs the real `kata-agent` binary in test mode (`--listen unix://...`: no PID-1 setup, a
-//! child subreaper) in a private mount namespace with cgroup2 mounted on /sys/fs/cgroup (the
-//! guest's layout; this works on cgroup-v1-hybrid hosts too), with a busybox rootfs from
+//! child subreaper) in a private mount namespace with cgroup2 mounted on /sys/fs/cgroup and a
+//! tmpfs on /run (the guest's layout; this works on cgroup-v1-hybrid hosts too), with a busybox rootfs from
 //! Debian's `busybox-static`, and drives it with the generated ttrpc client.
 //!
 //! Requirements (the test fails naming the missing one): root; `apt-get download
@@ -69,7 +69,9 @@ fn make_rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(&bb, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "sleep", "stty", "tty", "echo", "ls", "chmod", "id", "read", "true", "yes", "head"] {
+    for applet in
+        ["sh", "cat", "sleep", "stty", "tty", "echo", "ls", "chmod", "id", "read", "true", "yes", "head", "hostname", "readlink", "tr", "stat"]
+    {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -163,6 +165,9 @@ async fn start_agent(dir: &Path) -> Agent {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
             mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
             mount(Some("none"), "/sys/fs/cgroup", Some("cgroup2"), MsFlags::empty(), None::<&str>)?;
+            // A private /run: the agent makes /run/kata-containers/{sharedns,sandbox/shm} there,
+            // as in the guest, without touching the host's.
+            mount(Some("tmpfs"), "/run", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
             Ok(())
         });
     }
@@ -311,8 +316,14 @@ fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
+/// The agents of these tests share the host's cgroup2 hierarchy (`/podvisor/...`; the agent
+/// creates and removes `/podvisor` itself, and a failed test's clean-up kills everything below
+/// it): one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_over_ttrpc() {
+    let _serial = SERIAL.lock().await;
     assert!(nix::unistd::geteuid().is_root(), "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)");
     let dir = std::env::temp_dir().join(format!("podvisor-agent-it-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -499,7 +510,8 @@ async fn containers_over_ttrpc() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(children_of(agent.pid()), Vec::<i32>::new(), "processes left under the agent");
-    assert!(!agent.ns_path("/sys/fs/cgroup/podvisor").exists(), "cgroup parents left behind");
+    // (Only this sandbox's: /podvisor itself may hold another test's agent's cgroups.)
+    assert!(!agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}")).exists(), "cgroup parents left behind");
     let state: Vec<_> = std::fs::read_dir(dir.join("run/containers")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(state.is_empty(), "libcontainer state left: {state:?}");
     let bundles: Vec<_> = std::fs::read_dir(dir.join("run/bundles")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
@@ -520,5 +532,266 @@ async fn containers_over_ttrpc() {
     assert!(status.success(), "agent exit status {status}:\n{}", agent.log());
     assert!(!dir.join("run").exists(), "run directory left behind");
     assert!(!dir.join("agent.sock").exists(), "socket left behind");
+    assert!(!agent.log().contains("\"level\":\"ERRO\""), "errors in the agent log:\n{}", agent.log());
+}
+
+// ------------------------------------------------------------------------------------- pods
+
+const SHARED_NS: &str = "/run/kata-containers/sharedns";
+const POD_SHM: &str = "/run/kata-containers/sandbox/shm";
+
+/// A pod container's spec as containerd's CRI writes it (after the shim's rewrite): `/dev/shm`
+/// bound from the guest's pod tmpfs; `join` = the namespace paths of an app container (the
+/// pause container's, host paths), else the sandbox's own new namespaces.
+fn pod_spec(rootfs: &Path, args: &[&str], join: bool) -> agent_protocol::oci::Spec {
+    let mut s = serde_json::to_value(libcontainer::oci_spec::runtime::Spec::default()).unwrap();
+    s["root"] = json!({"path": rootfs, "readonly": true});
+    s["process"]["args"] = json!(args);
+    s["process"]["env"] = json!(["PATH=/bin"]);
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts.retain(|m| m["destination"] != "/dev/shm");
+    mounts.push(json!({"destination": "/dev/shm", "type": "bind", "source": POD_SHM, "options": ["rbind", "rprivate", "rw"]}));
+    let l = &mut s["linux"];
+    l["cgroupsPath"] = json!("kubepods-besteffort-pod1.slice:cri-containerd:x");
+    l["namespaces"] = if join {
+        // (No cgroup entry: containerd on a cgroup v1 host.)
+        json!([{"type": "pid", "path": "/proc/999999/ns/pid"}, {"type": "ipc", "path": "/proc/999999/ns/ipc"},
+               {"type": "uts", "path": "/proc/999999/ns/uts"}, {"type": "mount"}, {"type": "network", "path": "/proc/999999/ns/net"}])
+    } else {
+        json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/var/run/netns/cni-x"}])
+    };
+    if !join {
+        // containerd 2.x (enable_unprivileged_ports/icmp) and CRI-O's infra container.
+        l["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"});
+        s["hostname"] = json!("podhost");
+        if has_cap_sys_resource() {
+            s["process"]["oomScoreAdj"] = json!(-998);
+        } else {
+            eprintln!("scoped out: oomScoreAdj -998 of the infra container (no CAP_SYS_RESOURCE here; the guest agent has it)");
+        }
+    }
+    let spec: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(s).unwrap();
+    spec_to_grpc(&spec)
+}
+
+/// Lowering oom_score_adj needs CAP_SYS_RESOURCE, which some test sandboxes drop.
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    eff.is_some_and(|e| e & (1 << 24) != 0) // CAP_SYS_RESOURCE
+}
+
+async fn create_in_pod(agent: &Agent, cid: &str, spec: agent_protocol::oci::Spec) -> Result<(), ttrpc::Error> {
+    let req = pb::CreateContainerRequest {
+        container_id: cid.into(),
+        exec_id: cid.into(),
+        OCI: Some(spec).into(),
+        sandbox_pidns: true,
+        ..Default::default()
+    };
+    agent.client.create_container(ctx(), &req).await.map(|_| ())
+}
+
+/// Runs `sh -c script` in a container: (stdout, exit status).
+async fn run_in(agent: &Agent, cid: &str, exec_id: &str, script: &str) -> (String, i32) {
+    exec(agent, cid, exec_id, process(&["/bin/sh", "-c", script], false)).await.unwrap_or_else(|e| panic!("exec {cid}/{exec_id}: {e:?}"));
+    let out = read_all(agent, cid, exec_id, false).await;
+    (out, wait(agent, cid, exec_id).await)
+}
+
+/// A process in the agent's mount namespace that outlives the agent, to look at what the agent
+/// left behind after it exited.
+struct Witness(Child);
+
+impl Witness {
+    fn start(agent: &Agent) -> Witness {
+        let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", agent.pid())).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000").stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: only setns between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from));
+        }
+        Witness(cmd.spawn().expect("start a process in the agent's mount namespace"))
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{p}", self.0.id()))
+    }
+
+    fn mountinfo(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.0.id())).unwrap()
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pids whose command line contains `needle` (NUL-separated arguments joined by spaces).
+fn pids_running(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd: String = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A pod as Kubernetes drives it: CreateSandbox, the sandbox (pause) container first, then app
+/// containers that share its IPC, UTS and pid namespaces and the pod's /dev/shm, created and
+/// removed one by one while the pod lives; DestroySandbox leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_shares_namespaces_and_shm() {
+    let _serial = SERIAL.lock().await;
+    assert!(nix::unistd::geteuid().is_root(), "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::env::temp_dir().join(format!("podvisor-agent-pod-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = make_rootfs(&dir);
+    let agent = start_agent(&dir).await;
+    let witness = Witness::start(&agent);
+    // The agent's mount namespace is a copy of the host's: kata mounts of the host (other tests'
+    // VMs) may be listed, hidden under the private /run. Only new ones count.
+    let kata_mounts = |w: &Witness| -> Vec<String> {
+        let info = w.mountinfo();
+        let mut v: Vec<String> = info.lines().filter(|l| l.contains("/run/kata-containers")).map(|l| l.split(" - ").next().unwrap().into()).collect();
+        v.sort();
+        v
+    };
+    let host_kata_mounts = kata_mounts(&witness);
+    let pod = format!("pod{}", std::process::id());
+    let host_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // Unique arguments, to find the pod's processes on the host afterwards.
+    let tag = std::process::id() % 100_000 + 4_200_000;
+    let (sb_sleep, a_sleep, b_sleep) = (format!("{tag}0"), format!("{tag}1"), format!("{tag}2"));
+
+    // ---- CreateSandbox: a tmpfs storage stands in for virtio-fs; no shm storage, so the agent
+    // makes the pod's /dev/shm itself.
+    let storage = pb::Storage {
+        driver: "local".into(),
+        fstype: "tmpfs".into(),
+        source: "tmpfs".into(),
+        mount_point: dir.join("shared").to_string_lossy().into(),
+        options: vec!["size=1m".into()],
+        ..Default::default()
+    };
+    let req = pb::CreateSandboxRequest {
+        sandbox_id: pod.clone(),
+        hostname: "podhost".into(),
+        storages: vec![storage],
+        sandbox_pidns: false,
+        ..Default::default()
+    };
+    agent.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid())).unwrap();
+    for p in [format!("{SHARED_NS}/ipc"), format!("{SHARED_NS}/uts"), POD_SHM.to_string()] {
+        assert!(mountinfo.contains(&format!(" {p} ")), "{p} is not mounted:\n{mountinfo}");
+    }
+    let shm_line = mountinfo.lines().find(|l| l.contains(&format!(" {POD_SHM} "))).unwrap();
+    assert!(shm_line.contains(" - tmpfs ") && shm_line.contains("size=65536k"), "pod shm: {shm_line}");
+    let mode = std::fs::metadata(agent.ns_path(POD_SHM)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o1777, "pod /dev/shm mode");
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), host_hostname, "test mode must not rename the host");
+    let ns_ino = |kind: &str| std::fs::metadata(agent.ns_path(&format!("{SHARED_NS}/{kind}"))).unwrap().ino();
+    let (ipc_ino, uts_ino) = (ns_ino("ipc"), ns_ino("uts"));
+
+    // ---- the sandbox container, then two app containers joining it (pid shared)
+    create_in_pod(&agent, &pod, pod_spec(&rootfs, &["/bin/sleep", &sb_sleep], false)).await.expect("create the sandbox container");
+    start(&agent, &pod).await;
+    create_in_pod(&agent, "a", pod_spec(&rootfs, &["/bin/sleep", &a_sleep], true)).await.expect("create a");
+    create_in_pod(&agent, "b", pod_spec(&rootfs, &["/bin/sleep", &b_sleep], true)).await.expect("create b");
+    start(&agent, "a").await;
+    start(&agent, "b").await;
+
+    for cid in [pod.as_str(), "a", "b"] {
+        let (out, st) = run_in(&agent, cid, "ns", "hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts").await;
+        assert_eq!((out, st), (format!("podhost\nipc:[{ipc_ino}]\nuts:[{uts_ino}]\n"), 0), "namespaces of {cid}");
+    }
+
+    // a private cgroup namespace (added by the agent): the container's cgroup is its root
+    // (v1 hierarchies of a hybrid host are listed too: only the v2 line counts.)
+    let (cg, _) = run_in(&agent, "a", "cg", "cat /proc/self/cgroup").await;
+    assert!(cg.lines().any(|l| l == "0::/"), "a's cgroup v2 path: {cg:?}");
+
+    // POSIX shm through the pod's /dev/shm, SysV shm through the shared IPC namespace
+    assert_eq!(run_in(&agent, "a", "w", "echo x > /dev/shm/f").await, (String::new(), 0));
+    assert_eq!(run_in(&agent, "b", "r", "cat /dev/shm/f").await, ("x\n".into(), 0));
+    assert!(agent.ns_path(&format!("{POD_SHM}/f")).exists(), "/dev/shm of the containers is the pod tmpfs");
+    const KEY: i32 = 0x5056_4953;
+    let ipc_file = std::fs::File::open(agent.ns_path(&format!("{SHARED_NS}/ipc"))).unwrap();
+    let mut mk = Command::new("true");
+    // SAFETY: only raw syscalls between fork and exec.
+    unsafe {
+        mk.pre_exec(move || {
+            nix::sched::setns(&ipc_file, nix::sched::CloneFlags::CLONE_NEWIPC)?;
+            if libc::shmget(KEY, 1024, libc::IPC_CREAT | 0o600) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert!(mk.status().expect("shmget in the pod's IPC namespace").success());
+    let has_key = |table: &str| table.lines().any(|l| l.split_whitespace().next() == Some(KEY.to_string().as_str()));
+    let (sysv, _) = run_in(&agent, "b", "sysv", "cat /proc/sysvipc/shm").await;
+    assert!(has_key(&sysv), "SysV segment not visible in b:\n{sysv}");
+    let host_sysv = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    assert!(!has_key(&host_sysv), "the segment leaked into the host's IPC namespace");
+
+    // shared pid namespace: pid 1 is the sandbox's init; b sees a
+    let ps = "cat /proc/1/cmdline | tr '\\0' ' '; echo; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done";
+    let (out, _) = run_in(&agent, "b", "ps", ps).await;
+    let mut lines = out.lines();
+    assert_eq!(lines.next().unwrap().trim(), format!("/bin/sleep {sb_sleep}"), "pid 1 of b's pid namespace:\n{out}");
+    assert!(out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {b_sleep}")), "b sees a's processes:\n{out}");
+
+    // ---- remove a: b, the sandbox and the shared namespaces are untouched
+    remove(&agent, "a").await.expect("remove a");
+    assert!(!agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{pod}/a")).exists(), "cgroup of a left behind");
+    assert!(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{pod}/b")).exists());
+    let (out, st) = run_in(&agent, "b", "after", "cat /dev/shm/f; hostname; readlink /proc/self/ns/ipc; cat /proc/sysvipc/shm").await;
+    assert_eq!(st, 0);
+    assert!(out.starts_with(&format!("x\npodhost\nipc:[{ipc_ino}]\n")) && has_key(&out), "b after removing a:\n{out}");
+    let (out, _) = run_in(&agent, "b", "ps2", ps).await;
+    assert!(!out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {sb_sleep}")), "a's processes are gone:\n{out}");
+    assert!(pids_running(&format!("sleep {a_sleep}")).is_empty());
+
+    // ---- a new container joins the running pod; its init runs to the end on its own
+    create_in_pod(&agent, "c", pod_spec(&rootfs, &["/bin/sh", "-c", "cat /dev/shm/f; hostname"], true)).await.expect("create c");
+    start(&agent, "c").await;
+    assert_eq!(read_all(&agent, "c", "", false).await, "x\npodhost\n");
+    assert_eq!(wait(&agent, "c", "").await, 0);
+    remove(&agent, "c").await.expect("remove c");
+    remove(&agent, "b").await.expect("remove b");
+    assert_eq!(run_in(&agent, &pod, "last", "hostname").await, ("podhost\n".into(), 0), "the sandbox container outlives its app containers");
+
+    // ---- DestroySandbox (with the sandbox container still running): nothing is left
+    let mut agent = agent;
+    agent.client.destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new()).await.expect("DestroySandbox");
+    let mut child = agent.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit after DestroySandbox:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "agent exit status {status}:\n{}", agent.log());
+    assert_eq!(kata_mounts(&witness), host_kata_mounts, "pod mounts left behind");
+    assert!(!witness.path("/run/kata-containers").exists(), "/run/kata-containers left behind");
+    assert!(!witness.path(&format!("/sys/fs/cgroup/podvisor/{pod}")).exists(), "cgroups left behind");
+    for arg in [&sb_sleep, &a_sleep, &b_sleep] {
+        assert!(pids_running(&format!("sleep {arg}")).is_empty(), "a pod process (sleep {arg}) is still running");
+    }
+    assert!(!dir.join("run").exists(), "run directory left behind");
     assert!(!agent.log().contains("\"level\":\"ERRO\""), "errors in the agent log:\n{}", agent.log());
 }

@@ -15,7 +15,7 @@ use ttrpc::Code;
 
 use super::process::describe;
 use super::runtime::Op;
-use super::{cgroup, spec, Container, Containers, Error, Lookup, Result, State, HELPER_TIMEOUT};
+use super::{cgroup, device, spec, Container, Containers, Error, Lookup, Result, State, HELPER_TIMEOUT};
 use crate::sandbox;
 
 /// Removes what a failed create left: mounts, bundle, id reservation, empty cgroup parents.
@@ -66,17 +66,30 @@ impl Containers {
             }
         }
         let mut guard = CreateGuard { c: self, id: id.to_string(), storages: Vec::new(), bundle: None, cgroup: None, armed: true };
-        if req.sandbox_pidns {
-            warn!(self.log, "sandbox_pidns is not supported; the container gets its own pid namespace"; "container_id" => id);
+        for (i, d) in req.devices.iter().enumerate() {
+            device::check(d, i).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         }
+        let join = self.join_for(id, req.sandbox_pidns)?;
         guard.storages = sandbox::mount_storages(&req.storages).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
 
         let converted = convert::spec_from_grpc(oci).map_err(|e| Error::invalid(format!("container {id}: OCI.{e}")))?;
         let mut json = serde_json::to_value(&converted).map_err(|e| Error::internal(format!("container {id}: encode spec: {e}")))?;
         let cgroup_rel = spec::cgroup_path(&self.sandbox_id(), id);
-        let facts = spec::normalize(&mut json, &cgroup_rel, &Self::path_exists).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+        let facts =
+            spec::normalize(&mut json, &cgroup_rel, &join, &Self::path_exists).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         for note in &facts.notes {
             info!(self.log, "spec adjusted for the guest"; "container_id" => id, "change" => note);
+        }
+        self.apply_net_sysctls(id, &facts.net_sysctls)?;
+        for d in &req.devices {
+            let what = format!("container {id}: device {:?}", d.id);
+            let found = device::PciSysfs::default()
+                .wait_block_device(&d.vm_path, device::WAIT, &what)
+                .await
+                .map_err(|e| Error::new(Code::DEADLINE_EXCEEDED, e))?;
+            info!(self.log, "block device found"; "container_id" => id, "device_id" => &d.id, "pci_path" => &d.vm_path,
+                  "guest_device" => format!("/dev/{} ({}:{})", found.name, found.major, found.minor), "container_path" => &d.container_path);
+            device::add_to_spec(&mut json, &d.container_path, &found);
         }
         let rootfs = PathBuf::from(json["root"]["path"].as_str().unwrap_or("/"));
         let console = console_size(&json["process"]);
@@ -122,6 +135,25 @@ impl Containers {
         guard.armed = false;
         info!(self.log, "container created"; "container_id" => id, "pid" => container.init.pid, "cgroup" => container.cgroup.rel.display().to_string());
         self.inner.lock().unwrap().containers.insert(id.to_string(), container);
+        Ok(())
+    }
+
+    /// Writes `net.*` sysctls of a spec to the guest's network namespace (the pod's). Only as
+    /// the guest's init: in test mode they would change the host's.
+    fn apply_net_sysctls(&self, id: &str, sysctls: &[(String, String)]) -> Result<()> {
+        if sysctls.is_empty() {
+            return Ok(());
+        }
+        if nix::unistd::getpid().as_raw() != 1 {
+            warn!(self.log, "net sysctls not applied: the agent is not the guest's init (test mode)"; "container_id" => id, "sysctls" => format!("{sysctls:?}"));
+            return Ok(());
+        }
+        for (key, value) in sysctls {
+            let file = spec::sysctl_file(key).map_err(|e| Error::invalid(format!("container {id}: OCI.Linux.Sysctl: {e}")))?;
+            std::fs::write(&file, value)
+                .map_err(|e| Error::invalid(format!("container {id}: OCI.Linux.Sysctl: {key}={value:?} for the pod's network ({}): {e}", file.display())))?;
+            info!(self.log, "net sysctl set for the pod"; "container_id" => id, "key" => key, "value" => value);
+        }
         Ok(())
     }
 
@@ -246,6 +278,7 @@ impl Containers {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.queue_oom_event(&c);
         if let Err(e) = self.runtime.call(&self.runtime.request(id, false, Op::Delete), None, HELPER_TIMEOUT).await {
             warn!(self.log, "libcontainer delete failed; removing by hand"; "container_id" => id, "error" => &e.message);
             let _ = std::fs::remove_dir_all(self.runtime.root.join(id));
@@ -300,6 +333,8 @@ impl Containers {
             Lookup::Finished(status) => Ok(status),
             Lookup::Live(p) => {
                 let status = p.wait().await;
+                // An OOM-killed process: its event is ready before its status is returned.
+                self.queue_oom_event(&c);
                 c.collect(&p);
                 Ok(status)
             }

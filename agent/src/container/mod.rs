@@ -10,8 +10,14 @@
 //! Layout on the guest's tmpfs (`run_dir`, `/run/podvisor` in the guest): `containers/` is
 //! libcontainer's state, `bundles/<id>/config.json` the normalised spec, `console/` the
 //! console sockets of terminals being set up. Cgroups live at `/podvisor/<sandbox>/<id>`.
+//!
+//! A pod: CreateSandbox makes the shared IPC/UTS namespaces and `/dev/shm` (see
+//! [`crate::sandbox`]); the container whose id is the sandbox id (created first) owns the pod's
+//! pid namespace, which the others join when the pod shares it. Containers are created,
+//! started, stopped and removed one by one while the pod lives.
 
 pub mod cgroup;
+pub mod device;
 pub mod helper;
 mod lifecycle;
 mod process;
@@ -30,7 +36,7 @@ use agent_protocol::agent as pb;
 use slog::{info, warn, Logger};
 use ttrpc::Code;
 
-use crate::sandbox::{self, Mounted};
+use crate::sandbox::{self, Mounted, SharedNamespaces};
 use cgroup::Cgroup;
 use process::Process;
 use reaper::Reaper;
@@ -181,6 +187,10 @@ enum Lookup {
 struct SandboxState {
     id: String,
     storages: Vec<Mounted>,
+    /// The pod's IPC and UTS namespaces.
+    shared_ns: SharedNamespaces,
+    /// CreateSandbox's `sandbox_pidns`: every container joins the sandbox container's pid ns.
+    pidns: bool,
 }
 
 #[derive(Default)]
@@ -189,6 +199,8 @@ struct Inner {
     containers: HashMap<String, Arc<Container>>,
     /// Ids being created (an entry reserves the id and keeps the cgroup parents alive).
     creating: HashSet<String>,
+    /// OOM kills seen when a container was removed, not yet returned by GetOOMEvent.
+    pending_oom: VecDeque<String>,
 }
 
 /// Every container of the sandbox.
@@ -200,6 +212,8 @@ pub struct Containers {
     cgroup_root: PathBuf,
     inner: Mutex<Inner>,
     counter: AtomicU64,
+    /// Wakes GetOOMEvent when an OOM kill was queued in `pending_oom`.
+    oom_queued: tokio::sync::Notify,
 }
 
 impl Containers {
@@ -215,6 +229,7 @@ impl Containers {
             cgroup_root: PathBuf::from(cgroup::CGROUP_ROOT),
             inner: Mutex::new(Inner::default()),
             counter: AtomicU64::new(0),
+            oom_queued: tokio::sync::Notify::new(),
         }
     }
 
@@ -232,7 +247,8 @@ impl Containers {
 
     // ---------------------------------------------------------------------------- sandbox
 
-    /// CreateSandbox: hostname and storages. A second call fails with ALREADY_EXISTS.
+    /// CreateSandbox: storages, the pod's `/dev/shm` and its shared IPC and UTS namespaces
+    /// (with the hostname). All or nothing; a second call fails with ALREADY_EXISTS.
     pub fn create_sandbox(&self, req: &pb::CreateSandboxRequest) -> Result<()> {
         let mut inner = self.inner.lock().unwrap();
         if let Some(s) = &inner.sandbox {
@@ -241,24 +257,78 @@ impl Containers {
         if !req.sandbox_id.is_empty() && !spec::valid_id(&req.sandbox_id) {
             return Err(Error::invalid(format!("sandbox_id: {:?} is not a valid id", req.sandbox_id)));
         }
-        if req.sandbox_pidns {
-            warn!(self.log, "CreateSandbox: sandbox_pidns is not supported; every container gets its own pid namespace");
+        let mut storages = req.storages.clone();
+        let own_shm = !sandbox::has_shm_storage(&storages);
+        if own_shm {
+            storages.push(sandbox::default_shm_storage());
         }
-        sandbox::set_hostname(&req.hostname).map_err(Error::internal)?;
-        let storages = sandbox::mount_storages(&req.storages).map_err(|e| {
+        let mounted = sandbox::mount_storages(&storages).map_err(|e| {
             if e.contains(": mount ") {
                 Error::internal(format!("CreateSandbox: {e}"))
             } else {
                 Error::invalid(format!("CreateSandbox: {e}"))
             }
         })?;
-        info!(self.log, "sandbox created"; "sandbox_id" => &req.sandbox_id, "hostname" => &req.hostname, "storages" => storages.len());
-        inner.sandbox = Some(SandboxState { id: req.sandbox_id.clone(), storages });
+        let undo = |mounted: &[Mounted]| {
+            sandbox::unmount_all(mounted);
+            sandbox::remove_empty_dirs(Path::new(sandbox::SANDBOX_SHM), Path::new("/run"));
+        };
+        let shared_ns = match sandbox::create_shared_namespaces(Path::new(sandbox::SHARED_NS_DIR), &req.hostname) {
+            Ok(ns) => ns,
+            Err(e) => {
+                undo(&mounted);
+                return Err(Error::internal(format!("CreateSandbox: the pod's IPC and UTS namespaces: {e}")));
+            }
+        };
+        // The guest's own hostname too (console, containers without a UTS entry) — only as the
+        // guest's init: in test mode this would rename the host.
+        if nix::unistd::getpid().as_raw() == 1 {
+            if let Err(e) = sandbox::set_hostname(&req.hostname) {
+                sandbox::remove_shared_namespaces(&shared_ns);
+                undo(&mounted);
+                return Err(Error::internal(format!("CreateSandbox: {e}")));
+            }
+        }
+        info!(self.log, "sandbox created"; "sandbox_id" => &req.sandbox_id, "hostname" => &req.hostname, "storages" => mounted.len(),
+              "shm" => if own_shm { "tmpfs made by the agent" } else { "storage from the host" },
+              "shared_namespaces" => sandbox::SHARED_NS_DIR, "sandbox_pidns" => req.sandbox_pidns);
+        inner.sandbox = Some(SandboxState { id: req.sandbox_id.clone(), storages: mounted, shared_ns, pidns: req.sandbox_pidns });
         Ok(())
     }
 
-    /// DestroySandbox: removes every container (SIGKILL, wait, delete), unmounts the
-    /// storages and removes the cgroup parents. Errors are logged, never stop the teardown.
+    /// The namespaces container `id` joins: the pod's IPC and UTS namespaces, and the sandbox
+    /// container's pid namespace when the pod shares one (`sandbox_pidns` of this request or of
+    /// CreateSandbox) and that container exists and is not `id` itself.
+    fn join_for(&self, id: &str, sandbox_pidns: bool) -> Result<spec::Join> {
+        let inner = self.inner.lock().unwrap();
+        let Some(sb) = &inner.sandbox else {
+            if sandbox_pidns {
+                warn!(self.log, "sandbox_pidns without CreateSandbox: the container gets its own pid namespace"; "container_id" => id);
+            }
+            return Ok(spec::Join::default());
+        };
+        let mut join = spec::Join { ipc: Some(sb.shared_ns.ipc.clone()), uts: Some(sb.shared_ns.uts.clone()), pid: None };
+        if (sandbox_pidns || sb.pidns) && sb.id != id {
+            match inner.containers.get(&sb.id) {
+                Some(c) if c.init.exit_status().is_some() => {
+                    return Err(Error::precondition(format!(
+                        "container {id}: the pod shares its pid namespace, but the sandbox container {} has stopped",
+                        sb.id
+                    )))
+                }
+                Some(c) => join.pid = Some(PathBuf::from(format!("/proc/{}/ns/pid", c.init.pid))),
+                None => {
+                    warn!(self.log, "sandbox_pidns, but no sandbox container yet: the container gets its own pid namespace";
+                          "container_id" => id, "sandbox_id" => &sb.id);
+                }
+            }
+        }
+        Ok(join)
+    }
+
+    /// DestroySandbox: removes every container (SIGKILL, wait, delete), the shared namespaces,
+    /// unmounts the storages (the pod's `/dev/shm` included) and removes the cgroup parents.
+    /// Errors are logged, never stop the teardown.
     pub async fn destroy_sandbox(&self) {
         let ids: Vec<String> = self.inner.lock().unwrap().containers.keys().cloned().collect();
         let removals = ids.iter().map(|id| self.remove_container(id, Duration::from_secs(5)));
@@ -269,9 +339,13 @@ impl Containers {
         }
         let sandbox = self.inner.lock().unwrap().sandbox.take();
         if let Some(s) = sandbox {
+            for e in sandbox::remove_shared_namespaces(&s.shared_ns) {
+                warn!(self.log, "DestroySandbox: {e}");
+            }
             for e in sandbox::unmount_all(&s.storages) {
                 warn!(self.log, "DestroySandbox: {e}");
             }
+            sandbox::remove_empty_dirs(Path::new(sandbox::SANDBOX_SHM), Path::new("/run"));
             let parent = spec::cgroup_path(&s.id, "x");
             cgroup::remove_empty_parents(&self.cgroup_root, &parent);
         }
@@ -311,20 +385,50 @@ impl Containers {
         Ok(())
     }
 
-    /// GetOOMEvent: waits until a container's `memory.events` `oom_kill` count grows
-    /// (polled every 200 ms while someone waits) and returns that container's id.
+    /// GetOOMEvent: waits until a container's `memory.events` `oom_kill` count grows and
+    /// returns that container's id. Counts are checked as soon as a process of a container is
+    /// waited for (WaitProcess) and before a container is removed, so the event of an OOM-killed
+    /// init is ready when its exit status is; otherwise polled every 200 ms while someone waits.
     pub async fn next_oom(&self) -> String {
         loop {
+            let queued = self.oom_queued.notified();
+            if let Some(id) = self.inner.lock().unwrap().pending_oom.pop_front() {
+                return id;
+            }
             let containers: Vec<Arc<Container>> = self.inner.lock().unwrap().containers.values().cloned().collect();
             for c in containers {
-                let Some(n) = c.cgroup.oom_kills() else { continue };
-                if n > c.oom_kills.swap(n, Ordering::Relaxed) {
-                    info!(self.log, "OOM kill in container"; "container_id" => &c.id, "oom_kill" => n);
+                if self.oom_grew(&c) {
                     return c.id.clone();
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = tokio::time::timeout(Duration::from_millis(200), queued).await;
         }
+    }
+
+    /// Whether the container's OOM kill count grew since last seen (then logged).
+    fn oom_grew(&self, c: &Container) -> bool {
+        let Some(n) = c.cgroup.oom_kills() else { return false };
+        let grew = n > c.oom_kills.swap(n, Ordering::Relaxed);
+        if grew {
+            info!(self.log, "OOM kill in container"; "container_id" => &c.id, "oom_kill" => n);
+        }
+        grew
+    }
+
+    /// Queues an OOM event for GetOOMEvent if the container's count grew (a process of it
+    /// exited, or it is being removed).
+    fn queue_oom_event(&self, c: &Container) {
+        if !self.oom_grew(c) {
+            return;
+        }
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.pending_oom.push_back(c.id.clone());
+            while inner.pending_oom.len() > FINISHED_EXECS {
+                inner.pending_oom.pop_front();
+            }
+        }
+        self.oom_queued.notify_one();
     }
 
     fn bundle_dir(&self, id: &str) -> PathBuf {

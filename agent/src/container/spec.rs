@@ -5,9 +5,16 @@
 //!
 //! * `linux.cgroupsPath` is the host's (`/default/<id>`, `kubepods-...:cri-containerd:<id>`):
 //!   it is replaced by [`cgroup_path`], an absolute path under `/podvisor/<sandbox>/`.
-//! * namespace paths name host files: a path that does not exist in the guest is dropped (a new
-//!   namespace is created); the `network` namespace is removed altogether, so containers share
-//!   the guest's network (the pod network lives in the VM, as with Kata).
+//! * namespaces ([`Join`]): the `network` namespace is removed altogether, so containers share
+//!   the guest's network (the pod network lives in the VM, as with Kata). `ipc` and `uts` join
+//!   the pod's shared namespaces (entries added when missing) once CreateSandbox made them.
+//!   A `pid` entry joins the sandbox container's pid namespace when the pod shares one, else it
+//!   is a new namespace (host paths mean nothing here). Other namespace paths that do not exist
+//!   in the guest are dropped (a new namespace is created). A `cgroup` namespace is added when
+//!   missing (cgroup v2's default: the container sees its own cgroup on /sys/fs/cgroup).
+//! * `net.*` sysctls are taken out of the spec (libcontainer refuses them without a network
+//!   namespace of the container's own) and returned in [`Facts`]: the agent applies them to the
+//!   guest's network namespace, which is the pod's (as Kata does).
 //! * OCI hooks are host programs (Kata runs them on the host): removed.
 //! * `noNewPrivileges: false` is removed (libcontainer 0.7 would skip seccomp with it);
 //!   AppArmor and SELinux labels are removed (the guest has neither).
@@ -44,11 +51,24 @@ pub struct Facts {
     pub terminal: bool,
     /// Changes worth a log line (dropped namespace paths, hooks, ...).
     pub notes: Vec<String>,
+    /// `net.*` sysctls taken out of the spec, for the guest's network namespace.
+    pub net_sysctls: Vec<(String, String)>,
+}
+
+/// The namespaces a container joins instead of creating them (guest paths).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Join {
+    /// The pod's IPC namespace (None: before CreateSandbox, a new one).
+    pub ipc: Option<PathBuf>,
+    /// The pod's UTS namespace.
+    pub uts: Option<PathBuf>,
+    /// The pid namespace to join (the sandbox container's) when the spec has a `pid` entry.
+    pub pid: Option<PathBuf>,
 }
 
 /// Adjusts a runtime spec (as JSON) for libcontainer in the guest; see the module docs.
 /// `exists` answers whether a guest path exists (a parameter for tests). Errors name the field.
-pub fn normalize(spec: &mut Value, cgroups_path: &Path, exists: &dyn Fn(&Path) -> bool) -> Result<Facts, String> {
+pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dyn Fn(&Path) -> bool) -> Result<Facts, String> {
     let mut facts = Facts::default();
     let obj = spec.as_object_mut().ok_or("OCI: not an object")?;
     if obj.get("ociVersion").and_then(Value::as_str).unwrap_or("").is_empty() {
@@ -87,26 +107,69 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, exists: &dyn Fn(&Path) -
         linux.remove(key);
     }
     facts.has_seccomp = linux.get("seccomp").is_some_and(|s| !s.is_null());
-    if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
-        let mut kept = Vec::new();
-        for mut n in ns.drain(..) {
-            let kind = n.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-            if kind == "network" {
+    let ns = linux.entry("namespaces").or_insert_with(|| json!([]));
+    if !ns.is_array() {
+        return Err("OCI.Linux.Namespaces: not a list".into());
+    }
+    let ns = ns.as_array_mut().unwrap();
+    let mut kept = Vec::new();
+    for mut n in ns.drain(..) {
+        let kind = n.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+        let host_path = n.get("path").and_then(Value::as_str).filter(|p| !p.is_empty()).map(str::to_string);
+        let Some(o) = n.as_object_mut() else { return Err("OCI.Linux.Namespaces: an entry is not an object".into()) };
+        let shared = match kind.as_str() {
+            "network" => {
                 facts.notes.push("network namespace removed: containers use the guest's network".into());
                 continue;
             }
-            if let Some(p) = n.get("path").and_then(Value::as_str).map(str::to_string) {
-                if !exists(Path::new(&p)) {
-                    facts.notes.push(format!("{kind} namespace path {p} does not exist in the guest: a new namespace is created"));
-                    n.as_object_mut().map(|o| o.remove("path"));
+            "ipc" => Some(&join.ipc),
+            "uts" => Some(&join.uts),
+            "pid" => Some(&join.pid),
+            _ => None,
+        };
+        match shared {
+            Some(path) => {
+                o.remove("path");
+                if let Some(p) = path {
+                    o.insert("path".into(), json!(p.to_string_lossy()));
+                } else if let Some(p) = &host_path {
+                    facts.notes.push(format!("{kind} namespace path {p} is the host's: a new namespace is created"));
                 }
             }
-            if kind == "pid" {
-                facts.own_pid_ns = n.get("path").is_none();
+            None => {
+                if let Some(p) = host_path.filter(|p| !exists(Path::new(p))) {
+                    facts.notes.push(format!("{kind} namespace path {p} does not exist in the guest: a new namespace is created"));
+                    o.remove("path");
+                }
             }
-            kept.push(n);
         }
-        *ns = kept;
+        if kind == "pid" {
+            facts.own_pid_ns = o.get("path").is_none();
+        }
+        kept.push(n);
+    }
+    for (kind, path) in [("ipc", &join.ipc), ("uts", &join.uts)] {
+        let listed = kept.iter().any(|k| k.get("type").and_then(Value::as_str) == Some(kind));
+        if let (false, Some(p)) = (listed, path) {
+            facts.notes.push(format!("{kind} namespace added: the container joins the pod's"));
+            kept.push(json!({"type": kind, "path": p.to_string_lossy()}));
+        }
+    }
+    if !kept.iter().any(|k| k.get("type").and_then(Value::as_str) == Some("cgroup")) {
+        // The guest is cgroup v2 only, where a private cgroup namespace is the default
+        // (containerd and Docker on v2 hosts): the container sees its own cgroup (memory.max,
+        // cpu.max) on /sys/fs/cgroup, not the guest's tree. A v1 host's spec has no entry.
+        facts.notes.push("cgroup namespace added: the container sees its own cgroup".into());
+        kept.push(json!({"type": "cgroup"}));
+    }
+    *ns = kept;
+    if let Some(sysctl) = linux.get_mut("sysctl").and_then(Value::as_object_mut) {
+        let net: Vec<String> = sysctl.keys().filter(|k| k.starts_with("net.") || k.starts_with("net/")).cloned().collect();
+        for key in net {
+            let value = sysctl.remove(&key).unwrap_or_default();
+            let value = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            facts.net_sysctls.push((key, value));
+        }
     }
     if let Some(res) = linux.get_mut("resources").and_then(Value::as_object_mut) {
         if let Some(mem) = res.get_mut("memory").and_then(Value::as_object_mut) {
@@ -123,6 +186,16 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, exists: &dyn Fn(&Path) -
         }
     }
     Ok(facts)
+}
+
+/// The `/proc/sys` file of a sysctl key (`net.ipv4.ping_group_range` →
+/// `net/ipv4/ping_group_range`, as runc does). Keys that would leave `/proc/sys` are refused.
+pub fn sysctl_file(key: &str) -> Result<PathBuf, String> {
+    let rel = key.replace('.', "/");
+    if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "..") {
+        return Err(format!("sysctl {key:?} is not a valid key"));
+    }
+    Ok(Path::new("/proc/sys").join(rel))
 }
 
 /// The PATH a process gets when its spec has none (containerd's and Docker's default).
@@ -209,14 +282,14 @@ mod tests {
         assert_eq!(cgroup_path("", "c1"), PathBuf::from("/podvisor/sandbox/c1"));
         assert_eq!(cgroup_path("../x", "c1"), PathBuf::from("/podvisor/sandbox/c1"));
         let mut s = base();
-        normalize(&mut s, &cgroup_path("sb1", "c1"), &guest).unwrap();
+        normalize(&mut s, &cgroup_path("sb1", "c1"), &Join::default(), &guest).unwrap();
         assert_eq!(s["linux"]["cgroupsPath"], "/podvisor/sb1/c1");
     }
 
     #[test]
     fn normalizes_for_the_guest() {
         let mut s = base();
-        let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &guest).unwrap();
+        let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
         assert!(facts.has_seccomp && facts.own_pid_ns && !facts.terminal);
         assert!(s.get("hooks").is_none());
         let p = &s["process"];
@@ -225,7 +298,7 @@ mod tests {
         assert_eq!(p["cwd"], "/");
         assert_eq!(p["env"], json!([DEFAULT_PATH, "HOME=/"]));
         let ns = s["linux"]["namespaces"].as_array().unwrap();
-        assert_eq!(ns, &vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"})]);
+        assert_eq!(ns, &vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"}), json!({"type": "cgroup"})]);
         assert_eq!(s["linux"]["resources"]["memory"], json!({"limit": 1000000}));
         assert_eq!(s["linux"]["resources"]["cpu"], json!({"shares": 2}));
         assert!(facts.notes.iter().any(|n| n.contains("/proc/4242/ns/ipc")), "{:?}", facts.notes);
@@ -236,7 +309,7 @@ mod tests {
         let mut s = base();
         s["process"]["noNewPrivileges"] = json!(true);
         s["process"]["env"] = json!(["PATH=/bin", "HOME=/data"]);
-        normalize(&mut s, Path::new("/podvisor/s/c1"), &guest).unwrap();
+        normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
         assert_eq!(s["process"]["noNewPrivileges"], true);
         assert_eq!(s["process"]["env"], json!(["PATH=/bin", "HOME=/data"]));
     }
@@ -245,27 +318,91 @@ mod tests {
     fn errors_name_the_field() {
         let mut s = base();
         s["root"]["path"] = json!("/nope");
-        assert!(normalize(&mut s, Path::new("/x"), &guest).unwrap_err().starts_with("OCI.Root.Path"));
+        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Root.Path"));
         let mut s = base();
         s["process"]["args"] = json!([]);
-        assert!(normalize(&mut s, Path::new("/x"), &guest).unwrap_err().starts_with("OCI.Process.Args"));
+        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Process.Args"));
         let mut s = base();
         s["mounts"][0]["source"] = json!("/host/only");
-        let e = normalize(&mut s, Path::new("/x"), &guest).unwrap_err();
+        let e = normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err();
         assert!(e.starts_with("OCI.Mounts[0].source") && e.contains("/etc/hosts"), "{e}");
         let mut s = base();
         s["process"]["cwd"] = json!("relative");
-        assert!(normalize(&mut s, Path::new("/x"), &guest).unwrap_err().starts_with("OCI.Process.Cwd"));
+        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Process.Cwd"));
+    }
+
+    fn pod() -> Join {
+        Join {
+            ipc: Some("/run/kata-containers/sharedns/ipc".into()),
+            uts: Some("/run/kata-containers/sharedns/uts".into()),
+            pid: None,
+        }
     }
 
     #[test]
-    fn shared_pid_namespace_is_detected() {
+    fn shared_pid_namespace_is_joined_only_when_given() {
+        // A host path for pid (containerd's /proc/<pause>/ns/pid) means nothing in the guest,
+        // even if such a file happens to exist there.
         let mut s = base();
         s["linux"]["namespaces"] = json!([{"type": "pid", "path": "/run/kata-containers/shared/pidns"}]);
-        assert!(!normalize(&mut s, Path::new("/x"), &guest).unwrap().own_pid_ns);
+        let f = normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap();
+        assert!(f.own_pid_ns);
+        assert_eq!(s["linux"]["namespaces"][0], json!({"type": "pid"}));
+        let mut s = base();
+        s["linux"]["namespaces"] = json!([{"type": "pid"}]);
+        let join = Join { pid: Some("/proc/77/ns/pid".into()), ..Join::default() };
+        assert!(!normalize(&mut s, Path::new("/x"), &join, &guest).unwrap().own_pid_ns);
+        assert_eq!(s["linux"]["namespaces"][0], json!({"type": "pid", "path": "/proc/77/ns/pid"}));
+        // No pid entry: the guest's pid namespace (as before), never a joined one.
         let mut s = base();
         s["linux"]["namespaces"] = json!([{"type": "mount"}]);
-        assert!(!normalize(&mut s, Path::new("/x"), &guest).unwrap().own_pid_ns);
+        assert!(!normalize(&mut s, Path::new("/x"), &join, &guest).unwrap().own_pid_ns);
+        assert!(!s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "pid"));
+    }
+
+    #[test]
+    fn pod_ipc_and_uts_are_joined_and_added_when_missing() {
+        let mut s = base();
+        s["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc", "path": "/var/run/ipcns/abc"}, {"type": "uts"},
+                                           {"type": "network", "path": "/var/run/netns/x"}, {"type": "mount"}]);
+        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc", "path": "/run/kata-containers/sharedns/ipc"},
+                   {"type": "uts", "path": "/run/kata-containers/sharedns/uts"}, {"type": "mount"}, {"type": "cgroup"}])
+        );
+        let mut s = base();
+        s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "cgroup"}]);
+        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "mount"}, {"type": "cgroup"}, {"type": "ipc", "path": "/run/kata-containers/sharedns/ipc"},
+                   {"type": "uts", "path": "/run/kata-containers/sharedns/uts"}])
+        );
+    }
+
+    #[test]
+    fn net_sysctls_are_taken_out_for_the_guest() {
+        let mut s = base();
+        s["linux"]["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647",
+                                       "kernel.shm_rmid_forced": "1"});
+        let f = normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        assert_eq!(s["linux"]["sysctl"], json!({"kernel.shm_rmid_forced": "1"}));
+        let mut net = f.net_sysctls.clone();
+        net.sort();
+        assert_eq!(net, vec![("net.ipv4.ip_unprivileged_port_start".into(), "0".into()), ("net.ipv4.ping_group_range".into(), "0 2147483647".into())]);
+        assert_eq!(sysctl_file("net.ipv4.ping_group_range").unwrap(), Path::new("/proc/sys/net/ipv4/ping_group_range"));
+        assert_eq!(sysctl_file("net/ipv4/conf/all/forwarding").unwrap(), Path::new("/proc/sys/net/ipv4/conf/all/forwarding"));
+        assert!(sysctl_file("net...x").is_err() && sysctl_file("").is_err() && sysctl_file("net/../x").is_err());
+    }
+
+    #[test]
+    fn infra_oom_score_adj_is_kept() {
+        // CRI-O's infra container: process.oomScoreAdj = -998 is fine inside the guest.
+        let mut s = base();
+        s["process"]["oomScoreAdj"] = json!(-998);
+        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        assert_eq!(s["process"]["oomScoreAdj"], -998);
     }
 
     #[test]
