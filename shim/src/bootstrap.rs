@@ -105,9 +105,34 @@ pub fn socket_path(address: &str, namespace: &str, group: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(hex)
 }
 
-/// Whether a shim answers on `path`.
+/// Whether a shim answers on `path` (a connection is accepted).
 pub fn is_serving(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
+}
+
+/// Whether a live shim daemon answers a task `Connect` on `path` within two seconds. A
+/// connection alone is not proof: right after a daemon is killed its socket can still accept
+/// for a moment, and `delete` must not take a dying daemon for a live one.
+pub fn daemon_answers(path: &Path) -> bool {
+    if !is_serving(path) {
+        return false;
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+    let address = format!("unix://{}", path.display());
+    rt.block_on(async {
+        let call = async {
+            let client = ttrpc::asynchronous::Client::connect(&address).await.ok()?;
+            let client = containerd_shim_protos::shim_async::TaskClient::new(client);
+            let ctx = ttrpc::context::with_timeout(2_000_000_000);
+            // Any answer (even an error status) comes from a live daemon; a dead socket gives a
+            // transport error.
+            match client.connect(ctx, &containerd_shim_protos::api::ConnectRequest::new()).await {
+                Ok(_) | Err(ttrpc::Error::RpcStatus(_)) => Some(()),
+                Err(_) => None,
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(3), call).await.ok().flatten().is_some()
+    })
 }
 
 /// `config_path` from a `runtimeoptions.v1.Options` wrapped in a protobuf `Any`, as containerd
@@ -151,7 +176,7 @@ pub fn start(flags: &Flags) -> Result<String, String> {
     let group = group_of(&flags.id, &bundle_annotations(&bundle));
     let path = socket_path(&flags.address, &flags.namespace, &group);
     let address = format!("unix://{}", path.display());
-    if is_serving(&path) {
+    if daemon_answers(&path) {
         write_bundle_file(&bundle, "address", &address)?;
         return Ok(address);
     }

@@ -104,8 +104,9 @@ fn delete(flags: &Flags) -> ExitCode {
     let group = bootstrap::group_of(&flags.id, &bootstrap::bundle_annotations(&bundle));
     let log = logger(flags, &group, &bundle);
     let socket = bootstrap::socket_path(&flags.address, &flags.namespace, &group);
-    let resp = cleanup::after_shim(&flags.id, &group, &bundle, bootstrap::is_serving(&socket), &log);
-    if !bootstrap::is_serving(&socket) {
+    let alive = bootstrap::daemon_answers(&socket);
+    let resp = cleanup::after_shim(&flags.id, &group, &bundle, alive, &log);
+    if !alive {
         let _ = std::fs::remove_file(&socket);
     }
     match resp.write_to_bytes() {
