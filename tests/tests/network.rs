@@ -136,14 +136,14 @@ async fn check_pod_network(sb: &Sandbox, ns: &Netns, qemu_pid: u32) -> Result<()
     ensure!(qdiscs.matches("qdisc ingress").count() == 2, "not one ingress qdisc on each of eth0 and tap0_kata:\n{qdiscs}");
 
     let (x, mac) = (ns.x, ns.mac());
-    let interfaces = sb.list_interfaces().await.map_err(|e| e.to_string())?;
+    let interfaces = sb.agent().list_interfaces().await.map_err(|e| e.to_string())?;
     let Some(eth0) = interfaces.iter().find(|i| i.hwAddr == mac) else {
         return Err(format!("no guest NIC with MAC {mac}: {interfaces:?}"));
     };
     ensure!((eth0.name.as_str(), eth0.mtu) == ("eth0", 1500), "{eth0:?}");
     let want = format!("10.200.{x}.2");
     ensure!(eth0.IPAddresses.iter().any(|a| a.address == want && a.mask == "24"), "{want}/24 missing: {eth0:?}");
-    let routes = sb.list_routes().await.map_err(|e| e.to_string())?;
+    let routes = sb.agent().list_routes().await.map_err(|e| e.to_string())?;
     let gateway = format!("10.200.{x}.1");
     ensure!(routes.iter().any(|r| r.dest.is_empty() && r.gateway == gateway && r.device == "eth0"), "no default route: {routes:?}");
     ensure!(routes.iter().any(|r| r.dest == format!("10.200.{x}.0/24") && r.device == "eth0"), "no subnet route: {routes:?}");
@@ -199,7 +199,7 @@ async fn no_netns_boots_without_a_nic() {
     std::fs::create_dir_all(&shared).unwrap();
     let sb = Sandbox::boot_pod_with_network(&id, &config(), &shared, "nonet", None, &logger()).await.expect("boot");
     let pids = sb.vm().pids().await;
-    let interfaces = sb.list_interfaces().await.expect("ListInterfaces");
+    let interfaces = sb.agent().list_interfaces().await.expect("ListInterfaces");
     let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names, ["lo"], "{interfaces:?}");
     sb.shutdown().await.expect("shutdown");
