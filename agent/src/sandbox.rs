@@ -113,6 +113,13 @@ fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
     let Some(p) = plan else {
         return Ok(Mounted { mount_point, mounted: false });
     };
+    // `ephemeral` storages (emptyDir volumes with medium Memory) belong to the pod: the first
+    // container mounts the tmpfs, later ones share it, and removing a container never unmounts
+    // it (it goes with the VM).
+    let pod_lifetime = s.driver == "ephemeral";
+    if pod_lifetime && is_mount_point(&mount_point) {
+        return Ok(Mounted { mount_point, mounted: false });
+    }
     let data = (!p.data.is_empty()).then_some(p.data.as_str());
     mount(Some(p.source.as_str()), &p.mount_point, p.fstype.as_deref(), p.flags, data).map_err(|e| {
         format!(
@@ -122,7 +129,7 @@ fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
             p.mount_point.display()
         )
     })?;
-    Ok(Mounted { mount_point, mounted: true })
+    Ok(Mounted { mount_point, mounted: !pod_lifetime })
 }
 
 /// Unmounts in reverse order (lazily: a busy mount is detached, never left behind).
@@ -134,6 +141,15 @@ pub fn unmount_all(mounted: &[Mounted]) -> Vec<String> {
         }
     }
     errors
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's).
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
+        _ => false,
+    }
 }
 
 /// Where the pod's shared namespaces are pinned (`ipc`, `uts`).

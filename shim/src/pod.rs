@@ -339,6 +339,20 @@ impl Pod {
                 return Err(TaskError::Internal(format!("cannot share the container's files with the VM: {e}")));
             }
         };
+        // Memory-backed emptyDirs: a guest tmpfs per volume, mounted by the first container.
+        let ephemeral: Vec<pb::Storage> = oci
+            .mounts()
+            .iter()
+            .flatten()
+            .filter_map(spec::ephemeral_target)
+            .map(|mount_point| pb::Storage {
+                driver: "ephemeral".into(),
+                source: "tmpfs".into(),
+                fstype: "tmpfs".into(),
+                mount_point,
+                ..Default::default()
+            })
+            .collect();
         let (guest_spec, warnings) = spec::for_guest(oci, &guest_root, binds, &sources);
         for w in warnings {
             warn!(self.log, "{}", w; "container" => id);
@@ -357,6 +371,7 @@ impl Pod {
             exec_id: id.clone(),
             OCI: Some(grpc).into(),
             devices,
+            storages: ephemeral,
             sandbox_pidns,
             ..Default::default()
         };

@@ -94,6 +94,27 @@ fn is_pod_shm(m: &Mount) -> bool {
     m.destination() == Path::new("/dev/shm") && is_bind(m)
 }
 
+/// Where emptyDir volumes with medium Memory live in the guest (a tmpfs per volume, shared by
+/// the pod's containers).
+pub const GUEST_EPHEMERAL: &str = "/run/kata-containers/sandbox/ephemeral";
+
+/// The guest path of a memory-backed emptyDir bind mount: kubelet puts such volumes at
+/// `…/volumes/kubernetes.io~empty-dir/<name>` on a host tmpfs. They become a guest tmpfs
+/// instead of a host tmpfs shared over virtio-fs (faster, and the memory is the pod's).
+pub fn ephemeral_target(m: &Mount) -> Option<String> {
+    if !is_bind(m) {
+        return None;
+    }
+    let source = m.source().as_ref()?;
+    let name = source.file_name()?.to_str()?;
+    let parent = source.parent()?;
+    if parent.file_name()? != "kubernetes.io~empty-dir" {
+        return None;
+    }
+    let on_tmpfs = nix::sys::statfs::statfs(source).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC).unwrap_or(false);
+    on_tmpfs.then(|| format!("{GUEST_EPHEMERAL}/{name}"))
+}
+
 /// A host block device the container asks for (`linux.devices` of type `b`), to hot-plug.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockDevice {
@@ -148,7 +169,7 @@ pub fn is_bind(m: &Mount) -> bool {
 pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
     let mut out = Vec::new();
     for (index, m) in spec.mounts().iter().flatten().enumerate() {
-        if !is_bind(m) || is_pod_shm(m) {
+        if !is_bind(m) || is_pod_shm(m) || ephemeral_target(m).is_some() {
             continue;
         }
         let source = m.source().clone().ok_or_else(|| SpecError::Field {
@@ -180,8 +201,12 @@ pub fn for_guest(mut spec: Spec, guest_root: &str, binds: &[HostBind], guest_sou
                 m.set_source(Some(PathBuf::from(src)));
             }
         }
-        for m in mounts.iter_mut().filter(|m| is_pod_shm(m)) {
-            m.set_source(Some(PathBuf::from(GUEST_SHM)));
+        for m in mounts.iter_mut() {
+            if is_pod_shm(m) {
+                m.set_source(Some(PathBuf::from(GUEST_SHM)));
+            } else if let Some(guest) = ephemeral_target(m) {
+                m.set_source(Some(PathBuf::from(guest)));
+            }
         }
     }
     if let Some(linux) = spec.linux_mut() {
@@ -277,6 +302,31 @@ mod tests {
         assert_eq!(s.linux().as_ref().unwrap().devices().as_ref().unwrap().len(), 1);
         let (g, _) = for_guest(s, "/r", &[], &[]);
         assert_eq!(g.mounts().as_ref().unwrap()[0].source().as_deref(), Some(Path::new(GUEST_SHM)));
+    }
+
+    #[test]
+    fn memory_empty_dirs_become_guest_tmpfs() {
+        let root = std::env::temp_dir().join(format!("podvisor-ed-{}", std::process::id()));
+        let vol = root.join("volumes/kubernetes.io~empty-dir/cache");
+        let disk = root.join("volumes/kubernetes.io~empty-dir/disk");
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::create_dir_all(&disk).unwrap();
+        nix::mount::mount(Some("tmpfs"), &vol, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).unwrap();
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/cache", "type": "bind", "source": vol, "options": ["rbind"]},
+                {"destination": "/disk", "type": "bind", "source": disk, "options": ["rbind"]}
+            ]
+        }));
+        let m = s.mounts().as_ref().unwrap();
+        let found = (ephemeral_target(&m[0]), ephemeral_target(&m[1]));
+        let binds = host_binds(&s).unwrap();
+        nix::mount::umount(&vol).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, (Some(format!("{GUEST_EPHEMERAL}/cache")), None), "only the tmpfs-backed emptyDir");
+        assert_eq!(binds.len(), 1, "the disk-backed emptyDir is shared over virtio-fs");
+        assert_eq!(binds[0].index, 1);
     }
 
     #[test]

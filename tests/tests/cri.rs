@@ -289,6 +289,40 @@ fn host_path_volumes_read_write_and_read_only() {
     fs::remove_dir_all(cri.ctd().dir().join("volumes")).unwrap();
 }
 
+/// An emptyDir with medium Memory (kubelet: a host tmpfs at `…/volumes/kubernetes.io~empty-dir/
+/// <name>`) is a tmpfs in the guest, shared by the pod's containers, not a host directory over
+/// virtio-fs.
+#[test]
+fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod() {
+    require_kata("the memory emptyDir test");
+    let cri = CriContainerd::start();
+    let pod = cri.run_pod(&cri.pod_config("emptydir"));
+    let vol = cri.ctd().dir().join(format!("kubelet/pods/{}/volumes/kubernetes.io~empty-dir/cache", pod.uid()));
+    fs::create_dir_all(&vol).unwrap();
+    nix::mount::mount(Some("tmpfs"), &vol, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).expect("mount the host tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(vol.clone());
+    let mount = proto::Mount { container_path: "/cache".into(), host_path: vol.display().to_string(), ..Default::default() };
+    let mut a = cri.container_config("a", SLEEPER);
+    a.mounts = vec![mount.clone()];
+    let mut b = cri.container_config("b", SLEEPER);
+    b.mounts = vec![mount];
+    let a = cri.run_container(&pod, &a);
+    let b = cri.run_container(&pod, &b);
+    let mounts = cri.exec_ok(&a, &["cat", "/proc/mounts"]);
+    let line = mounts.lines().find(|l| l.split_whitespace().nth(1) == Some("/cache")).unwrap_or_default().to_string();
+    assert!(line.contains(" tmpfs "), "/cache is not a guest tmpfs: {line:?}\n{mounts}");
+    cri.exec_ok(&a, &["sh", "-c", "echo from-a > /cache/f"]);
+    assert_eq!(cri.exec_ok(&b, &["cat", "/cache/f"]), "from-a\n", "the pod's containers do not share the emptyDir");
+    assert!(!vol.join("f").exists(), "the guest tmpfs write reached the host tmpfs");
+    cri.remove_pod(&pod);
+}
+
 /// A configMap volume updated the way the kubelet does (new timestamped directory, `..data`
 /// symlink renamed over): 20 updates in a row, each visible in the container within 2 s.
 #[test]
