@@ -5,18 +5,16 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
 
 use agent_protocol::types::{ARPNeighbor, IPAddress, IPFamily, Interface, Route};
-use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink::Netlink;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use ttrpc::Code;
 
@@ -456,63 +454,6 @@ fn parse_mac(s: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A blocking NETLINK_ROUTE socket.
-struct Netlink {
-    fd: OwnedFd,
-    seq: u32,
-}
-
-impl Netlink {
-    fn open() -> io::Result<Netlink> {
-        use nix::sys::socket::{bind, socket, AddressFamily as Af, NetlinkAddr, SockFlag, SockProtocol, SockType};
-        let fd = socket(Af::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-        Ok(Netlink { fd, seq: 0 })
-    }
-
-    /// Sends `msg` (REQUEST, plus ACK unless `flags` has DUMP) and collects the answers until
-    /// DONE or the ACK; a kernel error becomes its errno.
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
-        use nix::sys::socket::{recv, send, MsgFlags};
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        self.seq = self.seq.wrapping_add(1);
-        let mut req = NetlinkMessage::from(msg);
-        req.header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
-        req.header.sequence_number = self.seq;
-        req.finalize();
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.serialize(&mut buf);
-        send(self.fd.as_raw_fd(), &buf, MsgFlags::empty())?;
-        let mut out = Vec::new();
-        let mut rbuf = vec![0u8; 64 * 1024];
-        loop {
-            let n = recv(self.fd.as_raw_fd(), &mut rbuf, MsgFlags::empty())?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes([rbuf[off], rbuf[off + 1], rbuf[off + 2], rbuf[off + 3]]) as usize;
-                if len < 16 || off + len > n {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-                }
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..off + len])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}")))?;
-                off += (len + 3) & !3;
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => match e.code {
-                        Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
-                        None if !dump => return Ok(out),
-                        None => {}
-                    },
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
-                    _ => {}
-                }
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
