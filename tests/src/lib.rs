@@ -10,6 +10,7 @@ use hypervisor::QemuConfig;
 
 pub mod containerd;
 pub mod cri;
+pub mod crio;
 pub mod image;
 pub mod leaks;
 

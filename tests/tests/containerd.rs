@@ -20,17 +20,15 @@
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podvisor_tests::containerd::{
     kata_test_config, pipe, qemu_section, require_kata, run_with_timeout, runtime_is_kata, shim_binary, TestContainerd,
     KATA_RUNTIME,
 };
+use podvisor_tests::crio::{task_call, FifoReader, CRIO_ENV};
 use podvisor_tests::{image, leaks, unique_id};
 
 /// How long a task may take to reach a state (a VM boots in a few seconds even under TCG).
@@ -358,14 +356,6 @@ fn killed_shim_is_cleaned_up_by_delete() {
 // CRI-O: the shim as CRI-O 1.36 calls it (docs: shared client-behaviour.md §2).
 
 /// CRI-O's environment additions for `start` (containerd 1.7 shim client).
-const CRIO_ENV: &[(&str, &str)] = &[
-    ("GOMAXPROCS", "2"),
-    ("MAX_SHIM_VERSION", "2"),
-    ("TTRPC_ADDRESS", ""),
-    ("GRPC_ADDRESS", ""),
-    ("NAMESPACE", "default"),
-];
-
 fn shim_command(shim: &Path, cwd: &Path, config: &Path) -> Command {
     let mut cmd = Command::new(shim);
     let mut path = std::env::var("PATH").unwrap_or_default();
@@ -398,70 +388,6 @@ fn crio_version_and_features_probes_answer_and_exit() {
         serde_json::from_slice(&f.stdout).unwrap_or_else(|e| panic!("features is not JSON ({e}): {}", text(&f.stdout)));
     assert!(features.is_object(), "features: {features}");
     assert!(started.elapsed() < Duration::from_secs(5), "the probes took {:?}", started.elapsed());
-}
-
-/// Reads a FIFO the way CRI-O does (opened `O_RDONLY|O_NONBLOCK` before the writer), in the
-/// background, until [`FifoReader::finish`].
-struct FifoReader {
-    stop: Arc<AtomicBool>,
-    data: Arc<Mutex<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FifoReader {
-    fn open(path: &Path) -> FifoReader {
-        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let data = Arc::new(Mutex::new(Vec::new()));
-        let (s, d) = (stop.clone(), data.clone());
-        let thread = std::thread::spawn(move || {
-            let mut file = file;
-            let mut buf = [0u8; 65536];
-            let mut stopped_at: Option<Instant> = None;
-            loop {
-                match file.read(&mut buf) {
-                    Ok(n) if n > 0 => {
-                        d.lock().unwrap().extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                    // 0: no writer (yet, or any more); WouldBlock: a writer, no data.
-                    Ok(_) if s.load(Ordering::SeqCst) => break,
-                    _ => {}
-                }
-                if s.load(Ordering::SeqCst) {
-                    // A writer still holds the FIFO: give up after a while.
-                    if stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(5) {
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        FifoReader { stop, data, thread: Some(thread) }
-    }
-
-    fn so_far(&self) -> String {
-        text(&self.data.lock().unwrap())
-    }
-
-    fn finish(mut self) -> String {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.so_far()
-    }
-}
-
-impl Drop for FifoReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
 }
 
 /// Cleans up after the CRI-O test whatever happens: kills the processes (shim, VM, daemons)
@@ -504,27 +430,6 @@ fn crio_spec(id: &str, rootfs: &Path, args: &[&str]) -> serde_json::Value {
         "io.container.manager": "cri-o",
     });
     spec
-}
-
-/// The task service containerd 1.6 and CRI-O 1.36 (containerd 1.7 client) call.
-/// `containerd-shim-protos` 0.12's generated client speaks `containerd.task.v3.Task` (containerd
-/// 2.x), so requests are sent by hand with the same messages.
-const TASK_SERVICE: &str = "containerd.task.v2.Task";
-
-async fn task_call<Req: protobuf::Message, Resp: protobuf::Message>(
-    client: &ttrpc::asynchronous::Client,
-    method: &str,
-    req: &Req,
-) -> Result<Resp, String> {
-    use ttrpc::proto::{Codec, RequestInit};
-    let payload = Codec::encode(req).map_err(|e| format!("{method}: encoding: {e}"))?;
-    let timeout = Duration::from_secs(120).as_nanos() as i64;
-    let mut request = ttrpc::Request::init_request(TASK_SERVICE.into(), method.into(), timeout, vec![]);
-    request.set_payload(payload);
-    let response = client.request(request).await.map_err(|e| format!("{TASK_SERVICE}/{method}: {e}"))?;
-    let mut out = Resp::new();
-    Codec::merge(&mut out, &response.payload).map_err(|e| format!("{method}: decoding the response: {e}"))?;
-    Ok(out)
 }
 
 #[test]
@@ -633,18 +538,18 @@ fn crio_start_create_wait_state_delete_shutdown() {
         create.bundle = bundle.display().to_string();
         create.stdout = io.join(format!("{id}-stdout")).display().to_string();
         create.stderr = io.join(format!("{id}-stderr")).display().to_string();
-        let created: api::CreateTaskResponse = task_call(&client, "Create", &create).await?;
+        let created: api::CreateTaskResponse = task_call(&client, "Create", &create, false, Some(Duration::from_secs(120))).await?;
 
         let mut start = api::StartRequest::new();
         start.id = id.clone();
-        let started: api::StartResponse = task_call(&client, "Start", &start).await?;
+        let started: api::StartResponse = task_call(&client, "Start", &start, false, Some(Duration::from_secs(120))).await?;
         if started.pid != created.pid {
             return Err(format!("Start returned pid {} but Create {}", started.pid, created.pid));
         }
 
         let mut wait = api::WaitRequest::new();
         wait.id = id.clone();
-        let waited: api::WaitResponse = task_call(&client, "Wait", &wait).await?;
+        let waited: api::WaitResponse = task_call(&client, "Wait", &wait, false, Some(Duration::from_secs(120))).await?;
         if waited.exit_status != 7 {
             return Err(format!("Wait: exit_status {} instead of 7", waited.exit_status));
         }
@@ -654,21 +559,21 @@ fn crio_start_create_wait_state_delete_shutdown() {
 
         let mut state = api::StateRequest::new();
         state.id = id.clone();
-        let st: api::StateResponse = task_call(&client, "State", &state).await?;
+        let st: api::StateResponse = task_call(&client, "State", &state, false, Some(Duration::from_secs(120))).await?;
         if st.status.enum_value() != Ok(api::Status::STOPPED) || st.exit_status != 7 {
             return Err(format!("State: {:?} exit_status {} instead of STOPPED 7", st.status, st.exit_status));
         }
 
         let mut delete = api::DeleteRequest::new();
         delete.id = id.clone();
-        let deleted: api::DeleteResponse = task_call(&client, "Delete", &delete).await?;
+        let deleted: api::DeleteResponse = task_call(&client, "Delete", &delete, false, Some(Duration::from_secs(120))).await?;
         if deleted.exit_status != 7 {
             return Err(format!("Delete: exit_status {} instead of 7", deleted.exit_status));
         }
 
         let mut shutdown = api::ShutdownRequest::new();
         shutdown.id = id.clone();
-        match task_call::<_, api::Empty>(&client, "Shutdown", &shutdown).await {
+        match task_call::<_, api::Empty>(&client, "Shutdown", &shutdown, false, Some(Duration::from_secs(120))).await {
             Ok(_) => {}
             // The shim may exit before its answer leaves: containerd and CRI-O tolerate that.
             Err(e) if e.contains("closed") || e.contains("eof") || e.contains("socket") => {}

@@ -19,32 +19,19 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api;
 use podvisor_tests::containerd::{kata_test_config, pipe, shim_binary};
 use podvisor_tests::cri::{handler, handler_is_kata, PAUSE_SCRIPT};
+use podvisor_tests::crio::{task_call, FifoReader, CRIO_ENV};
 use podvisor_tests::{image, leaks, unique_id};
 
 /// containerd's runc shim, for `PODVISOR_CRI_HANDLER=runc`.
 const RUNC_SHIM: &str = "/usr/bin/containerd-shim-runc-v2";
-
-/// CRI-O's environment additions for `start` (containerd 1.7 shim client).
-const CRIO_ENV: &[(&str, &str)] = &[
-    ("GOMAXPROCS", "2"),
-    ("MAX_SHIM_VERSION", "2"),
-    ("TTRPC_ADDRESS", ""),
-    ("GRPC_ADDRESS", ""),
-    ("NAMESPACE", "default"),
-];
-
-/// The task service both managers call.
-const TASK_SERVICE: &str = "containerd.task.v2.Task";
 
 const LIMIT: u64 = 64 << 20;
 
@@ -55,65 +42,6 @@ fn text(bytes: &[u8]) -> String {
 fn hex_id(seed: &str) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(seed.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Reads a FIFO the way CRI-O does (opened `O_RDONLY|O_NONBLOCK` before the writer), in the
-/// background, until [`FifoReader::finish`].
-struct FifoReader {
-    stop: Arc<AtomicBool>,
-    data: Arc<Mutex<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FifoReader {
-    fn open(path: &Path) -> FifoReader {
-        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let data = Arc::new(Mutex::new(Vec::new()));
-        let (s, d) = (stop.clone(), data.clone());
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            let mut stopped_at: Option<Instant> = None;
-            loop {
-                match file.read(&mut buf) {
-                    Ok(n) if n > 0 => {
-                        d.lock().unwrap().extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                    Ok(_) if s.load(Ordering::SeqCst) => break,
-                    _ => {}
-                }
-                if s.load(Ordering::SeqCst) && stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(5) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        FifoReader { stop, data, thread: Some(thread) }
-    }
-
-    fn so_far(&self) -> String {
-        text(&self.data.lock().unwrap())
-    }
-
-    fn finish(mut self) -> String {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.so_far()
-    }
-}
-
-impl Drop for FifoReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
 }
 
 /// Everything the test set up on the host, removed whatever happens: processes naming the
@@ -391,35 +319,6 @@ fn crio_start(shim: &Path, config: &Path, ctr: &Ctr) -> Result<String, String> {
         return Err(format!("<bundle>/address holds {file:?}, start printed {address:?}"));
     }
     Ok(address)
-}
-
-/// One task-service call; `namespaced` adds the `containerd-namespace-ttrpc: default` metadata
-/// CRI-O's calls after the first Create carry; `timeout` None: none (a held Wait).
-async fn task_call<Req: protobuf::Message, Resp: protobuf::Message>(
-    client: &ttrpc::asynchronous::Client,
-    method: &str,
-    req: &Req,
-    namespaced: bool,
-    timeout: Option<Duration>,
-) -> Result<Resp, String> {
-    use ttrpc::proto::{Codec, RequestInit};
-    let payload = Codec::encode(req).map_err(|e| format!("{method}: encoding: {e}"))?;
-    let metadata = if namespaced {
-        vec![ttrpc::proto::KeyValue {
-            key: "containerd-namespace-ttrpc".into(),
-            value: "default".into(),
-            ..Default::default()
-        }]
-    } else {
-        vec![]
-    };
-    let nanos = timeout.map_or(0, |t| t.as_nanos() as i64);
-    let mut request = ttrpc::Request::init_request(TASK_SERVICE.into(), method.into(), nanos, metadata);
-    request.set_payload(payload);
-    let response = client.request(request).await.map_err(|e| format!("{TASK_SERVICE}/{method}: {e}"))?;
-    let mut out = Resp::new();
-    Codec::merge(&mut out, &response.payload).map_err(|e| format!("{method}: decoding the response: {e}"))?;
-    Ok(out)
 }
 
 const CALL: Option<Duration> = Some(Duration::from_secs(120));
