@@ -116,7 +116,7 @@ fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
     // `ephemeral` storages (emptyDir volumes with medium Memory) belong to the pod: the first
     // container mounts the tmpfs, later ones share it, and removing a container never unmounts
     // it (it goes with the VM).
-    let pod_lifetime = s.driver == "ephemeral";
+    let pod_lifetime = s.driver == "ephemeral" && mount_point.starts_with(POD_EPHEMERAL_DIR);
     if pod_lifetime && is_mount_point(&mount_point) {
         return Ok(Mounted { mount_point, mounted: false });
     }
@@ -150,6 +150,28 @@ fn is_mount_point(path: &Path) -> bool {
         (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
         _ => false,
     }
+}
+
+/// Where container storages of driver `ephemeral` (memory-backed emptyDir volumes) live: they
+/// belong to the pod, are shared by its containers, and go at DestroySandbox.
+pub const POD_EPHEMERAL_DIR: &str = "/run/kata-containers/sandbox/ephemeral";
+
+/// Unmounts the pod's ephemeral volumes and removes their directory.
+pub fn remove_pod_ephemeral() -> Vec<String> {
+    let mut errors = Vec::new();
+    let dir = Path::new(POD_EPHEMERAL_DIR);
+    let Ok(entries) = std::fs::read_dir(dir) else { return errors };
+    for e in entries.flatten() {
+        let p = e.path();
+        if is_mount_point(&p) {
+            if let Err(err) = umount2(&p, MntFlags::MNT_DETACH) {
+                errors.push(format!("unmount {}: {err}", p.display()));
+            }
+        }
+        let _ = std::fs::remove_dir(&p);
+    }
+    remove_empty_dirs(dir, Path::new("/run"));
+    errors
 }
 
 /// Where the pod's shared namespaces are pinned (`ipc`, `uts`).

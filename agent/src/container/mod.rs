@@ -342,7 +342,7 @@ impl Containers {
             for e in sandbox::remove_shared_namespaces(&s.shared_ns) {
                 warn!(self.log, "DestroySandbox: {e}");
             }
-            for e in sandbox::unmount_all(&s.storages) {
+            for e in sandbox::unmount_all(&s.storages).into_iter().chain(sandbox::remove_pod_ephemeral()) {
                 warn!(self.log, "DestroySandbox: {e}");
             }
             sandbox::remove_empty_dirs(Path::new(sandbox::SANDBOX_SHM), Path::new("/run"));
