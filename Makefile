@@ -42,6 +42,7 @@ bench: deps guest-image
 	$(CARGO) build --release -p podvisor-shim
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo -- bench
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-cri-bench
 
 demo: deps guest-image
 	$(CARGO) build --release -p podvisor-shim

@@ -1900,6 +1900,85 @@ impl Drop for CriContainerd {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pods started through the async client directly (benchmarks start several at once).
+
+/// The host end of a pod's veth pair according to containerd's verbose sandbox information
+/// (`cniResult.Interfaces`: the bridge, the host veth and the pod's `eth0`, which alone has a
+/// `Sandbox`), else libcni's cached ADD result (`/var/lib/cni/results/<network>-<id>-eth0`).
+/// Unlike comparing the bridge's ports before and after `RunPodSandbox`, this is right when
+/// several pods start at once.
+pub fn host_veth_of(net: &CniNetwork, sandbox_id: &str, info: &serde_json::Value) -> Option<String> {
+    if let Some(ifaces) = info["cniResult"]["Interfaces"].as_object() {
+        let found = ifaces.iter().find(|(name, cfg)| {
+            *name != &net.bridge && *name != "eth0" && *name != "lo" && cfg["Sandbox"].as_str().unwrap_or("").is_empty()
+        });
+        if let Some((name, _)) = found {
+            return Some(name.clone());
+        }
+    }
+    let cached = Path::new(CNI_RESULTS_DIR).join(format!("{}-{sandbox_id}-eth0", net.name));
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(cached).ok()?).ok()?;
+    v["result"]["interfaces"].as_array()?.iter().find_map(|i| {
+        let name = i["name"].as_str()?;
+        let in_pod = !i["sandbox"].as_str().unwrap_or("").is_empty();
+        (!in_pod && name != net.bridge).then(|| name.to_string())
+    })
+}
+
+impl CriContainerd {
+    /// Records sandbox `id`, started with `config` through [`Self::client`] directly (for
+    /// example by several threads at once, or to time the bare CRI calls), the way
+    /// [`Self::run_pod`] records its pods: tracked for teardown and leak checks, its network
+    /// namespace recorded, and the pod IP from `PodSandboxStatus`. Unlike `run_pod` it returns
+    /// errors instead of panicking, and finds the host veth with [`host_veth_of`], which does not
+    /// race with other pods starting at the same time. The caller creates
+    /// `config.log_directory` before `RunPodSandbox`, as `run_pod` does.
+    pub fn adopt_pod(&self, id: &str, config: &proto::PodSandboxConfig) -> Result<Pod, String> {
+        self.ctd.track_id(id);
+        {
+            let mut tracked = self.tracked.lock().unwrap();
+            if !tracked.iter().any(|p| p.0 == id) {
+                tracked.push((id.to_string(), Vec::new()));
+            }
+        }
+        let st = self.block_on(self.client.pod_sandbox_status(id, true)).map_err(|e| format!("PodSandboxStatus: {e}"))?;
+        let status = st.status.clone().unwrap_or_default();
+        if status.state != proto::SANDBOX_READY {
+            return Err(format!("sandbox {id} is not ready: {status:?}"));
+        }
+        let ip = status.network.as_ref().map(|n| n.ip.clone()).unwrap_or_default();
+        if ip.is_empty() {
+            return Err(format!("PodSandboxStatus of {id} has no pod IP: {st:?}"));
+        }
+        let info: serde_json::Value =
+            st.info.get("info").and_then(|i| serde_json::from_str(i).ok()).unwrap_or(serde_json::Value::Null);
+        let netns = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["type"] == "network"))
+            .and_then(|n| n["path"].as_str())
+            .map(PathBuf::from);
+        if let Some(p) = &netns {
+            record_host_object(self.ctd.dir(), "netns", &p.display().to_string());
+        }
+        let host_veth = host_veth_of(&self.net, id, &info);
+        let cgroup_parent = config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
+        Ok(Pod { id: id.to_string(), config: config.clone(), ip, netns, host_veth, cgroup_parent, info })
+    }
+
+    /// Records container `id`, created in sandbox `pod_id` through [`Self::client`] directly,
+    /// for teardown and leak checks (as [`Self::create_container`] does).
+    pub fn adopt_container(&self, pod_id: &str, id: &str) {
+        self.ctd.track_id(id);
+        let mut tracked = self.tracked.lock().unwrap();
+        match tracked.iter_mut().find(|p| p.0 == pod_id) {
+            Some(p) if !p.1.iter().any(|c| c == id) => p.1.push(id.to_string()),
+            Some(_) => {}
+            None => tracked.push((pod_id.to_string(), vec![id.to_string()])),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Volumes as the kubelet makes them.
 
 /// A loop device over a file, detached (and the file removed) on drop.
