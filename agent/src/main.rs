@@ -14,6 +14,7 @@ mod guest;
 mod init;
 mod logging;
 mod network;
+mod policy;
 mod rpc;
 mod sandbox;
 

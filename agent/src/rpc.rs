@@ -45,6 +45,7 @@ pub const IMPLEMENTED: &[&str] = &[
     "AddARPNeighbors",
     "ListInterfaces",
     "ListRoutes",
+    "SetPolicy",
 ];
 
 /// Features reported in `AgentDetails.extra_features`.
@@ -80,6 +81,7 @@ struct AgentService {
     sysfs: Sysfs,
     shutdown: Arc<tokio::sync::Notify>,
     containers: Arc<Containers>,
+    policy: Arc<crate::policy::AgentPolicy>,
 }
 
 #[async_trait]
@@ -272,6 +274,12 @@ impl agent_ttrpc::AgentService for AgentService {
         let routes = crate::network::run("ListRoutes", crate::network::list_routes).await?;
         Ok(pb::Routes { Routes: routes, ..Default::default() })
     }
+
+    // --- agent policy (checked by the policy gate first once a policy is set) ---
+    async fn set_policy(&self, _ctx: &TtrpcContext, req: pb::SetPolicyRequest) -> ttrpc::Result<Empty> {
+        self.policy.set(&req.policy).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        Ok(Default::default())
+    }
 }
 
 /// Runs a state-changing container operation to its end even if the caller goes away (ttrpc
@@ -302,13 +310,15 @@ impl MethodHandler for Unimplemented {
     }
 }
 
-/// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED.
+/// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED, and every
+/// AgentService RPC behind the agent policy (`policy.rs`; no policy until SetPolicy).
 pub fn services(
     log: Logger,
     shutdown: Arc<tokio::sync::Notify>,
     containers: Arc<Containers>,
 ) -> std::collections::HashMap<String, ttrpc::asynchronous::Service> {
-    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown, containers };
+    let policy = Arc::new(crate::policy::AgentPolicy::new(log.new(slog::o!("subsystem" => "policy"))));
+    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown, containers, policy: policy.clone() };
     let mut services = agent_ttrpc::create_agent_service(Arc::new(agent));
     let implemented: HashSet<&str> = IMPLEMENTED.iter().copied().collect();
     for (name, service) in services.iter_mut() {
@@ -318,6 +328,7 @@ pub fn services(
             service.methods.insert(method, Box::new(Unimplemented { rpc }));
         }
     }
+    crate::policy::guard(&mut services, &policy);
     services.extend(health_ttrpc::create_health(Arc::new(HealthService)));
     services
 }

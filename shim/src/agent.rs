@@ -125,6 +125,9 @@ pub trait Agent: Send + Sync {
     async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError>;
     /// `ListRoutes`.
     async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError>;
+    /// `SetPolicy`: the agent policy (Rego, package `agent_policy`) the guest enforces from
+    /// now on; an invalid policy is INVALID_ARGUMENT with the parse error.
+    async fn set_policy(&self, policy: &str) -> Result<(), AgentError>;
 }
 
 /// Largest chunk asked for per `ReadStdout`/`ReadStderr` call.
@@ -283,6 +286,12 @@ impl Agent for KataAgent {
             .destroy_sandbox(ctx(Duration::from_secs(10)), &pb::DestroySandboxRequest::new())
             .await
             .map_err(rpc_err("DestroySandbox"))?;
+        Ok(())
+    }
+
+    async fn set_policy(&self, policy: &str) -> Result<(), AgentError> {
+        let req = pb::SetPolicyRequest { policy: policy.into(), ..Default::default() };
+        self.agent.set_policy(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SetPolicy"))?;
         Ok(())
     }
 

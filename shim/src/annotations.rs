@@ -136,6 +136,25 @@ pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> 
     Ok(applied)
 }
 
+/// Kata's agent policy annotation.
+pub const AGENT_POLICY_ANNOTATION: &str = "io.katacontainers.config.agent.policy";
+
+/// The Rego text of the agent policy annotation: standard base64 (whitespace ignored) of UTF-8
+/// text. Errors name the annotation.
+pub fn decode_agent_policy(value: &str) -> Result<String, String> {
+    use base64::Engine;
+    let bad = |why: String| {
+        format!("annotation {AGENT_POLICY_ANNOTATION}: {why}; the value must be the base64-encoded Rego policy (e.g. `base64 -w0 policy.rego`)")
+    };
+    let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let bytes = engine.decode(compact.as_bytes()).map_err(|e| bad(format!("invalid base64: {e}")))?;
+    String::from_utf8(bytes).map_err(|_| bad("the decoded policy is not UTF-8 text".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +187,20 @@ mod tests {
         assert!(e.contains("not a number"), "{e}");
         let e = apply(&ann(&[("io.katacontainers.config.hypervisor.machine_type", "virt")]), &mut c).unwrap_err();
         assert!(e.contains("use one of q35, pc"), "{e}");
+    }
+
+    #[test]
+    fn agent_policy_is_base64_text() {
+        let d = decode_agent_policy;
+        assert_eq!(d("cGFja2FnZSBhZ2VudF9wb2xpY3kK").unwrap(), "package agent_policy\n");
+        assert_eq!(d("aGk=").unwrap(), "hi");
+        assert_eq!(d("aGk").unwrap(), "hi");
+        assert_eq!(d("aG\nk=\n").unwrap(), "hi");
+        assert_eq!(d("").unwrap(), "");
+        for bad in ["package agent_policy", "aGk=x", "a", "//8="] {
+            let e = d(bad).unwrap_err();
+            assert!(e.starts_with("annotation io.katacontainers.config.agent.policy: "), "{e}");
+        }
     }
 
     #[test]

@@ -193,11 +193,8 @@ impl Pod {
         }
         let mut config = self.load_config(req.config_path.as_deref())?;
         let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor).map_err(TaskError::InvalidArgument)?;
-        if applied.agent_policy.is_some() {
-            return Err(TaskError::InvalidArgument(
-                "annotation io.katacontainers.config.agent.policy: agent policies (SetPolicy) are not supported by the podvisor agent yet".into(),
-            ));
-        }
+        // The agent policy: base64 of a Rego document (as in Kata); an empty value sets none.
+        let policy = applied.agent_policy.as_deref().map(crate::annotations::decode_agent_policy).transpose().map_err(TaskError::InvalidArgument)?.filter(|p| !p.is_empty());
         let hostname = oci.hostname().clone().unwrap_or_default();
         let netns = spec::netns_path(oci);
         let shared = SharedDir::new(&self.sandbox_id);
@@ -218,6 +215,21 @@ impl Pod {
                 return Err(e);
             }
         };
+        // The policy is in force before any container is created; a refused policy stops the VM.
+        if let Some(policy) = &policy {
+            if let Err(e) = sandbox.agent().set_policy(policy).await {
+                if let Err(c) = sandbox.shutdown().await {
+                    warn!(self.log, "stopping the VM after a refused agent policy failed"; "error" => %c);
+                }
+                if let Err(c) = shared.destroy() {
+                    warn!(self.log, "cleanup of the shared directory failed"; "error" => %c);
+                }
+                let refused = matches!(&e, crate::agent::AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. });
+                let msg = format!("annotation {}: {e}", crate::annotations::AGENT_POLICY_ANNOTATION);
+                return Err(if refused { TaskError::InvalidArgument(msg) } else { TaskError::Internal(msg) });
+            }
+            info!(self.log, "agent policy set"; "bytes" => policy.len());
+        }
         let vm = Arc::new(Vm {
             sandbox,
             shared,
