@@ -36,7 +36,7 @@ guest-image: agent
 # The containerd tests run the shim binary, which `cargo test` does not build by itself.
 test: deps guest-image
 	$(CARGO) build -p podvisor-shim
-	$(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: deps guest-image
 	$(CARGO) build --release -p podvisor-shim
