@@ -276,33 +276,6 @@ async fn remove(agent: &Agent, cid: &str) -> Result<(), ttrpc::Error> {
     agent.client.remove_container(ctx(), &req).await.map(|_| ())
 }
 
-/// Runs futures concurrently on this task.
-async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futs.map(Box::pin).map(Some).collect();
-    let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        out[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
-}
-
 fn children_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -430,7 +403,7 @@ async fn containers_over_ttrpc() {
             (read_all(agent, "c2", &id, false).await, wait(agent, "c2", &id).await)
         }
     });
-    let results = join_all(execs).await;
+    let results = futures::future::join_all(execs).await;
     for (i, (out, status)) in results.into_iter().enumerate() {
         assert_eq!((out, status), (format!("par{i}\n"), i as i32));
     }

@@ -332,7 +332,7 @@ impl Containers {
     pub async fn destroy_sandbox(&self) {
         let ids: Vec<String> = self.inner.lock().unwrap().containers.keys().cloned().collect();
         let removals = ids.iter().map(|id| self.remove_container(id, Duration::from_secs(5)));
-        for (id, r) in ids.iter().zip(futures_join_all(removals).await) {
+        for (id, r) in ids.iter().zip(futures::future::join_all(removals).await) {
             if let Err(e) = r {
                 warn!(self.log, "DestroySandbox: removing a container failed"; "container_id" => id, "error" => &e.message);
             }
@@ -442,31 +442,4 @@ impl Containers {
     fn path_exists(p: &Path) -> bool {
         p.exists()
     }
-}
-
-/// Awaits futures concurrently on the current task (in order of the results).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futs.map(Box::pin).map(Some).collect();
-    let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        out[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.into_iter().map(|r| r.expect("every future completed")).collect()
 }
