@@ -597,6 +597,42 @@ pub mod proto {
         #[prost(int32, tag = "3")]
         pub exit_code: i32,
     }
+    /// `Exec`: a streaming endpoint for a command in the container (`tests/src/stream.rs`).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExecRequest {
+        #[prost(string, tag = "1")]
+        pub container_id: String,
+        #[prost(string, repeated, tag = "2")]
+        pub cmd: Vec<String>,
+        #[prost(bool, tag = "3")]
+        pub tty: bool,
+        #[prost(bool, tag = "4")]
+        pub stdin: bool,
+        #[prost(bool, tag = "5")]
+        pub stdout: bool,
+        #[prost(bool, tag = "6")]
+        pub stderr: bool,
+    }
+    /// `Attach`: a streaming endpoint for the container's own stdio.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttachRequest {
+        #[prost(string, tag = "1")]
+        pub container_id: String,
+        #[prost(bool, tag = "2")]
+        pub stdin: bool,
+        #[prost(bool, tag = "3")]
+        pub tty: bool,
+        #[prost(bool, tag = "4")]
+        pub stdout: bool,
+        #[prost(bool, tag = "5")]
+        pub stderr: bool,
+    }
+    /// `ExecResponse` and `AttachResponse`: the streaming server's URL.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StreamUrlResponse {
+        #[prost(string, tag = "1")]
+        pub url: String,
+    }
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ImageFilter {
@@ -943,6 +979,18 @@ impl CriClient {
             timeout: timeout_s,
         };
         self.call("/runtime.v1.RuntimeService/ExecSync", req).await
+    }
+
+    /// `Exec` (streaming): returns the URL to connect to.
+    pub async fn exec_url(&self, req: proto::ExecRequest) -> CriResult<String> {
+        let resp: proto::StreamUrlResponse = self.call("/runtime.v1.RuntimeService/Exec", req).await?;
+        Ok(resp.url)
+    }
+
+    /// `Attach` (streaming): returns the URL to connect to.
+    pub async fn attach_url(&self, req: proto::AttachRequest) -> CriResult<String> {
+        let resp: proto::StreamUrlResponse = self.call("/runtime.v1.RuntimeService/Attach", req).await?;
+        Ok(resp.url)
     }
 
     /// `ImageService/ListImages`.
@@ -1605,6 +1653,27 @@ impl CriContainerd {
             stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
         }
+    }
+
+    /// `Exec` (streaming) connected: the kubelet's `kubectl exec` path.
+    pub fn exec_stream(&self, id: &str, cmd: &[&str], tty: bool, stdin: bool) -> crate::stream::Stream {
+        let req = proto::ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            stderr: !tty,
+        };
+        let url = self.ok(&format!("Exec {cmd:?}"), self.block_on(self.client.exec_url(req)));
+        crate::stream::Stream::connect(&url).unwrap_or_else(|e| panic!("Exec {cmd:?} in {id}: {e}\n{}", self.logs()))
+    }
+
+    /// `Attach` connected: the kubelet's `kubectl attach` path (`tty` must match the container's).
+    pub fn attach_stream(&self, id: &str, tty: bool) -> crate::stream::Stream {
+        let req = proto::AttachRequest { container_id: id.into(), stdin: true, tty, stdout: true, stderr: !tty };
+        let url = self.ok("Attach", self.block_on(self.client.attach_url(req)));
+        crate::stream::Stream::connect(&url).unwrap_or_else(|e| panic!("Attach to {id}: {e}\n{}", self.logs()))
     }
 
     /// `ExecSync` that must exit 0; returns stdout.

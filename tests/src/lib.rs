@@ -13,6 +13,7 @@ pub mod cri;
 pub mod crio;
 pub mod image;
 pub mod leaks;
+pub mod stream;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -410,6 +410,76 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     cri.remove_pod(&pod);
 }
 
+/// CRI streaming the way `kubectl exec -it` and `kubectl attach` reach a pod (containerd's
+/// streaming server, WebSocket `v4.channel.k8s.io`): an interactive TTY exec follows a resize
+/// and reports its exit code; a non-TTY exec keeps stdout and stderr apart; attaching to a TTY
+/// container and to a stdin-reading container reaches their own stdio, and what they print
+/// while attached is also in the CRI log; detaching leaves the container running.
+#[test]
+fn streaming_exec_with_tty_and_resize_and_attach() {
+    let cri = CriContainerd::start();
+    let pod = cri.run_pod(&cri.pod_config("stream"));
+    let mut console = cri.container_config("console", &["sh"]);
+    (console.stdin, console.tty) = (true, true);
+    let console_id = cri.run_container(&pod, &console);
+    let echo = "while read l; do echo \"got $l\"; echo \"err $l\" >&2; done";
+    let mut reader = cri.container_config("reader", &["sh", "-c", echo]);
+    reader.stdin = true;
+    let reader_id = cri.run_container(&pod, &reader);
+    let t = Duration::from_secs(30);
+
+    // kubectl exec -it: the shell sees the size the client asked for, then its exit code.
+    let mut sh = cri.exec_stream(&console_id, &["sh"], true, true);
+    // The resize and the keystrokes travel separately to the shim: ask until the size shows.
+    let resized = (0..20).any(|_| {
+        sh.resize(123, 45).unwrap();
+        sh.stdin(b"stty size\n").unwrap();
+        sh.read_until(Duration::from_secs(1), "stty size", |s| s.stdout_text().contains("45 123")).is_ok()
+    });
+    assert!(resized, "the exec TTY never reported 45 rows 123 columns: {:?}\n{}", sh.stdout_text(), cri.logs());
+    sh.stdin(b"exit 3\n").unwrap();
+    assert_eq!(sh.wait(t), Ok(3), "exit code of the TTY exec; output {:?}", sh.stdout_text());
+
+    // kubectl exec -i (no TTY): stdin in, stdout and stderr apart, exit code.
+    let mut plain = cri.exec_stream(&reader_id, &["sh", "-c", "head -c 4; echo; echo oops >&2; exit 7"], false, true);
+    plain.stdin(b"ping").unwrap();
+    assert_eq!(plain.wait(t), Ok(7), "exit code; stdout {:?} stderr {:?}", plain.stdout_text(), plain.stderr_text());
+    assert_eq!((plain.stdout_text().as_str(), plain.stderr_text().as_str()), ("ping\n", "oops\n"));
+
+    // kubectl attach -it to the TTY container: its own shell answers and follows a resize.
+    let mut attached = cri.attach_stream(&console_id, true);
+    attached.stdin(b"echo $((6*7))\n").unwrap();
+    attached.read_until(t, "42 from the attached shell", |s| s.stdout_text().contains("42")).unwrap();
+    let resized = (0..20).any(|_| {
+        attached.resize(100, 30).unwrap();
+        attached.stdin(b"stty size\n").unwrap();
+        attached.read_until(Duration::from_secs(1), "stty size", |s| s.stdout_text().contains("30 100")).is_ok()
+    });
+    assert!(resized, "the attached TTY never reported 30 rows 100 columns: {:?}", attached.stdout_text());
+    attached.close();
+
+    // kubectl attach -i to a container reading stdin: both streams come back, and the log has them.
+    let mut fed = cri.attach_stream(&reader_id, false);
+    fed.stdin(b"hello\n").unwrap();
+    fed.read_until(t, "the reader's answer on stdout and stderr", |s| {
+        s.stdout_text().contains("got hello") && s.stderr_text().contains("err hello")
+    })
+    .unwrap();
+    fed.close();
+    let log = pod.log_path(&reader);
+    poll(Duration::from_secs(10), "the attached input's answers in the CRI log", || {
+        let out = cri_log_lines(&log, "stdout")?;
+        let err = cri_log_lines(&log, "stderr")?;
+        if out == ["got hello"] && err == ["err hello"] { Ok(()) } else { Err(format!("stdout {out:?} stderr {err:?}")) }
+    });
+
+    for id in [&console_id, &reader_id] {
+        let state = cri.container_status(id).state;
+        assert_eq!(state, proto::CONTAINER_RUNNING, "{id} after its streams closed");
+    }
+    cri.remove_pod(&pod);
+}
+
 /// A container over its memory limit is OOM-killed: ContainerStatus says OOMKilled, exit 137.
 /// The same allocation without a limit succeeds in the same pod (so it is the container's
 /// limit that kills, not a small VM).
