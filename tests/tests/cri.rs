@@ -410,6 +410,34 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     cri.remove_pod(&pod);
 }
 
+/// `shareProcessNamespace: true`: the kubelet asks for PID namespace POD for the sandbox and
+/// every container; in the guest they then see each other's processes, while a container that
+/// asks for its own PID namespace in the same pod does not.
+#[test]
+fn pod_sharing_its_pid_namespace_lets_containers_see_each_other() {
+    let cri = CriContainerd::start();
+    let set_pid = |ns: Option<&mut proto::NamespaceOption>, mode| ns.expect("namespace options").pid = mode;
+    let mut config = cri.pod_config("pidns");
+    set_pid(config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()), proto::NAMESPACE_POD);
+    let pod = cri.run_pod(&config);
+    let shared = |name: &str, args: &[&str]| {
+        let mut c = cri.container_config(name, args);
+        set_pid(c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()), proto::NAMESPACE_POD);
+        c
+    };
+    let _a = cri.run_container(&pod, &shared("a", &["sleep", "4242"]));
+    let b = cri.run_container(&pod, &shared("b", SLEEPER));
+    let own = cri.run_container(&pod, &cri.container_config("own", SLEEPER));
+
+    let seen_by_b = cri.exec_ok(&b, &["ps", "-o", "pid,args"]);
+    assert!(seen_by_b.contains("sleep 4242"), "b shares the pod's PID namespace but does not see a's process:\n{seen_by_b}");
+    let init = cri.exec_ok(&b, &["cat", "/proc/1/cmdline"]);
+    assert!(init.contains(PAUSE_SCRIPT), "PID 1 of a shared namespace is the pause process: {init:?}");
+    let seen_by_own = cri.exec_ok(&own, &["ps", "-o", "pid,args"]);
+    assert!(!seen_by_own.contains("sleep 4242"), "a container with its own PID namespace sees a's process:\n{seen_by_own}");
+    cri.remove_pod(&pod);
+}
+
 /// CRI streaming the way `kubectl exec -it` and `kubectl attach` reach a pod (containerd's
 /// streaming server, WebSocket `v4.channel.k8s.io`): an interactive TTY exec follows a resize
 /// and reports its exit code; a non-TTY exec keeps stdout and stderr apart; attaching to a TTY
