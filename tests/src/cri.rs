@@ -20,13 +20,13 @@
 //! types. `k8s-cri` (the maintained crate) and `tonic-build` both need `protoc` at build time,
 //! which this project's machines do not have.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -1739,6 +1739,45 @@ impl CriContainerd {
     pub fn bundle_spec(&self, id: &str) -> Option<serde_json::Value> {
         let p = self.task_bundle(id).join("config.json");
         fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// `RunPodSandbox` that must fail: its error, after checking that the sandbox left nothing
+    /// (its id is caught from containerd's task bundles while the call runs) and that the CRI
+    /// lists no such pod.
+    pub fn run_pod_failing(&self, config: &proto::PodSandboxConfig) -> String {
+        fn entries(dir: &Path) -> HashSet<String> {
+            fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        }
+        fs::create_dir_all(&config.log_directory).unwrap();
+        let bundles = self.task_bundle("x").parent().unwrap().to_path_buf();
+        let before = entries(&bundles);
+        let done = AtomicBool::new(false);
+        let seen = Mutex::new(HashSet::new());
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    // containerd renames a bundle to `.<id>` while it deletes it: not another sandbox.
+                    let new = entries(&bundles).into_iter().filter(|e| !e.starts_with('.') && !before.contains(e));
+                    seen.lock().unwrap().extend(new);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            let r = self.block_on(self.client.run_pod_sandbox(config, &self.handler));
+            done.store(true, Ordering::Relaxed);
+            r
+        });
+        let err = match result {
+            Ok(id) => panic!("RunPodSandbox succeeded ({id}) but should have failed\n{}", self.logs()),
+            Err(e) => e,
+        };
+        let ids: Vec<String> = seen.into_inner().unwrap().into_iter().collect();
+        assert_eq!(ids.len(), 1, "sandbox bundles seen during the failed RunPodSandbox: {ids:?}");
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        leaks::assert_no_leaks(&ids, None);
+        let name = config.metadata.as_ref().unwrap().name.clone();
+        let pods = self.block_on(self.client.list_pod_sandbox()).unwrap();
+        assert!(!pods.iter().any(|p| p.metadata.as_ref().is_some_and(|m| m.name == name)), "the failed pod is listed: {pods:?}");
+        err
     }
 
     /// The task bundle directory of `id`.

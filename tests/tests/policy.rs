@@ -9,16 +9,10 @@
 //!
 //! Run: `cargo test -p podvisor-tests --test policy`.
 
-use std::collections::HashSet;
 use std::fs;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
 
 use podvisor_tests::containerd::{kata_test_config, qemu_section};
 use podvisor_tests::cri::{proto, require_kata, CriContainerd};
-use podvisor_tests::leaks;
 
 const POLICY_ANNOTATION: &str = "io.katacontainers.config.agent.policy";
 
@@ -107,45 +101,6 @@ fn pod_with_policy(cri: &CriContainerd, name: &str, rego: &str) -> proto::PodSan
     config
 }
 
-fn entries(dir: &Path) -> HashSet<String> {
-    fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
-}
-
-/// `RunPodSandbox` that must fail: its error, after checking that the sandbox left nothing
-/// (its id is caught from containerd's task bundles while the call runs) and that the CRI
-/// lists no such pod.
-fn run_pod_failing(cri: &CriContainerd, config: &proto::PodSandboxConfig) -> String {
-    fs::create_dir_all(&config.log_directory).unwrap();
-    let bundles = cri.task_bundle("x").parent().unwrap().to_path_buf();
-    let before = entries(&bundles);
-    let done = AtomicBool::new(false);
-    let seen = Mutex::new(HashSet::new());
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                // containerd renames a bundle to `.<id>` while it deletes it: not another sandbox.
-                seen.lock().unwrap().extend(entries(&bundles).into_iter().filter(|e| !e.starts_with('.') && !before.contains(e)));
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        let r = cri.block_on(cri.client().run_pod_sandbox(config, cri.handler()));
-        done.store(true, Ordering::Relaxed);
-        r
-    });
-    let err = match result {
-        Ok(id) => panic!("RunPodSandbox succeeded ({id}) but should have failed\n{}", cri.logs()),
-        Err(e) => e,
-    };
-    let ids: Vec<String> = seen.into_inner().unwrap().into_iter().collect();
-    assert_eq!(ids.len(), 1, "sandbox bundles seen during the failed RunPodSandbox: {ids:?}");
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    leaks::assert_no_leaks(&ids, None);
-    let name = config.metadata.as_ref().unwrap().name.clone();
-    let pods = cri.block_on(cri.client().list_pod_sandbox()).unwrap();
-    assert!(!pods.iter().any(|p| p.metadata.as_ref().is_some_and(|m| m.name == name)), "the failed pod is listed: {pods:?}");
-    err
-}
-
 /// The policy annotation is refused unless enabled; once enabled the guest enforces it (exec
 /// of `echo hi` only); an invalid policy fails the sandbox with the Rego error.
 #[test]
@@ -155,7 +110,7 @@ fn agent_policy_annotation_is_enforced_by_the_guest() {
 
     // Not enabled in the configuration: RunPodSandbox fails naming the annotation.
     set_policy_annotations(&cri, false);
-    let err = run_pod_failing(&cri, &pod_with_policy(&cri, "policy-off", EXEC_ONLY_ECHO_HI));
+    let err = cri.run_pod_failing(&pod_with_policy(&cri, "policy-off", EXEC_ONLY_ECHO_HI));
     eprintln!("RunPodSandbox without enable_annotations: {err}");
     assert!(err.contains(POLICY_ANNOTATION) && err.contains("enable_annotations"), "{err}");
 
@@ -163,7 +118,7 @@ fn agent_policy_annotation_is_enforced_by_the_guest() {
 
     // An invalid policy: the agent's parse error, the VM stopped, nothing left.
     let bad = "package agent_policy\n\ndefault ExecProcessRequest := }\n";
-    let err = run_pod_failing(&cri, &pod_with_policy(&cri, "policy-bad", bad));
+    let err = cri.run_pod_failing(&pod_with_policy(&cri, "policy-bad", bad));
     eprintln!("RunPodSandbox with an invalid policy: {err}");
     assert!(err.contains(POLICY_ANNOTATION), "{err}");
     assert!(err.contains("invalid agent policy: agent-policy.rego:3:"), "the Rego error with its line: {err}");
@@ -171,7 +126,7 @@ fn agent_policy_annotation_is_enforced_by_the_guest() {
     // Not base64: refused before any VM boots.
     let mut config = cri.pod_config("policy-notb64");
     config.annotations.insert(POLICY_ANNOTATION.into(), "package agent_policy".into());
-    let err = run_pod_failing(&cri, &config);
+    let err = cri.run_pod_failing(&config);
     assert!(err.contains(POLICY_ANNOTATION) && err.contains("base64"), "{err}");
 
     // A valid policy: containers run, ExecSync is allowed for `echo hi` only.
