@@ -69,6 +69,32 @@ pub fn busybox_archive() -> PathBuf {
     busybox().archive
 }
 
+/// A static `sysv-shm` binary (source `tests/helpers/sysv-shm.rs`) that runs in the busybox
+/// image, built once with the `rustc` that builds the tests and cached by the source's hash.
+pub fn sysv_shm_helper() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let src = crate::workspace().join("tests/helpers/sysv-shm.rs");
+    let text = fs::read(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let out = cache_dir().join(format!("sysv-shm-{}", &sha256_hex(&text)[..16]));
+    if out.is_file() {
+        return out;
+    }
+    fs::create_dir_all(cache_dir()).unwrap();
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // Static (glibc, static-pie) as the agent is built: the busybox image has no libc.
+    let status = Command::new(&rustc)
+        .args(["--edition", "2021", "-O", "--target", "x86_64-unknown-linux-gnu", "-C", "target-feature=+crt-static", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("{rustc}: {e}: the Rust toolchain that builds the tests is needed"));
+    assert!(status.success(), "{rustc} {}: {status}", src.display());
+    fs::rename(&tmp, &out).unwrap_or_else(|e| panic!("{} -> {}: {e}", tmp.display(), out.display()));
+    out
+}
+
 fn build(cache: &Path) -> Result<TestImage, String> {
     let binary = fs::read(BUSYBOX)
         .map_err(|e| format!("{BUSYBOX}: {e}: install Debian's busybox-static (scripts/deps.sh does, as root)"))?;

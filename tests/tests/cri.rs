@@ -27,6 +27,7 @@ use podvisor_tests::cri::{
     cri_log_lines, handler_is_kata, links_in_netns, proto, require_kata, ConfigMapVolume, CriContainerd,
     LoopDevice, BUSYBOX_IMAGE, PAUSE_IMAGE, PAUSE_SCRIPT,
 };
+use podvisor_tests::image::sysv_shm_helper;
 use podvisor_tests::leaks;
 
 /// How long a container may take to exit or an update to show.
@@ -178,8 +179,19 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
              && exec httpd -f -p 8080 -h /tmp/www",
         ],
     );
+    // SysV shared memory needs a tool busybox lacks: a static helper, bind-mounted read-only.
+    let helper = proto::Mount {
+        container_path: "/usr/local/bin/sysv-shm".into(),
+        host_path: sysv_shm_helper().display().to_string(),
+        readonly: true,
+        ..Default::default()
+    };
+    let mut server = server;
+    server.mounts.push(helper.clone());
+    let mut client = cri.container_config("client", SLEEPER);
+    client.mounts.push(helper);
     let a = cri.run_container(&pod, &server);
-    let b = cri.run_container(&pod, &cri.container_config("client", SLEEPER));
+    let b = cri.run_container(&pod, &client);
     if let Some(spec) = cri.bundle_spec(&a) {
         describe_spec("container", &spec);
     }
@@ -199,8 +211,12 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
     assert_eq!(ns(&a, "ipc"), ns(&b, "ipc"), "the containers are in different IPC namespaces");
     assert_eq!(ns(&a, "net"), ns(&b, "net"), "the containers are in different network namespaces");
     assert_ne!(ns(&a, "pid"), ns(&b, "pid"), "PID namespace mode CONTAINER: each container has its own");
+    // SysV: a segment A creates is B's to read.
+    cri.exec_ok(&a, &["sysv-shm", "write", "5059", "sysv-from-A"]);
+    assert_eq!(cri.exec_ok(&b, &["sysv-shm", "read", "5059"]), "sysv-from-A");
     let sysv = cri.exec_ok(&b, &["cat", "/proc/sysvipc/shm"]);
-    eprintln!("SysV shm segments seen in B (no ipcmk in busybox): {sysv:?}");
+    assert!(sysv.lines().skip(1).any(|l| l.split_whitespace().next() == Some(&i32::from_str_radix("5059", 16).unwrap().to_string())),
+        "key 0x5059 not in B's /proc/sysvipc/shm:\n{sysv}");
 
     // The pod's own settings.
     assert_eq!(cri.exec_ok(&b, &["hostname"]).trim(), "net");
