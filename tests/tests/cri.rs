@@ -661,5 +661,26 @@ fn pod_sandbox_and_containers_run_in_one_vm() {
     assert_eq!(boot(&a), boot(&b), "the containers run in different kernels");
     let host_boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_ne!(boot(&a), host_boot, "the containers run in the host's kernel");
+
+    // One container stopped and removed while the pod lives: the VM and the other stay.
+    let guest_boot = boot(&b);
+    let while_running = leaks::find_leaks(&[a.as_str()], None);
+    eprintln!("host resources naming container a while it runs: {while_running:#?}");
+    assert!(!while_running.is_empty(), "the leak check sees nothing of a running container: it could not fail");
+    cri.stop_container(&a, 10);
+    let st = cri.container_status(&a);
+    assert_eq!((st.state, st.exit_code), (proto::CONTAINER_EXITED, 0), "a after StopContainer (it exits on SIGTERM): {st:?}");
+    assert_eq!(cri.container_status(&b).state, proto::CONTAINER_RUNNING, "b after a was stopped");
+    cri.remove_container(&a);
+    assert!(!cri.list_containers(&pod).iter().any(|c| c.id == a), "a is still listed after RemoveContainer");
+    assert!(!cri.task_bundle(&a).exists(), "a's task bundle is left after RemoveContainer");
+    let left = leaks::settle(Duration::from_secs(5), || leaks::find_leaks(&[a.as_str()], None));
+    assert!(left.is_empty(), "container a left, while its pod lives: {left:#?}");
+    let pids = |procs: Vec<leaks::Proc>| procs.iter().map(|p| p.pid).collect::<Vec<_>>();
+    assert_eq!(pids(leaks::find_processes("qemu-system", &pod.id)), pids(qemu), "the VM changed when a container went");
+    // A container added afterwards joins the same VM.
+    let c = cri.run_container(&pod, &cri.container_config("c", SLEEPER));
+    assert_eq!(boot(&c), guest_boot, "a later container runs in another kernel");
+    assert_eq!(boot(&b), guest_boot);
     cri.remove_pod(&pod);
 }
