@@ -399,6 +399,17 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (3, "out\n", "err\n"), "{r:?}");
     let r = cri.exec(&c, &["true"], 30);
     assert_eq!(r.exit_code, 0, "{r:?}");
+    // ExecSync's timeout: the call fails after it and the process is killed in the guest.
+    let t = Instant::now();
+    let err = cri.block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2)).expect_err("ExecSync of sleep 4711 with timeout 2");
+    let took = t.elapsed();
+    eprintln!("ExecSync timeout after {:.2} s: {err}", took.as_secs_f64());
+    assert!(err.contains("timeout") && err.contains("exceeded"), "{err}");
+    assert!(took < Duration::from_secs(20), "ExecSync with timeout 2 s took {took:?}");
+    poll(Duration::from_secs(10), "the timed-out exec killed in the guest", || {
+        let ps = cri.exec_ok(&c, &["ps", "-o", "args"]);
+        if ps.contains("sleep 4711") { Err(ps) } else { Ok(()) }
+    });
     let big = cri.exec(&c, &["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' b"], 30);
     assert_eq!((big.exit_code, big.stdout.len()), (0, 200000), "ExecSync of 200000 bytes: exit {} stderr {:?}", big.exit_code, big.stderr);
 
