@@ -57,9 +57,9 @@ fn enabled(config: &QemuConfig, short: &str) -> Result<bool, String> {
     Ok(false)
 }
 
-fn parse_num<T: std::str::FromStr>(key: &str, value: &str, min: T, max: T) -> Result<T, String>
+fn parse_num<T>(key: &str, value: &str, min: T, max: T) -> Result<T, String>
 where
-    T: PartialOrd + std::fmt::Display + Copy,
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
     let v: T = value.trim().parse().map_err(|_| format!("annotation {key}={value:?}: not a number"))?;
     if v < min || v > max {

@@ -1,0 +1,624 @@
+//! The CRI messages the tests use, written after `runtime.v1`'s `api.proto` (same field
+//! numbers and types; enums as `i32`, see the constants). Fields the tests never set or read
+//! are left out: prost skips unknown fields of responses.
+
+use std::collections::HashMap;
+
+/// `NamespaceMode.POD`.
+pub const NAMESPACE_POD: i32 = 0;
+/// `NamespaceMode.CONTAINER`.
+pub const NAMESPACE_CONTAINER: i32 = 1;
+/// `NamespaceMode.NODE`.
+pub const NAMESPACE_NODE: i32 = 2;
+/// `PodSandboxState.SANDBOX_READY`.
+pub const SANDBOX_READY: i32 = 0;
+/// `PodSandboxState.SANDBOX_NOTREADY`.
+pub const SANDBOX_NOTREADY: i32 = 1;
+/// `ContainerState.CONTAINER_CREATED`.
+pub const CONTAINER_CREATED: i32 = 0;
+/// `ContainerState.CONTAINER_RUNNING`.
+pub const CONTAINER_RUNNING: i32 = 1;
+/// `ContainerState.CONTAINER_EXITED`.
+pub const CONTAINER_EXITED: i32 = 2;
+/// `ContainerState.CONTAINER_UNKNOWN`.
+pub const CONTAINER_UNKNOWN: i32 = 3;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VersionRequest {
+    #[prost(string, tag = "1")]
+    pub version: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VersionResponse {
+    #[prost(string, tag = "1")]
+    pub version: String,
+    #[prost(string, tag = "2")]
+    pub runtime_name: String,
+    #[prost(string, tag = "3")]
+    pub runtime_version: String,
+    #[prost(string, tag = "4")]
+    pub runtime_api_version: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusRequest {
+    #[prost(bool, tag = "1")]
+    pub verbose: bool,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuntimeCondition {
+    #[prost(string, tag = "1")]
+    pub r#type: String,
+    #[prost(bool, tag = "2")]
+    pub status: bool,
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    #[prost(string, tag = "4")]
+    pub message: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuntimeStatus {
+    #[prost(message, repeated, tag = "1")]
+    pub conditions: Vec<RuntimeCondition>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusResponse {
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<RuntimeStatus>,
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DnsConfig {
+    #[prost(string, repeated, tag = "1")]
+    pub servers: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub searches: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    pub options: Vec<String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PortMapping {
+    /// `Protocol`: 0 TCP, 1 UDP, 2 SCTP.
+    #[prost(int32, tag = "1")]
+    pub protocol: i32,
+    #[prost(int32, tag = "2")]
+    pub container_port: i32,
+    #[prost(int32, tag = "3")]
+    pub host_port: i32,
+    #[prost(string, tag = "4")]
+    pub host_ip: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mount {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    #[prost(bool, tag = "3")]
+    pub readonly: bool,
+    #[prost(bool, tag = "4")]
+    pub selinux_relabel: bool,
+    /// `MountPropagation`: 0 private, 1 host-to-container, 2 bidirectional.
+    #[prost(int32, tag = "5")]
+    pub propagation: i32,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NamespaceOption {
+    #[prost(int32, tag = "1")]
+    pub network: i32,
+    #[prost(int32, tag = "2")]
+    pub pid: i32,
+    #[prost(int32, tag = "3")]
+    pub ipc: i32,
+    #[prost(string, tag = "4")]
+    pub target_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Int64Value {
+    #[prost(int64, tag = "1")]
+    pub value: i64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxSandboxSecurityContext {
+    #[prost(message, optional, tag = "1")]
+    pub namespace_options: Option<NamespaceOption>,
+    #[prost(message, optional, tag = "3")]
+    pub run_as_user: Option<Int64Value>,
+    #[prost(bool, tag = "4")]
+    pub readonly_rootfs: bool,
+    #[prost(int64, repeated, tag = "5")]
+    pub supplemental_groups: Vec<i64>,
+    #[prost(bool, tag = "6")]
+    pub privileged: bool,
+    #[prost(message, optional, tag = "8")]
+    pub run_as_group: Option<Int64Value>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxPodSandboxConfig {
+    #[prost(string, tag = "1")]
+    pub cgroup_parent: String,
+    #[prost(message, optional, tag = "2")]
+    pub security_context: Option<LinuxSandboxSecurityContext>,
+    #[prost(map = "string, string", tag = "3")]
+    pub sysctls: HashMap<String, String>,
+    #[prost(message, optional, tag = "4")]
+    pub overhead: Option<LinuxContainerResources>,
+    #[prost(message, optional, tag = "5")]
+    pub resources: Option<LinuxContainerResources>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxMetadata {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub uid: String,
+    #[prost(string, tag = "3")]
+    pub namespace: String,
+    #[prost(uint32, tag = "4")]
+    pub attempt: u32,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxConfig {
+    #[prost(message, optional, tag = "1")]
+    pub metadata: Option<PodSandboxMetadata>,
+    #[prost(string, tag = "2")]
+    pub hostname: String,
+    #[prost(string, tag = "3")]
+    pub log_directory: String,
+    #[prost(message, optional, tag = "4")]
+    pub dns_config: Option<DnsConfig>,
+    #[prost(message, repeated, tag = "5")]
+    pub port_mappings: Vec<PortMapping>,
+    #[prost(map = "string, string", tag = "6")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "7")]
+    pub annotations: HashMap<String, String>,
+    #[prost(message, optional, tag = "8")]
+    pub linux: Option<LinuxPodSandboxConfig>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RunPodSandboxRequest {
+    #[prost(message, optional, tag = "1")]
+    pub config: Option<PodSandboxConfig>,
+    #[prost(string, tag = "2")]
+    pub runtime_handler: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RunPodSandboxResponse {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StopPodSandboxRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StopPodSandboxResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemovePodSandboxRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemovePodSandboxResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatusRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodIp {
+    #[prost(string, tag = "1")]
+    pub ip: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxNetworkStatus {
+    #[prost(string, tag = "1")]
+    pub ip: String,
+    #[prost(message, repeated, tag = "2")]
+    pub additional_ips: Vec<PodIp>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatus {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<PodSandboxMetadata>,
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(message, optional, tag = "5")]
+    pub network: Option<PodSandboxNetworkStatus>,
+    #[prost(map = "string, string", tag = "7")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "8")]
+    pub annotations: HashMap<String, String>,
+    #[prost(string, tag = "9")]
+    pub runtime_handler: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatusResponse {
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<PodSandboxStatus>,
+    /// With `verbose`: containerd puts a JSON document under `info` (pid, runtime spec,
+    /// CNI result, ...).
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStateValue {
+    #[prost(int32, tag = "1")]
+    pub state: i32,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxFilter {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub state: Option<PodSandboxStateValue>,
+    #[prost(map = "string, string", tag = "3")]
+    pub label_selector: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<PodSandboxFilter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandbox {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<PodSandboxMetadata>,
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "6")]
+    pub annotations: HashMap<String, String>,
+    #[prost(string, tag = "7")]
+    pub runtime_handler: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<PodSandbox>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageSpec {
+    #[prost(string, tag = "1")]
+    pub image: String,
+    #[prost(map = "string, string", tag = "2")]
+    pub annotations: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyValue {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerResources {
+    #[prost(int64, tag = "1")]
+    pub cpu_period: i64,
+    #[prost(int64, tag = "2")]
+    pub cpu_quota: i64,
+    #[prost(int64, tag = "3")]
+    pub cpu_shares: i64,
+    #[prost(int64, tag = "4")]
+    pub memory_limit_in_bytes: i64,
+    #[prost(int64, tag = "5")]
+    pub oom_score_adj: i64,
+    #[prost(string, tag = "6")]
+    pub cpuset_cpus: String,
+    #[prost(string, tag = "7")]
+    pub cpuset_mems: String,
+    #[prost(map = "string, string", tag = "9")]
+    pub unified: HashMap<String, String>,
+    #[prost(int64, tag = "10")]
+    pub memory_swap_limit_in_bytes: i64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Capability {
+    #[prost(string, repeated, tag = "1")]
+    pub add_capabilities: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub drop_capabilities: Vec<String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerSecurityContext {
+    #[prost(message, optional, tag = "1")]
+    pub capabilities: Option<Capability>,
+    #[prost(bool, tag = "2")]
+    pub privileged: bool,
+    #[prost(message, optional, tag = "3")]
+    pub namespace_options: Option<NamespaceOption>,
+    #[prost(message, optional, tag = "5")]
+    pub run_as_user: Option<Int64Value>,
+    #[prost(bool, tag = "7")]
+    pub readonly_rootfs: bool,
+    #[prost(bool, tag = "11")]
+    pub no_new_privs: bool,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerConfig {
+    #[prost(message, optional, tag = "1")]
+    pub resources: Option<LinuxContainerResources>,
+    #[prost(message, optional, tag = "2")]
+    pub security_context: Option<LinuxContainerSecurityContext>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerMetadata {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "2")]
+    pub attempt: u32,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Device {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    #[prost(string, tag = "3")]
+    pub permissions: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerConfig {
+    #[prost(message, optional, tag = "1")]
+    pub metadata: Option<ContainerMetadata>,
+    #[prost(message, optional, tag = "2")]
+    pub image: Option<ImageSpec>,
+    #[prost(string, repeated, tag = "3")]
+    pub command: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    pub args: Vec<String>,
+    #[prost(string, tag = "5")]
+    pub working_dir: String,
+    #[prost(message, repeated, tag = "6")]
+    pub envs: Vec<KeyValue>,
+    #[prost(message, repeated, tag = "7")]
+    pub mounts: Vec<Mount>,
+    #[prost(message, repeated, tag = "8")]
+    pub devices: Vec<Device>,
+    #[prost(map = "string, string", tag = "9")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "10")]
+    pub annotations: HashMap<String, String>,
+    /// Relative to the pod's `log_directory`.
+    #[prost(string, tag = "11")]
+    pub log_path: String,
+    #[prost(bool, tag = "12")]
+    pub stdin: bool,
+    #[prost(bool, tag = "13")]
+    pub stdin_once: bool,
+    #[prost(bool, tag = "14")]
+    pub tty: bool,
+    #[prost(message, optional, tag = "15")]
+    pub linux: Option<LinuxContainerConfig>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateContainerRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub config: Option<ContainerConfig>,
+    #[prost(message, optional, tag = "3")]
+    pub sandbox_config: Option<PodSandboxConfig>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateContainerResponse {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StartContainerRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StartContainerResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StopContainerRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    /// Seconds before SIGKILL.
+    #[prost(int64, tag = "2")]
+    pub timeout: i64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StopContainerResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveContainerRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveContainerResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStateValue {
+    #[prost(int32, tag = "1")]
+    pub state: i32,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerFilter {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub state: Option<ContainerStateValue>,
+    #[prost(string, tag = "3")]
+    pub pod_sandbox_id: String,
+    #[prost(map = "string, string", tag = "4")]
+    pub label_selector: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainersRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<ContainerFilter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Container {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub pod_sandbox_id: String,
+    #[prost(message, optional, tag = "3")]
+    pub metadata: Option<ContainerMetadata>,
+    #[prost(message, optional, tag = "4")]
+    pub image: Option<ImageSpec>,
+    #[prost(string, tag = "5")]
+    pub image_ref: String,
+    #[prost(int32, tag = "6")]
+    pub state: i32,
+    #[prost(int64, tag = "7")]
+    pub created_at: i64,
+    #[prost(map = "string, string", tag = "8")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "9")]
+    pub annotations: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainersResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub containers: Vec<Container>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatus {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<ContainerMetadata>,
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(int64, tag = "5")]
+    pub started_at: i64,
+    #[prost(int64, tag = "6")]
+    pub finished_at: i64,
+    #[prost(int32, tag = "7")]
+    pub exit_code: i32,
+    #[prost(message, optional, tag = "8")]
+    pub image: Option<ImageSpec>,
+    #[prost(string, tag = "9")]
+    pub image_ref: String,
+    /// e.g. `Completed`, `Error`, `OOMKilled`.
+    #[prost(string, tag = "10")]
+    pub reason: String,
+    #[prost(string, tag = "11")]
+    pub message: String,
+    #[prost(map = "string, string", tag = "12")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "13")]
+    pub annotations: HashMap<String, String>,
+    #[prost(message, repeated, tag = "14")]
+    pub mounts: Vec<Mount>,
+    #[prost(string, tag = "15")]
+    pub log_path: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusResponse {
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<ContainerStatus>,
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub cmd: Vec<String>,
+    /// Seconds; 0: none.
+    #[prost(int64, tag = "3")]
+    pub timeout: i64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub stdout: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub stderr: Vec<u8>,
+    #[prost(int32, tag = "3")]
+    pub exit_code: i32,
+}
+/// `Exec`: a streaming endpoint for a command in the container (`tests/src/stream.rs`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub cmd: Vec<String>,
+    #[prost(bool, tag = "3")]
+    pub tty: bool,
+    #[prost(bool, tag = "4")]
+    pub stdin: bool,
+    #[prost(bool, tag = "5")]
+    pub stdout: bool,
+    #[prost(bool, tag = "6")]
+    pub stderr: bool,
+}
+/// `Attach`: a streaming endpoint for the container's own stdio.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AttachRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(bool, tag = "2")]
+    pub stdin: bool,
+    #[prost(bool, tag = "3")]
+    pub tty: bool,
+    #[prost(bool, tag = "4")]
+    pub stdout: bool,
+    #[prost(bool, tag = "5")]
+    pub stderr: bool,
+}
+/// `ExecResponse` and `AttachResponse`: the streaming server's URL.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamUrlResponse {
+    #[prost(string, tag = "1")]
+    pub url: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageFilter {
+    #[prost(message, optional, tag = "1")]
+    pub image: Option<ImageSpec>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListImagesRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<ImageFilter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Image {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub repo_tags: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    pub repo_digests: Vec<String>,
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListImagesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub images: Vec<Image>,
+}
