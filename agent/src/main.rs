@@ -141,9 +141,12 @@ async fn serve(log: slog::Logger, mode: &Mode, debug: bool) -> Result<(), String
     server.start().await.map_err(|e| format!("start ttrpc server on {}: {e}", mode.listen))?;
     info!(log, "agent listening"; "address" => &mode.listen);
     shutdown.notified().await;
-    // Let the DestroySandbox reply leave before the guest powers off.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server.shutdown()).await;
+    // Let the DestroySandbox reply leave before the guest powers off: the graceful shutdown
+    // waits for in-flight requests (long polls such as GetOOMEvent end at DestroySandbox).
+    let started = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let graceful = tokio::time::timeout(std::time::Duration::from_secs(1), server.shutdown()).await.is_ok();
+    info!(log, "ttrpc server stopped"; "graceful" => graceful, "elapsed_ms" => started.elapsed().as_millis() as u64);
     if let Some(path) = mode.listen.strip_prefix("unix://") {
         let _ = std::fs::remove_file(path);
     }

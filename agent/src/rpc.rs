@@ -239,7 +239,7 @@ impl agent_ttrpc::AgentService for AgentService {
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: pb::GetOOMEventRequest) -> ttrpc::Result<pb::OOMEvent> {
-        let container_id = self.containers.next_oom().await;
+        let container_id = self.containers.next_oom().await?;
         Ok(pb::OOMEvent { container_id, ..Default::default() })
     }
 

@@ -746,9 +746,17 @@ async fn pod_shares_namespaces_and_shm() {
     remove(&agent, "b").await.expect("remove b");
     assert_eq!(run_in(&agent, &pod, "last", "hostname").await, ("podhost\n".into(), 0), "the sandbox container outlives its app containers");
 
-    // ---- DestroySandbox (with the sandbox container still running): nothing is left
+    // ---- DestroySandbox (with the sandbox container still running): nothing is left. The
+    // shim's GetOOMEvent long poll is pending, as in every pod: DestroySandbox ends it, so the
+    // server shuts down gracefully at once instead of waiting out its bound for it.
+    let oom_client = agent.client.clone();
+    let oom = tokio::spawn(async move { oom_client.get_oom_event(ctx(), &pb::GetOOMEventRequest::new()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut agent = agent;
     agent.client.destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new()).await.expect("DestroySandbox");
+    let pending = tokio::time::timeout(Duration::from_secs(5), oom).await.expect("GetOOMEvent still pending after DestroySandbox");
+    let err = pending.unwrap().expect_err("GetOOMEvent after DestroySandbox");
+    assert_eq!(code(&err).0, Code::UNAVAILABLE, "GetOOMEvent after DestroySandbox: {err:?}");
     let mut child = agent.child.take().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -767,4 +775,5 @@ async fn pod_shares_namespaces_and_shm() {
     }
     assert!(!dir.join("run").exists(), "run directory left behind");
     assert!(!agent.log().contains("\"level\":\"ERRO\""), "errors in the agent log:\n{}", agent.log());
+    assert!(agent.log().contains("\"graceful\":true"), "the ttrpc server did not stop gracefully:\n{}", agent.log());
 }

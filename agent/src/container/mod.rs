@@ -214,6 +214,9 @@ pub struct Containers {
     counter: AtomicU64,
     /// Wakes GetOOMEvent when an OOM kill was queued in `pending_oom`.
     oom_queued: tokio::sync::Notify,
+    /// Set by DestroySandbox: GetOOMEvent stops waiting, so that the ttrpc server's graceful
+    /// shutdown does not wait for it before the guest powers off.
+    destroyed: std::sync::atomic::AtomicBool,
 }
 
 impl Containers {
@@ -230,6 +233,7 @@ impl Containers {
             inner: Mutex::new(Inner::default()),
             counter: AtomicU64::new(0),
             oom_queued: tokio::sync::Notify::new(),
+            destroyed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -330,6 +334,8 @@ impl Containers {
     /// unmounts the storages (the pod's `/dev/shm` included) and removes the cgroup parents.
     /// Errors are logged, never stop the teardown.
     pub async fn destroy_sandbox(&self) {
+        self.destroyed.store(true, Ordering::Relaxed);
+        self.oom_queued.notify_waiters();
         let ids: Vec<String> = self.inner.lock().unwrap().containers.keys().cloned().collect();
         let removals = ids.iter().map(|id| self.remove_container(id, Duration::from_secs(5)));
         for (id, r) in ids.iter().zip(futures::future::join_all(removals).await) {
@@ -389,16 +395,20 @@ impl Containers {
     /// returns that container's id. Counts are checked as soon as a process of a container is
     /// waited for (WaitProcess) and before a container is removed, so the event of an OOM-killed
     /// init is ready when its exit status is; otherwise polled every 200 ms while someone waits.
-    pub async fn next_oom(&self) -> String {
+    /// After DestroySandbox, what is still queued is returned, then UNAVAILABLE.
+    pub async fn next_oom(&self) -> Result<String> {
         loop {
             let queued = self.oom_queued.notified();
             if let Some(id) = self.inner.lock().unwrap().pending_oom.pop_front() {
-                return id;
+                return Ok(id);
+            }
+            if self.destroyed.load(Ordering::Relaxed) {
+                return Err(Error::new(Code::UNAVAILABLE, "GetOOMEvent: the sandbox was destroyed"));
             }
             let containers: Vec<Arc<Container>> = self.inner.lock().unwrap().containers.values().cloned().collect();
             for c in containers {
                 if self.oom_grew(&c) {
-                    return c.id.clone();
+                    return Ok(c.id.clone());
                 }
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), queued).await;
