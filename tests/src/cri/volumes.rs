@@ -74,14 +74,30 @@ pub struct ConfigMapVolume {
     pub dir: PathBuf,
     generation: u32,
     current: Option<PathBuf>,
+    /// A secret: `dir` is a tmpfs of its own (unmounted on drop).
+    tmpfs: bool,
 }
 
 impl ConfigMapVolume {
     /// Creates the volume under `root` with `data` (key, value pairs).
     pub fn create(root: &Path, pod_uid: &str, name: &str, data: &[(&str, &str)]) -> Self {
-        let dir = root.join("pods").join(pod_uid).join("volumes/kubernetes.io~configmap").join(name);
+        Self::make(root, pod_uid, "kubernetes.io~configmap", name, data, false)
+    }
+
+    /// A secret volume: the same layout on a tmpfs mounted at
+    /// `<root>/pods/<uid>/volumes/kubernetes.io~secret/<name>`, as the kubelet makes it.
+    pub fn create_secret(root: &Path, pod_uid: &str, name: &str, data: &[(&str, &str)]) -> Self {
+        Self::make(root, pod_uid, "kubernetes.io~secret", name, data, true)
+    }
+
+    fn make(root: &Path, pod_uid: &str, plugin: &str, name: &str, data: &[(&str, &str)], tmpfs: bool) -> Self {
+        let dir = root.join("pods").join(pod_uid).join("volumes").join(plugin).join(name);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let mut v = ConfigMapVolume { dir, generation: 0, current: None };
+        if tmpfs {
+            nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("mode=0755,size=1m"))
+                .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", dir.display()));
+        }
+        let mut v = ConfigMapVolume { dir, generation: 0, current: None, tmpfs };
         v.update(data);
         for (key, _) in data {
             symlink(format!("..data/{key}"), v.dir.join(key)).unwrap();
@@ -103,6 +119,14 @@ impl ConfigMapVolume {
         fs::rename(&tmp, self.dir.join("..data")).unwrap();
         if let Some(old) = self.current.replace(ts) {
             fs::remove_dir_all(&old).unwrap();
+        }
+    }
+}
+
+impl Drop for ConfigMapVolume {
+    fn drop(&mut self) {
+        if self.tmpfs {
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
