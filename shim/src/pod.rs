@@ -37,6 +37,9 @@ pub enum TaskError {
     /// Not supported by a VM runtime.
     #[error("{0}")]
     NotImplemented(String),
+    /// Refused by the agent policy in the guest.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Anything else, with its cause.
     #[error("{0}")]
     Internal(String),
@@ -50,6 +53,7 @@ impl From<crate::agent::AgentError> for TaskError {
             AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. } => TaskError::InvalidArgument(e.to_string()),
             AgentError::Status { code: ttrpc::Code::FAILED_PRECONDITION, .. } => TaskError::FailedPrecondition(e.to_string()),
             AgentError::Status { code: ttrpc::Code::ALREADY_EXISTS, .. } => TaskError::AlreadyExists(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::PERMISSION_DENIED, .. } => TaskError::PermissionDenied(e.to_string()),
             _ => TaskError::Internal(e.to_string()),
         }
     }

@@ -35,6 +35,7 @@ fn status_of(e: TaskError) -> ttrpc::Error {
         TaskError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
         TaskError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
         TaskError::NotImplemented(_) => ttrpc::Code::UNIMPLEMENTED,
+        TaskError::PermissionDenied(_) => ttrpc::Code::PERMISSION_DENIED,
         TaskError::Internal(_) => ttrpc::Code::UNKNOWN,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -302,6 +303,9 @@ mod tests {
         assert_eq!(code(TaskError::FailedPrecondition("x".into())), ttrpc::Code::FAILED_PRECONDITION);
         assert_eq!(code(TaskError::InvalidArgument("x".into())), ttrpc::Code::INVALID_ARGUMENT);
         assert_eq!(code(TaskError::NotImplemented("x".into())), ttrpc::Code::UNIMPLEMENTED);
+        assert_eq!(code(TaskError::PermissionDenied("x".into())), ttrpc::Code::PERMISSION_DENIED);
+        let refused = crate::agent::AgentError::Status { rpc: "ExecProcess", code: ttrpc::Code::PERMISSION_DENIED, message: "blocked".into() };
+        assert_eq!(code(TaskError::from(refused)), ttrpc::Code::PERMISSION_DENIED, "an agent policy refusal");
     }
 
     #[test]
