@@ -367,6 +367,38 @@ async fn containers_over_ttrpc() {
     let err = exec(&agent, "c2", "c2", process(&["/bin/true"], false)).await.unwrap_err();
     assert_eq!(code(&err).0, Code::INVALID_ARGUMENT, "{err:?}");
 
+    // The container's seccomp filter (chmod denied) holds for exec'd processes too, which still
+    // end up with exactly their own capabilities (here CAP_KILL only: bit 5), and for an exec
+    // without a capability list.
+    let mut limited = process(&["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied; grep CapEff /proc/self/status"], false);
+    let kill = vec!["CAP_KILL".to_string()];
+    limited.Capabilities = Some(agent_protocol::oci::LinuxCapabilities {
+        Bounding: kill.clone(),
+        Effective: kill.clone(),
+        Permitted: kill,
+        ..Default::default()
+    })
+    .into();
+    exec(&agent, "c2", "seccomp-caps", limited).await.expect("exec with CAP_KILL only");
+    assert_eq!(read_all(&agent, "c2", "seccomp-caps", false).await, "seccomp-denied\nCapEff:\t0000000000000020\n");
+    assert_eq!(wait(&agent, "c2", "seccomp-caps").await, 0);
+    // A non-root exec gets through the same path (its capabilities end at execve, as anywhere).
+    let mut nobody = process(&["/bin/sh", "-c", "id -u; grep CapEff /proc/self/status"], false);
+    nobody.User = Some(agent_protocol::oci::User { UID: 65534, GID: 65534, ..Default::default() }).into();
+    nobody.Capabilities = Some(agent_protocol::oci::LinuxCapabilities {
+        Bounding: vec!["CAP_KILL".into()],
+        Effective: vec!["CAP_KILL".into()],
+        Permitted: vec!["CAP_KILL".into()],
+        ..Default::default()
+    })
+    .into();
+    exec(&agent, "c2", "nobody", nobody).await.expect("exec as nobody");
+    assert_eq!(read_all(&agent, "c2", "nobody", false).await, "65534\nCapEff:\t0000000000000000\n");
+    assert_eq!(wait(&agent, "c2", "nobody").await, 0);
+    exec(&agent, "c2", "seccomp", process(&["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied"], false)).await.expect("exec");
+    assert_eq!(read_all(&agent, "c2", "seccomp", false).await, "seccomp-denied\n");
+    assert_eq!(wait(&agent, "c2", "seccomp").await, 0);
+
     // consoleSize is applied as soon as the terminal arrives, which may be after the process
     // started (as with runc): check it once the process has waited for input.
     exec(&agent, "c2", "tty", process(&["/bin/sh", "-c", "read x; stty size; tty; exit 7"], true)).await.expect("exec tty");

@@ -16,6 +16,7 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 
 use super::cgroup::error_chain;
+use super::exec_seccomp;
 use super::runtime::{Kind, Op, Reply, Request};
 
 /// libcontainer's log, kept for the reply; never written to fds 1 or 2 (in the container's
@@ -159,8 +160,17 @@ fn run(req: &Request) -> OpResult {
         }
         Op::Start => load(&req.root, &id)?.start().map(|_| None).map_err(lc),
         Op::Exec { process, console_socket } => {
-            let b = with_stdio(builder()?.with_console_socket(console_socket.as_ref()), req.stdio);
-            let pid = b.as_tenant().with_detach(true).with_process(Some(process)).build().map_err(lc)?;
+            let mut b = with_stdio(builder()?.with_console_socket(console_socket.as_ref()), req.stdio);
+            // The container's seccomp filter applies to the exec'd process too (see exec_seccomp).
+            let bundle = load(&req.root, &id)?.bundle().to_path_buf();
+            let filter = exec_seccomp::container_filter(&bundle).map_err(|e| (Kind::Internal, e))?;
+            let mut process = process.clone();
+            if let Some(filter) = filter {
+                let (path, executor) = exec_seccomp::prepare(&process, filter).map_err(|e| (Kind::Internal, e))?;
+                process = path;
+                b = b.with_executor(executor);
+            }
+            let pid = b.as_tenant().with_detach(true).with_process(Some(&process)).build().map_err(lc)?;
             Ok(Some(pid.as_raw()))
         }
         Op::Pause => load(&req.root, &id)?.pause().map(|_| None).map_err(lc),

@@ -18,6 +18,7 @@
 
 pub mod cgroup;
 pub mod device;
+pub mod exec_seccomp;
 pub mod helper;
 mod lifecycle;
 mod process;
