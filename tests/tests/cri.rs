@@ -407,6 +407,18 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (3, "out\n", "err\n"), "{r:?}");
     let r = cri.exec(&c, &["true"], 30);
     assert_eq!(r.exit_code, 0, "{r:?}");
+    // A container's seccomp profile holds for what is exec'd in it, as with runc: chmod is
+    // refused in the confined container, allowed in the other.
+    let profile = cri.ctd().dir().join("seccomp-no-chmod.json");
+    let rules = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod","fchmodat","fchmodat2"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#;
+    fs::write(&profile, rules).unwrap();
+    let mut confined = cri.container_config("confined", SLEEPER);
+    let security = confined.linux.as_mut().and_then(|l| l.security_context.as_mut()).expect("security context");
+    security.seccomp_profile_path = format!("localhost/{}", profile.display());
+    let confined = cri.run_container(&pod, &confined);
+    let chmod = ["sh", "-c", "chmod 700 /tmp && echo allowed || echo refused"];
+    assert_eq!(cri.exec_ok(&confined, &chmod), "refused\n", "chmod in a container whose profile refuses it");
+    assert_eq!(cri.exec_ok(&c, &chmod), "allowed\n", "chmod in a container without a profile");
     // ExecSync's timeout: the call fails after it and the process is killed in the guest.
     let t = Instant::now();
     let err = cri.block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2)).expect_err("ExecSync of sleep 4711 with timeout 2");

@@ -347,6 +347,9 @@ pub struct LinuxContainerSecurityContext {
     pub run_as_user: Option<Int64Value>,
     #[prost(bool, tag = "7")]
     pub readonly_rootfs: bool,
+    /// `localhost/<absolute path>` (deprecated in newer CRI, what containerd 1.6 reads).
+    #[prost(string, tag = "10")]
+    pub seccomp_profile_path: String,
     #[prost(bool, tag = "11")]
     pub no_new_privs: bool,
 }
