@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,8 +122,6 @@ impl Containers {
             oom_kills: AtomicU64::new(cg.oom_kills().unwrap_or(0)),
             cgroup: cg,
             own_pid_ns: facts.own_pid_ns,
-            has_seccomp: facts.has_seccomp,
-            seccomp_warned: AtomicBool::new(false),
             storages: std::mem::take(&mut guard.storages),
             init,
             execs: Mutex::new(HashMap::new()),
@@ -207,15 +205,14 @@ impl Containers {
         let converted = convert::spec_from_grpc(&wrapper).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
         let mut pjson = serde_json::to_value(converted.process()).map_err(|e| Error::internal(format!("{what}: {e}")))?;
         let terminal = spec::normalize_process(&mut pjson, &c.rootfs, "process").map_err(|e| Error::invalid(format!("{what}: {e}")))?;
-        if c.has_seccomp && !c.seccomp_warned.swap(true, Ordering::Relaxed) {
-            warn!(self.log, "exec'd processes run without the container's seccomp profile (libcontainer 0.7 limitation)"; "container_id" => id);
-        }
         let file = c.bundle.join(format!("exec-{}.json", self.next()));
         write_json(&file, &pjson).map_err(|e| Error::internal(format!("{what}: {e}")))?;
         let console = console_size(&pjson);
         let op_file = file.clone();
         let spawned = self.spawn_process(id, exec_id, terminal, console, |console_socket| Op::Exec { process: op_file, console_socket }).await;
         let _ = std::fs::remove_file(&file);
+        // The helper's copy with capabilities raised for the seccomp install (exec_seccomp.rs).
+        let _ = std::fs::remove_file(file.with_extension("seccomp.json"));
         let p = spawned?;
         c.finished.lock().unwrap().0.remove(exec_id);
         info!(self.log, "process started"; "container_id" => id, "exec_id" => exec_id, "pid" => p.pid);

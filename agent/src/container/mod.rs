@@ -108,8 +108,6 @@ pub struct Container {
     bundle: PathBuf,
     cgroup: Cgroup,
     own_pid_ns: bool,
-    has_seccomp: bool,
-    seccomp_warned: AtomicBool,
     storages: Vec<Mounted>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -217,7 +215,7 @@ pub struct Containers {
     oom_queued: tokio::sync::Notify,
     /// Set by DestroySandbox: GetOOMEvent stops waiting, so that the ttrpc server's graceful
     /// shutdown does not wait for it before the guest powers off.
-    destroyed: std::sync::atomic::AtomicBool,
+    destroyed: AtomicBool,
 }
 
 impl Containers {
@@ -234,7 +232,7 @@ impl Containers {
             inner: Mutex::new(Inner::default()),
             counter: AtomicU64::new(0),
             oom_queued: tokio::sync::Notify::new(),
-            destroyed: std::sync::atomic::AtomicBool::new(false),
+            destroyed: AtomicBool::new(false),
         }
     }
 

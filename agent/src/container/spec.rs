@@ -45,7 +45,6 @@ pub fn valid_id(id: &str) -> bool {
 /// What normalisation learned about the spec.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Facts {
-    pub has_seccomp: bool,
     /// The container has its own pid namespace (killing init kills everything in it).
     pub own_pid_ns: bool,
     pub terminal: bool,
@@ -106,7 +105,6 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dy
     for key in ["mountLabel", "intelRdt"] {
         linux.remove(key);
     }
-    facts.has_seccomp = linux.get("seccomp").is_some_and(|s| !s.is_null());
     let ns = linux.entry("namespaces").or_insert_with(|| json!([]));
     if !ns.is_array() {
         return Err("OCI.Linux.Namespaces: not a list".into());
@@ -290,7 +288,7 @@ mod tests {
     fn normalizes_for_the_guest() {
         let mut s = base();
         let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
-        assert!(facts.has_seccomp && facts.own_pid_ns && !facts.terminal);
+        assert!(facts.own_pid_ns && !facts.terminal);
         assert!(s.get("hooks").is_none());
         let p = &s["process"];
         assert!(p.get("noNewPrivileges").is_none());
