@@ -45,6 +45,14 @@ pub enum TaskError {
     Internal(String),
 }
 
+/// The CPUs a container's CFS limit allows, rounded up (`quota / period`); none when unlimited.
+fn cpu_limit(quota: Option<i64>, period: Option<u64>) -> Option<u32> {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p).min(u32::MAX as u64) as u32),
+        _ => None,
+    }
+}
+
 impl From<crate::agent::AgentError> for TaskError {
     fn from(e: crate::agent::AgentError) -> Self {
         use crate::agent::AgentError;
@@ -117,6 +125,10 @@ struct Vm {
     shared: SharedDir,
     /// Boot memory (MiB) plus what was hot-plugged for containers.
     memory_mib: Mutex<u64>,
+    /// Boot vCPUs plus those hot-plugged for containers' CPU limits.
+    vcpus: Mutex<u32>,
+    /// `default_maxvcpus` resolved against the host: the hot-plug ceiling.
+    max_vcpus: u32,
     /// The container manager sized the VM (sandbox annotations): no per-container hotplug.
     sized_by_manager: bool,
     /// Hot-plugged devices so far (for unique ids).
@@ -238,6 +250,8 @@ impl Pod {
             sandbox,
             shared,
             memory_mib: Mutex::new(config.hypervisor.default_memory),
+            vcpus: Mutex::new(config.hypervisor.default_vcpus),
+            max_vcpus: config.hypervisor.max_vcpus(hypervisor::host::host_cpus()),
             sized_by_manager: applied.sized_by_manager,
             next_device: std::sync::atomic::AtomicU32::new(0),
         });
@@ -246,20 +260,19 @@ impl Pod {
         Ok(vm)
     }
 
-    /// Hot-plugs the container's memory limit into the VM (unless the container manager sized
-    /// the VM for the whole pod), so the guest can hold what the container may use.
+    /// Hot-plugs the container's memory limit and CPU limit into the VM (unless the container
+    /// manager sized the VM for the whole pod), so the guest can hold and run what the container
+    /// may use. Like Kata, what was added stays until the VM stops.
     async fn grow_for(&self, vm: &Vm, oci: &oci_spec::runtime::Spec, id: &str) -> TaskResult<()> {
-        let limit = oci
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref())
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-            .filter(|l| *l > 0);
-        let Some(limit) = limit else { return Ok(()) };
         if vm.sized_by_manager {
             return Ok(());
         }
+        let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
+        if let Some(cpus) = resources.and_then(|r| r.cpu().as_ref()).and_then(|c| cpu_limit(c.quota(), c.period())) {
+            self.grow_vcpus(vm, cpus, id).await?;
+        }
+        let limit = resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()).filter(|l| *l > 0);
+        let Some(limit) = limit else { return Ok(()) };
         let want = *vm.memory_mib.lock().unwrap() + (limit as u64).div_ceil(1 << 20);
         let total = vm
             .sandbox
@@ -268,6 +281,29 @@ impl Pod {
             .map_err(|e| TaskError::Internal(format!("cannot hot-plug memory for container {id} (limit {limit} bytes): {e}")))?;
         *vm.memory_mib.lock().unwrap() = total.0;
         info!(self.log, "guest memory grown for a container"; "container" => id, "total_mib" => total.0);
+        Ok(())
+    }
+
+    /// Adds `cpus` vCPUs for a container, up to `max_vcpus` (beyond it the container shares what
+    /// there is, with a warning naming the key that raises the ceiling).
+    async fn grow_vcpus(&self, vm: &Vm, cpus: u32, id: &str) -> TaskResult<()> {
+        let current = *vm.vcpus.lock().unwrap();
+        let want = current.saturating_add(cpus);
+        if want > vm.max_vcpus {
+            warn!(self.log, "a container's CPU limit goes beyond default_maxvcpus; the VM stays at its ceiling";
+                "container" => id, "limit_cpus" => cpus, "max_vcpus" => vm.max_vcpus);
+        }
+        let want = want.min(vm.max_vcpus);
+        if want <= current {
+            return Ok(());
+        }
+        let total = vm
+            .sandbox
+            .grow_vcpus(current, want)
+            .await
+            .map_err(|e| TaskError::Internal(format!("cannot hot-plug {} vCPUs for container {id} (CPU limit {cpus}): {e}", want - current)))?;
+        *vm.vcpus.lock().unwrap() = total;
+        info!(self.log, "vCPUs added for a container"; "container" => id, "total_vcpus" => total);
         Ok(())
     }
 
@@ -706,5 +742,20 @@ impl Pod {
     /// Ids of the containers (for `delete` and diagnostics).
     pub fn container_ids(&self) -> Vec<String> {
         self.containers.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_limit;
+
+    #[test]
+    fn cpu_limits_round_up_and_unlimited_is_none() {
+        assert_eq!(cpu_limit(Some(100_000), Some(100_000)), Some(1));
+        assert_eq!(cpu_limit(Some(150_000), Some(100_000)), Some(2));
+        assert_eq!(cpu_limit(Some(10_000), Some(100_000)), Some(1), "any limit needs one CPU");
+        assert_eq!(cpu_limit(Some(-1), Some(100_000)), None, "-1: unlimited");
+        assert_eq!(cpu_limit(Some(100_000), Some(0)), None);
+        assert_eq!(cpu_limit(None, Some(100_000)), None);
     }
 }

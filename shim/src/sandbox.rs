@@ -175,6 +175,16 @@ impl Sandbox {
         Ok(new)
     }
 
+    /// Grows the VM from `current` to `count` vCPUs and has the guest online the added ones;
+    /// returns the new count.
+    pub async fn grow_vcpus(&self, current: u32, count: u32) -> Result<u32, BootError> {
+        let new = self.vm.resize_vcpus(count).await?;
+        if new > current {
+            self.agent.online_cpu_mem(new - current, true).await?;
+        }
+        Ok(new)
+    }
+
     /// Asks the guest to shut down, then stops the VM and removes everything on the host.
     pub async fn shutdown(&self) -> Result<(), hypervisor::Error> {
         match tokio::time::timeout(Duration::from_secs(5), self.agent.destroy_sandbox()).await {

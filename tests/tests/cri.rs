@@ -555,6 +555,35 @@ fn streaming_exec_with_tty_and_resize_and_attach() {
     cri.remove_pod(&pod);
 }
 
+/// A container's CPU limit hot-plugs vCPUs into the pod's VM (quota / period rounded up, as
+/// Kata does) up to `default_maxvcpus` (0: the host's CPU count); a limit beyond that ceiling
+/// starts the container anyway. The guest's online CPUs are read from a container.
+#[test]
+fn cpu_limits_hot_plug_vcpus_up_to_the_ceiling() {
+    require_kata("vCPU hot-plug");
+    let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cri = CriContainerd::start();
+    let pod = cri.run_pod(&cri.pod_config("cpus"));
+    let online = |c: &str| cri.exec_ok(c, &["cat", "/sys/devices/system/cpu/online"]).trim().to_string();
+    let range = |n: usize| if n == 1 { "0".to_string() } else { format!("0-{}", n - 1) };
+    let plain = cri.run_container(&pod, &cri.container_config("plain", SLEEPER));
+    assert_eq!(online(&plain), "0", "default_vcpus = 1 before any CPU limit");
+    let limited = |name: &str, quota: i64| {
+        let mut c = cri.container_config(name, SLEEPER);
+        let r = c.linux.as_mut().and_then(|l| l.resources.as_mut()).expect("resources");
+        (r.cpu_quota, r.cpu_period) = (quota, 100_000);
+        cri.run_container(&pod, &c)
+    };
+    let one = limited("one-cpu", 100_000);
+    assert_eq!(online(&one), range(2.min(host_cpus)), "1 + 1 vCPU for a 1-CPU limit");
+    assert_eq!(online(&plain), online(&one), "the pod's containers share the VM's CPUs");
+    // 1.5 CPUs round up to 2; the total is capped at the host's CPUs.
+    let more = limited("more-cpus", 150_000);
+    assert_eq!(cri.container_status(&more).state, proto::CONTAINER_RUNNING);
+    assert_eq!(online(&more), range(4.min(host_cpus)), "vCPUs after limits of 1 and 1.5 CPUs on {host_cpus} host CPUs");
+    cri.remove_pod(&pod);
+}
+
 /// A container over its memory limit is OOM-killed: ContainerStatus says OOMKilled, exit 137.
 /// The same allocation without a limit succeeds in the same pod (so it is the container's
 /// limit that kills, not a small VM).
