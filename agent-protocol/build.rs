@@ -11,25 +11,12 @@ use std::path::Path;
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 /// Proto files compiled, relative to `protos/`.
-const PROTOS: &[&str] = &[
-    "agent.proto",
-    "health.proto",
-    "oci.proto",
-    "types.proto",
-    "csi.proto",
-];
+const PROTOS: &[&str] = &["agent.proto", "health.proto", "oci.proto", "types.proto", "csi.proto"];
 
 /// Files the code generators write for `PROTOS` (rust-protobuf: `<name>.rs`; ttrpc: `<name>_ttrpc.rs`
 /// for files that declare a service).
-const GENERATED: &[&str] = &[
-    "agent.rs",
-    "agent_ttrpc.rs",
-    "health.rs",
-    "health_ttrpc.rs",
-    "oci.rs",
-    "types.rs",
-    "csi.rs",
-];
+const GENERATED: &[&str] =
+    &["agent.rs", "agent_ttrpc.rs", "health.rs", "health_ttrpc.rs", "oci.rs", "types.rs", "csi.rs"];
 
 fn main() {
     let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
@@ -45,10 +32,7 @@ fn main() {
         .inputs(&inputs)
         .include("protos")
         .rust_protobuf()
-        .customize(Customize {
-            async_all: true,
-            ..Default::default()
-        })
+        .customize(Customize { async_all: true, ..Default::default() })
         // Modules are declared by hand in src/lib.rs (one `include!` per file).
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
         .run()
@@ -56,8 +40,7 @@ fn main() {
 
     for name in GENERATED {
         let path = Path::new(&out_dir).join(name);
-        let text = fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("read generated {}: {e}", path.display()));
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read generated {}: {e}", path.display()));
         let kept: Vec<&str> = text
             .lines()
             .filter(|line| {
@@ -65,7 +48,6 @@ fn main() {
                 !(t.starts_with("#![") || t.starts_with("//!"))
             })
             .collect();
-        fs::write(&path, kept.join("\n") + "\n")
-            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::write(&path, kept.join("\n") + "\n").unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 }

@@ -112,20 +112,13 @@ impl ConvertError {
     }
 
     fn invalid(field: &str, value: &str) -> Self {
-        Self::Invalid {
-            field: field.to_owned(),
-            value: value.to_owned(),
-        }
+        Self::Invalid { field: field.to_owned(), value: value.to_owned() }
     }
 
     /// Prefixes the field path with the enclosing field `parent`.
     fn within(mut self, parent: &str) -> Self {
         let (Self::Invalid { field, .. } | Self::OutOfRange { field, .. }) = &mut self;
-        *field = if field.is_empty() {
-            parent.to_owned()
-        } else {
-            format!("{parent}.{field}")
-        };
+        *field = if field.is_empty() { parent.to_owned() } else { format!("{parent}.{field}") };
         self
     }
 }
@@ -172,16 +165,12 @@ fn vec_of<T, U>(value: &Option<Vec<T>>, f: impl FnMut(&T) -> U) -> Vec<U> {
 
 /// Parses an OCI JSON enum spelling through the type's serde implementation.
 fn parse<T: DeserializeOwned>(field: &str, value: &str) -> Result<T> {
-    serde_json::from_value(serde_json::Value::String(value.to_owned()))
-        .map_err(|_| ConvertError::invalid(field, value))
+    serde_json::from_value(serde_json::Value::String(value.to_owned())).map_err(|_| ConvertError::invalid(field, value))
 }
 
 /// A narrowing integer conversion.
 fn fit<T: TryFrom<S>, S: Copy + ToString>(field: &str, value: S) -> Result<T> {
-    T::try_from(value).map_err(|_| ConvertError::OutOfRange {
-        field: field.to_owned(),
-        value: value.to_string(),
-    })
+    T::try_from(value).map_err(|_| ConvertError::OutOfRange { field: field.to_owned(), value: value.to_string() })
 }
 
 /// `None` for the zero value.
@@ -212,23 +201,12 @@ fn built<T>(result: std::result::Result<T, oci_spec::OciSpecError>) -> Result<T>
 }
 
 /// Converts a present message; errors are prefixed with `field`.
-fn msg_from<G, O>(
-    field: &str,
-    value: &MessageField<G>,
-    f: impl FnOnce(&G) -> Result<O>,
-) -> Result<Option<O>> {
-    value
-        .as_ref()
-        .map(|g| f(g).map_err(|e| e.within(field)))
-        .transpose()
+fn msg_from<G, O>(field: &str, value: &MessageField<G>, f: impl FnOnce(&G) -> Result<O>) -> Result<Option<O>> {
+    value.as_ref().map(|g| f(g).map_err(|e| e.within(field))).transpose()
 }
 
 /// Converts a non-empty list; errors are prefixed with `field[index]`.
-fn list<G, O>(
-    field: &str,
-    items: &[G],
-    mut f: impl FnMut(&G) -> Result<O>,
-) -> Result<Option<Vec<O>>> {
+fn list<G, O>(field: &str, items: &[G], mut f: impl FnMut(&G) -> Result<O>) -> Result<Option<Vec<O>>> {
     if items.is_empty() {
         return Ok(None);
     }
@@ -280,8 +258,7 @@ pub fn spec_from_grpc(spec: &grpc::Spec) -> Result<rt::Spec> {
         .set_process(msg_from("Process", &spec.Process, process_from_grpc)?)
         .set_root(msg_from("Root", &spec.Root, |r| {
             let mut root = rt::Root::default();
-            root.set_path(PathBuf::from(&r.Path))
-                .set_readonly(nz(r.Readonly));
+            root.set_path(PathBuf::from(&r.Path)).set_readonly(nz(r.Readonly));
             Ok(root)
         })?)
         .set_hostname(opt_str(&spec.Hostname))
@@ -374,21 +351,10 @@ fn process_from_grpc(p: &grpc::Process) -> Result<rt::Process> {
     })?;
     let rlimits = list("Rlimits", &p.Rlimits, |r| {
         let typ: rt::PosixRlimitType = parse("Type", &r.Type)?;
-        built(
-            rt::PosixRlimitBuilder::default()
-                .typ(typ)
-                .hard(r.Hard)
-                .soft(r.Soft)
-                .build(),
-        )
+        built(rt::PosixRlimitBuilder::default().typ(typ).hard(r.Hard).soft(r.Soft).build())
     })?;
     let console_size = msg_from("ConsoleSize", &p.ConsoleSize, |b| {
-        built(
-            rt::BoxBuilder::default()
-                .height(b.Height)
-                .width(b.Width)
-                .build(),
-        )
+        built(rt::BoxBuilder::default().height(b.Height).width(b.Width).build())
     })?;
     let mut out = rt::Process::default();
     out.set_terminal(nz(p.Terminal))
@@ -458,18 +424,11 @@ fn hooks_from_grpc(h: &grpc::Hooks) -> Result<rt::Hooks> {
 // Linux.
 
 fn id_mapping_to_grpc(m: &rt::LinuxIdMapping) -> grpc::LinuxIDMapping {
-    grpc::LinuxIDMapping {
-        HostID: m.host_id(),
-        ContainerID: m.container_id(),
-        Size: m.size(),
-        ..Default::default()
-    }
+    grpc::LinuxIDMapping { HostID: m.host_id(), ContainerID: m.container_id(), Size: m.size(), ..Default::default() }
 }
 
 fn id_mapping_from_grpc(m: &grpc::LinuxIDMapping) -> Result<rt::LinuxIdMapping> {
-    let mapping = rt::LinuxIdMappingBuilder::default()
-        .host_id(m.HostID)
-        .container_id(m.ContainerID);
+    let mapping = rt::LinuxIdMappingBuilder::default().host_id(m.HostID).container_id(m.ContainerID);
     built(mapping.size(m.Size).build())
 }
 
@@ -550,22 +509,11 @@ fn linux_from_grpc(l: &grpc::Linux) -> Result<rt::Linux> {
 // Resources.
 
 fn throttle_to_grpc(t: &rt::LinuxThrottleDevice) -> grpc::LinuxThrottleDevice {
-    grpc::LinuxThrottleDevice {
-        Major: t.major(),
-        Minor: t.minor(),
-        Rate: t.rate(),
-        ..Default::default()
-    }
+    grpc::LinuxThrottleDevice { Major: t.major(), Minor: t.minor(), Rate: t.rate(), ..Default::default() }
 }
 
 fn throttle_from_grpc(t: &grpc::LinuxThrottleDevice) -> Result<rt::LinuxThrottleDevice> {
-    built(
-        rt::LinuxThrottleDeviceBuilder::default()
-            .major(t.Major)
-            .minor(t.Minor)
-            .rate(t.Rate)
-            .build(),
-    )
+    built(rt::LinuxThrottleDeviceBuilder::default().major(t.Major).minor(t.Minor).rate(t.Rate).build())
 }
 
 #[allow(deprecated)] // kernel memory limits are deprecated but still carried
@@ -600,10 +548,7 @@ fn resources_to_grpc(r: &rt::LinuxResources) -> grpc::LinuxResources {
             Mems: string(c.mems()),
             ..Default::default()
         }),
-        Pids: msg(r.pids(), |p| grpc::LinuxPids {
-            Limit: p.limit(),
-            ..Default::default()
-        }),
+        Pids: msg(r.pids(), |p| grpc::LinuxPids { Limit: p.limit(), ..Default::default() }),
         BlockIO: msg(r.block_io(), |b| grpc::LinuxBlockIO {
             Weight: weight(b.weight()),
             LeafWeight: weight(b.leaf_weight()),
@@ -688,9 +633,7 @@ fn resources_from_grpc(r: &grpc::LinuxResources) -> Result<rt::LinuxResources> {
             .set_weight(weight("Weight", b.Weight)?)
             .set_leaf_weight(weight("LeafWeight", b.LeafWeight)?)
             .set_weight_device(list("WeightDevice", &b.WeightDevice, |d| {
-                let mut dev = rt::LinuxWeightDeviceBuilder::default()
-                    .major(d.Major)
-                    .minor(d.Minor);
+                let mut dev = rt::LinuxWeightDeviceBuilder::default().major(d.Major).minor(d.Minor);
                 if let Some(w) = weight("Weight", d.Weight)? {
                     dev = dev.weight(w);
                 }
@@ -699,11 +642,7 @@ fn resources_from_grpc(r: &grpc::LinuxResources) -> Result<rt::LinuxResources> {
                 }
                 built(dev.build())
             })?)
-            .set_throttle_read_bps_device(list(
-                "ThrottleReadBpsDevice",
-                &b.ThrottleReadBpsDevice,
-                throttle_from_grpc,
-            )?)
+            .set_throttle_read_bps_device(list("ThrottleReadBpsDevice", &b.ThrottleReadBpsDevice, throttle_from_grpc)?)
             .set_throttle_write_bps_device(list(
                 "ThrottleWriteBpsDevice",
                 &b.ThrottleWriteBpsDevice,
@@ -723,19 +662,16 @@ fn resources_from_grpc(r: &grpc::LinuxResources) -> Result<rt::LinuxResources> {
     })?)
     .set_hugepage_limits(list("HugepageLimits", &r.HugepageLimits, |h| {
         let mut limit = rt::LinuxHugepageLimit::default();
-        limit
-            .set_page_size(h.Pagesize.clone())
-            .set_limit(fit("Limit", h.Limit)?);
+        limit.set_page_size(h.Pagesize.clone()).set_limit(fit("Limit", h.Limit)?);
         Ok(limit)
     })?)
     .set_network(msg_from("Network", &r.Network, |n| {
         let mut net = rt::LinuxNetwork::default();
-        net.set_class_id(nz(n.ClassID))
-            .set_priorities(list("Priorities", &n.Priorities, |p| {
-                let mut prio = rt::LinuxInterfacePriority::default();
-                prio.set_name(p.Name.clone()).set_priority(p.Priority);
-                Ok(prio)
-            })?);
+        net.set_class_id(nz(n.ClassID)).set_priorities(list("Priorities", &n.Priorities, |p| {
+            let mut prio = rt::LinuxInterfacePriority::default();
+            prio.set_name(p.Name.clone()).set_priority(p.Priority);
+            Ok(prio)
+        })?);
         Ok(net)
     })?);
     Ok(out)
@@ -780,9 +716,7 @@ fn seccomp_from_grpc(s: &grpc::LinuxSeccomp) -> Result<rt::LinuxSeccomp> {
                 .set_args(list("Args", &c.Args, |a| {
                     let op: rt::LinuxSeccompOperator = parse("Op", &a.Op)?;
                     let index: usize = fit("Index", a.Index)?;
-                    let mut arg = rt::LinuxSeccompArgBuilder::default()
-                        .index(index)
-                        .value(a.Value);
+                    let mut arg = rt::LinuxSeccompArgBuilder::default().index(index).value(a.Value);
                     if let Some(v) = nz(a.ValueTwo) {
                         arg = arg.value_two(v);
                     }
@@ -937,9 +871,7 @@ mod tests {
         let mut syscalls = seccomp.syscalls().clone().unwrap();
         let clone = &mut syscalls[2];
         let args: Vec<_> = clone.args().clone().unwrap();
-        let mut arg = rt::LinuxSeccompArgBuilder::default()
-            .index(args[0].index())
-            .value(args[0].value());
+        let mut arg = rt::LinuxSeccompArgBuilder::default().index(args[0].index()).value(args[0].value());
         arg = arg.op(args[0].op()); // valueTwo 0 -> None
         clone.set_args(Some(vec![arg.build().unwrap()]));
         seccomp.set_syscalls(Some(syscalls));
@@ -956,10 +888,7 @@ mod tests {
         assert_ne!(original, expected, "normalization must change something");
         assert_eq!(back, expected);
         // And the result is a fixed point of the conversion.
-        assert_eq!(
-            spec_from_grpc(&wire_round_trip(&spec_to_grpc(&back))).unwrap(),
-            back
-        );
+        assert_eq!(spec_from_grpc(&wire_round_trip(&spec_to_grpc(&back))).unwrap(), back);
         assert_eq!(spec_to_grpc(&back), grpc);
     }
 
@@ -971,23 +900,13 @@ mod tests {
         assert_eq!(p.Args, ["/bin/sh", "-c", "exec nginx -g 'daemon off;'"]);
         assert_eq!(p.Cwd, "/srv");
         assert_eq!((p.ConsoleSize.Height, p.ConsoleSize.Width), (40, 120));
-        assert_eq!(
-            (p.User.UID, p.User.GID, p.User.AdditionalGids.as_slice()),
-            (1000, 1000, &[10, 1000][..])
-        );
+        assert_eq!((p.User.UID, p.User.GID, p.User.AdditionalGids.as_slice()), (1000, 1000, &[10, 1000][..]));
         assert_eq!(p.OOMScoreAdj, -998);
         let caps = p.Capabilities.as_ref().unwrap();
         assert_eq!(caps.Bounding.len(), 14);
         assert!(caps.Bounding.contains(&"CAP_NET_BIND_SERVICE".to_string()));
-        assert!(
-            caps.Bounding.windows(2).all(|w| w[0] < w[1]),
-            "sorted: {:?}",
-            caps.Bounding
-        );
-        assert_eq!(
-            caps.Effective,
-            ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-        );
+        assert!(caps.Bounding.windows(2).all(|w| w[0] < w[1]), "sorted: {:?}", caps.Bounding);
+        assert_eq!(caps.Effective, ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
         assert!(caps.Inheritable.is_empty());
         assert_eq!(p.Rlimits[0].Type, "RLIMIT_NOFILE");
         assert_eq!((p.Rlimits[0].Hard, p.Rlimits[0].Soft), (1048576, 1024));
@@ -995,57 +914,33 @@ mod tests {
         assert_eq!(g.Mounts[8].source, "");
         assert_eq!(g.Hooks.CreateRuntime[0].Timeout, 10);
         assert_eq!(g.Hooks.Prestart[0].Args, ["netns-setup", "--pid"]);
-        assert_eq!(
-            g.Annotations["io.kubernetes.cri.container-type"],
-            "container"
-        );
+        assert_eq!(g.Annotations["io.kubernetes.cri.container-type"], "container");
 
         let l = g.Linux.as_ref().unwrap();
         let types: Vec<&str> = l.Namespaces.iter().map(|n| n.Type.as_str()).collect();
-        assert_eq!(
-            types,
-            ["pid", "network", "ipc", "uts", "mount", "user", "cgroup"]
-        );
+        assert_eq!(types, ["pid", "network", "ipc", "uts", "mount", "user", "cgroup"]);
         assert_eq!(l.Namespaces[1].Path, "/var/run/netns/cni-3f2a");
         assert_eq!(l.UIDMappings[0].HostID, 100000);
-        assert_eq!(
-            (l.Devices[0].Type.as_str(), l.Devices[1].Type.as_str()),
-            ("c", "b")
-        );
+        assert_eq!((l.Devices[0].Type.as_str(), l.Devices[1].Type.as_str()), ("c", "b"));
         assert_eq!(l.Devices[0].FileMode, 0o666);
         let r = l.Resources.as_ref().unwrap();
         assert_eq!((r.Devices[0].Type.as_str(), r.Devices[0].Major), ("", 0));
         assert_eq!((r.Devices[1].Type.as_str(), r.Devices[1].Minor), ("c", 229));
-        assert_eq!(
-            (r.Memory.Limit, r.Memory.Swap, r.Memory.Kernel),
-            (536870912, -1, 0)
-        );
+        assert_eq!((r.Memory.Limit, r.Memory.Swap, r.Memory.Kernel), (536870912, -1, 0));
         assert!(r.Memory.DisableOOMKiller);
-        assert_eq!(
-            (r.CPU.Quota, r.CPU.Period, r.CPU.Cpus.as_str()),
-            (50000, 100000, "0-1")
-        );
+        assert_eq!((r.CPU.Quota, r.CPU.Period, r.CPU.Cpus.as_str()), (50000, 100000, "0-1"));
         assert_eq!(r.Pids.Limit, 4096);
-        assert_eq!(
-            (r.BlockIO.Weight, r.BlockIO.WeightDevice[0].LeafWeight),
-            (500, 0)
-        );
+        assert_eq!((r.BlockIO.Weight, r.BlockIO.WeightDevice[0].LeafWeight), (500, 0));
         assert_eq!(r.BlockIO.ThrottleWriteIOPSDevice[0].Rate, 1000);
         assert_eq!(r.HugepageLimits[0].Pagesize, "2MB");
         assert_eq!(r.Network.Priorities[0].Name, "eth0");
         let s = l.Seccomp.as_ref().unwrap();
         assert_eq!(s.DefaultAction, "SCMP_ACT_ERRNO");
-        assert_eq!(
-            s.Architectures,
-            ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-        );
+        assert_eq!(s.Architectures, ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]);
         assert_eq!(s.Flags, ["SECCOMP_FILTER_FLAG_LOG"]);
         assert_eq!(s.Syscalls[0].Action, "SCMP_ACT_ALLOW");
         assert!(!s.Syscalls[0].has_errnoret());
-        assert_eq!(
-            (s.Syscalls[2].errnoret(), s.Syscalls[2].Args[0].Op.as_str()),
-            (1, "SCMP_CMP_MASKED_EQ")
-        );
+        assert_eq!((s.Syscalls[2].errnoret(), s.Syscalls[2].Args[0].Op.as_str()), (1, "SCMP_CMP_MASKED_EQ"));
         assert!(s.Syscalls[3].has_errnoret() && s.Syscalls[3].errnoret() == 0);
         assert_eq!(s.Syscalls[4].Args[0].ValueTwo, 4294967295);
         assert_eq!(l.RootfsPropagation, "rslave");
@@ -1072,10 +967,7 @@ mod tests {
         assert_eq!((process.terminal(), process.oom_score_adj()), (None, None));
         assert_eq!(back.hostname(), &None);
         // An empty message keeps its presence; absent messages stay absent.
-        let empty = grpc::Spec {
-            Linux: MessageField::some(grpc::Linux::default()),
-            ..Default::default()
-        };
+        let empty = grpc::Spec { Linux: MessageField::some(grpc::Linux::default()), ..Default::default() };
         let back = spec_from_grpc(&wire_round_trip(&empty)).unwrap();
         assert_eq!(back.linux().as_ref().unwrap().namespaces(), &None);
         assert!(back.process().is_none() && back.root().is_none() && back.mounts().is_none());
@@ -1090,22 +982,13 @@ mod tests {
             spec_from_grpc(&g).expect_err("must be rejected")
         };
         let e = err(&|g| g.Linux.as_mut().unwrap().Namespaces[1].Type = "bogus".into());
-        assert_eq!(
-            (e.field(), e.value()),
-            ("Linux.Namespaces[1].Type", "bogus")
-        );
-        assert_eq!(
-            e.to_string(),
-            "Linux.Namespaces[1].Type: invalid value \"bogus\""
-        );
+        assert_eq!((e.field(), e.value()), ("Linux.Namespaces[1].Type", "bogus"));
+        assert_eq!(e.to_string(), "Linux.Namespaces[1].Type: invalid value \"bogus\"");
         let e = err(&|g| {
             let caps = g.Process.as_mut().unwrap().Capabilities.as_mut().unwrap();
             caps.Bounding[3] = "CAP_NOPE".into();
         });
-        assert_eq!(
-            (e.field(), e.value()),
-            ("Process.Capabilities.Bounding[3]", "CAP_NOPE")
-        );
+        assert_eq!((e.field(), e.value()), ("Process.Capabilities.Bounding[3]", "CAP_NOPE"));
         let e = err(&|g| g.Process.as_mut().unwrap().OOMScoreAdj = i64::MAX);
         assert!(matches!(e, ConvertError::OutOfRange { .. }), "{e}");
         assert_eq!(e.field(), "Process.OOMScoreAdj");
@@ -1120,22 +1003,10 @@ mod tests {
             let r = g.Linux.as_mut().unwrap().Resources.as_mut().unwrap();
             r.BlockIO.as_mut().unwrap().WeightDevice[0].Weight = 70000;
         });
-        assert_eq!(
-            (e.field(), e.value()),
-            ("Linux.Resources.BlockIO.WeightDevice[0].Weight", "70000")
-        );
+        assert_eq!((e.field(), e.value()), ("Linux.Resources.BlockIO.WeightDevice[0].Weight", "70000"));
         let e = err(&|g| g.Process.as_mut().unwrap().Rlimits[1].Type = "RLIMIT_BOGUS".into());
         assert_eq!(e.field(), "Process.Rlimits[1].Type");
-        let e = err(&|g| {
-            g.Linux
-                .as_mut()
-                .unwrap()
-                .Seccomp
-                .as_mut()
-                .unwrap()
-                .DefaultAction
-                .clear()
-        });
+        let e = err(&|g| g.Linux.as_mut().unwrap().Seccomp.as_mut().unwrap().DefaultAction.clear());
         assert_eq!(e.field(), "Linux.Seccomp.DefaultAction");
     }
 
@@ -1143,32 +1014,11 @@ mod tests {
     fn accepts_kata_rust_runtime_spellings() {
         let mut g = spec_to_grpc(&config());
         g.Linux.as_mut().unwrap().Namespaces[1].Type = "net".into();
-        g.Process
-            .as_mut()
-            .unwrap()
-            .Capabilities
-            .as_mut()
-            .unwrap()
-            .Ambient = vec!["NET_BIND_SERVICE".into()];
+        g.Process.as_mut().unwrap().Capabilities.as_mut().unwrap().Ambient = vec!["NET_BIND_SERVICE".into()];
         let back = spec_from_grpc(&g).unwrap();
-        let ns = &back
-            .linux()
-            .as_ref()
-            .unwrap()
-            .namespaces()
-            .as_ref()
-            .unwrap()[1];
+        let ns = &back.linux().as_ref().unwrap().namespaces().as_ref().unwrap()[1];
         assert_eq!(ns.typ(), rt::LinuxNamespaceType::Network);
-        let caps = back
-            .process()
-            .as_ref()
-            .unwrap()
-            .capabilities()
-            .clone()
-            .unwrap();
-        assert_eq!(
-            caps.ambient(),
-            &Some([rt::Capability::NetBindService].into_iter().collect())
-        );
+        let caps = back.process().as_ref().unwrap().capabilities().clone().unwrap();
+        assert_eq!(caps.ambient(), &Some([rt::Capability::NetBindService].into_iter().collect()));
     }
 }

@@ -171,17 +171,9 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let header = format!("service {service}");
-        let start = without_comments
-            .find(&header)
-            .unwrap_or_else(|| panic!("no `{header}` in proto"));
-        let body_start = start
-            + without_comments[start..]
-                .find('{')
-                .expect("service has a body")
-            + 1;
-        let body_len = without_comments[body_start..]
-            .find('}')
-            .expect("service body is closed");
+        let start = without_comments.find(&header).unwrap_or_else(|| panic!("no `{header}` in proto"));
+        let body_start = start + without_comments[start..].find('{').expect("service has a body") + 1;
+        let body_len = without_comments[body_start..].find('}').expect("service body is closed");
         let body = &without_comments[body_start..body_start + body_len];
         body.split_whitespace()
             .collect::<Vec<_>>()
@@ -202,12 +194,8 @@ mod tests {
     fn rpc_list_matches_generated_descriptor() {
         // The compiled descriptor is what the generated server registers; it must agree too.
         let fd = agent::file_descriptor();
-        let service = fd
-            .proto()
-            .service
-            .iter()
-            .find(|s| s.name() == "AgentService")
-            .expect("AgentService in descriptor");
+        let service =
+            fd.proto().service.iter().find(|s| s.name() == "AgentService").expect("AgentService in descriptor");
         let names: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
         assert_eq!(AGENT_SERVICE_RPCS, names.as_slice());
         assert_eq!(fd.proto().package(), "grpc");
@@ -229,9 +217,6 @@ mod tests {
 
     #[test]
     fn method_path_uses_kata_package() {
-        assert_eq!(
-            agent_method_path("CreateContainer"),
-            "/grpc.AgentService/CreateContainer"
-        );
+        assert_eq!(agent_method_path("CreateContainer"), "/grpc.AgentService/CreateContainer");
     }
 }

@@ -29,12 +29,7 @@ fn sample_spec() -> oci::Spec {
             Effective: vec!["CAP_CHOWN".into()],
             ..Default::default()
         }),
-        Rlimits: vec![oci::POSIXRlimit {
-            Type: "RLIMIT_NOFILE".into(),
-            Hard: 1024,
-            Soft: 1024,
-            ..Default::default()
-        }],
+        Rlimits: vec![oci::POSIXRlimit { Type: "RLIMIT_NOFILE".into(), Hard: 1024, Soft: 1024, ..Default::default() }],
         NoNewPrivileges: true,
         OOMScoreAdj: -998,
         ..Default::default()
@@ -57,34 +52,22 @@ fn sample_spec() -> oci::Spec {
     ];
     let namespaces = ["pid", "ipc", "uts", "mount"]
         .iter()
-        .map(|t| oci::LinuxNamespace {
-            Type: (*t).into(),
-            Path: String::new(),
-            ..Default::default()
-        })
+        .map(|t| oci::LinuxNamespace { Type: (*t).into(), Path: String::new(), ..Default::default() })
         .chain(std::iter::once(oci::LinuxNamespace {
             Type: "network".into(),
             Path: "/var/run/netns/cni-1".into(),
             ..Default::default()
         }))
         .collect();
-    let mut syscall = oci::LinuxSyscall {
-        Names: vec!["ptrace".into()],
-        Action: "SCMP_ACT_ERRNO".into(),
-        ..Default::default()
-    };
+    let mut syscall =
+        oci::LinuxSyscall { Names: vec!["ptrace".into()], Action: "SCMP_ACT_ERRNO".into(), ..Default::default() };
     syscall.set_errnoret(1);
     let linux = oci::Linux {
         Namespaces: namespaces,
         CgroupsPath: "/kubepods/pod1/ctr1".into(),
-        Sysctl: [("net.ipv4.ip_forward".to_string(), "1".to_string())]
-            .into_iter()
-            .collect(),
+        Sysctl: [("net.ipv4.ip_forward".to_string(), "1".to_string())].into_iter().collect(),
         Resources: MessageField::some(oci::LinuxResources {
-            Memory: MessageField::some(oci::LinuxMemory {
-                Limit: 256 << 20,
-                ..Default::default()
-            }),
+            Memory: MessageField::some(oci::LinuxMemory { Limit: 256 << 20, ..Default::default() }),
             CPU: MessageField::some(oci::LinuxCPU {
                 Quota: 50_000,
                 Period: 100_000,
@@ -104,19 +87,10 @@ fn sample_spec() -> oci::Spec {
     oci::Spec {
         Version: "1.1.0".into(),
         Process: MessageField::some(process),
-        Root: MessageField::some(oci::Root {
-            Path: "rootfs".into(),
-            Readonly: true,
-            ..Default::default()
-        }),
+        Root: MessageField::some(oci::Root { Path: "rootfs".into(), Readonly: true, ..Default::default() }),
         Hostname: "pod".into(),
         Mounts: mounts,
-        Annotations: [(
-            "io.kubernetes.cri.container-type".to_string(),
-            "container".to_string(),
-        )]
-        .into_iter()
-        .collect(),
+        Annotations: [("io.kubernetes.cri.container-type".to_string(), "container".to_string())].into_iter().collect(),
         Linux: MessageField::some(linux),
         ..Default::default()
     }
@@ -196,14 +170,8 @@ fn interface() {
     let bytes = round_trip(&iface);
     assert!(bytes.len() > 40);
     // The same interface wrapped the way UpdateInterface and ListInterfaces carry it.
-    round_trip(&agent::UpdateInterfaceRequest {
-        interface: MessageField::some(iface.clone()),
-        ..Default::default()
-    });
-    round_trip(&agent::Interfaces {
-        Interfaces: vec![iface.clone(), iface],
-        ..Default::default()
-    });
+    round_trip(&agent::UpdateInterfaceRequest { interface: MessageField::some(iface.clone()), ..Default::default() });
+    round_trip(&agent::Interfaces { Interfaces: vec![iface.clone(), iface], ..Default::default() });
 }
 
 #[test]
@@ -245,11 +213,7 @@ fn update_routes_request() {
             Routes: vec![
                 route("", "10.88.0.1", types::IPFamily::v4),
                 route("10.88.0.0/16", "", types::IPFamily::v4),
-                types::Route {
-                    scope: 253,
-                    flags: 4,
-                    ..route("fd00::/64", "", types::IPFamily::v6)
-                },
+                types::Route { scope: 253, flags: 4, ..route("fd00::/64", "", types::IPFamily::v6) },
             ],
             ..Default::default()
         }),
@@ -258,32 +222,16 @@ fn update_routes_request() {
     let bytes = round_trip(&req);
     let back = agent::UpdateRoutesRequest::parse_from_bytes(&bytes).unwrap();
     assert_eq!(back.routes.Routes.len(), 3);
-    assert_eq!(
-        back.routes.Routes[2].family.enum_value(),
-        Ok(types::IPFamily::v6)
-    );
+    assert_eq!(back.routes.Routes[2].family.enum_value(), Ok(types::IPFamily::v6));
 }
 
 #[test]
 fn stats_volume_and_health_messages() {
     let mut stats = agent::StatsContainerResponse::new();
     let cg = stats.cgroup_stats.mut_or_insert_default();
-    cg.memory_stats
-        .mut_or_insert_default()
-        .stats
-        .insert("rss".into(), 4096);
-    cg.hugetlb_stats.insert(
-        "2MB".into(),
-        agent::HugetlbStats {
-            usage: 1,
-            ..Default::default()
-        },
-    );
-    cg.cpu_stats
-        .mut_or_insert_default()
-        .cpu_usage
-        .mut_or_insert_default()
-        .percpu_usage = vec![1, 2, 3];
+    cg.memory_stats.mut_or_insert_default().stats.insert("rss".into(), 4096);
+    cg.hugetlb_stats.insert("2MB".into(), agent::HugetlbStats { usage: 1, ..Default::default() });
+    cg.cpu_stats.mut_or_insert_default().cpu_usage.mut_or_insert_default().percpu_usage = vec![1, 2, 3];
     stats.network_stats.push(agent::NetworkStats {
         name: "eth0".into(),
         rx_bytes: 10,
@@ -313,16 +261,8 @@ fn stats_volume_and_health_messages() {
         ..Default::default()
     });
 
-    let memcg = agent::MemAgentMemcgConfig {
-        disabled: Some(false),
-        swappiness_max: Some(50),
-        ..Default::default()
-    };
+    let memcg = agent::MemAgentMemcgConfig { disabled: Some(false), swappiness_max: Some(50), ..Default::default() };
     let back = agent::MemAgentMemcgConfig::parse_from_bytes(&round_trip(&memcg)).unwrap();
-    assert_eq!(
-        back.disabled,
-        Some(false),
-        "proto3 optional keeps presence of a default value"
-    );
+    assert_eq!(back.disabled, Some(false), "proto3 optional keeps presence of a default value");
     assert_eq!(back.swap, None);
 }

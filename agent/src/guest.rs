@@ -157,10 +157,14 @@ pub fn metrics_text(sysfs: &Sysfs) -> Result<String, GuestError> {
         }
     }
     let online = std::fs::read_to_string(sysfs.cpu_dir().join("online")).map_err(io("cpu/online"))?;
-    out.push_str("# HELP podvisor_guest_cpus_online Online vCPUs in the guest.\n# TYPE podvisor_guest_cpus_online gauge\n");
+    out.push_str(
+        "# HELP podvisor_guest_cpus_online Online vCPUs in the guest.\n# TYPE podvisor_guest_cpus_online gauge\n",
+    );
     let _ = writeln!(out, "podvisor_guest_cpus_online {}", count_cpu_list(&online));
     let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-    out.push_str("# HELP podvisor_guest_kernel_info The guest kernel (uname -r).\n# TYPE podvisor_guest_kernel_info gauge\n");
+    out.push_str(
+        "# HELP podvisor_guest_kernel_info The guest kernel (uname -r).\n# TYPE podvisor_guest_kernel_info gauge\n",
+    );
     let _ = writeln!(out, "podvisor_guest_kernel_info{{release=\"{release}\"}} 1");
     Ok(out)
 }
@@ -188,7 +192,11 @@ mod tests {
     use super::*;
 
     fn fake_sysfs() -> (PathBuf, Sysfs) {
-        let root = std::env::temp_dir().join(format!("podvisor-agent-sysfs-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let root = std::env::temp_dir().join(format!(
+            "podvisor-agent-sysfs-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&root);
         let mem = root.join("devices/system/memory");
         for (i, state) in [(0, "online"), (1, "offline"), (10, "offline")] {
@@ -217,7 +225,10 @@ mod tests {
     fn onlines_offline_memory_and_cpus() {
         let (root, s) = fake_sysfs();
         assert_eq!(s.online_memory().unwrap(), 2);
-        assert_eq!(std::fs::read_to_string(root.join("devices/system/memory/memory10/state")).unwrap(), "online_movable");
+        assert_eq!(
+            std::fs::read_to_string(root.join("devices/system/memory/memory10/state")).unwrap(),
+            "online_movable"
+        );
         assert_eq!(s.online_memory().unwrap(), 0);
         assert_eq!(s.online_cpus(1).unwrap(), 1);
         assert_eq!(std::fs::read_to_string(root.join("devices/system/cpu/cpu1/online")).unwrap(), "1");

@@ -44,7 +44,13 @@ pub fn mount_filesystems() -> Result<(), InitError> {
         ("sysfs", "/sys", "sysfs", nosuid_noexec_nodev, None),
         ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
         ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620")),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ),
         ("shm", "/dev/shm", "tmpfs", nosuid_noexec_nodev, Some("mode=1777")),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, None),
     ];

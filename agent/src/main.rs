@@ -48,7 +48,11 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
                 mode.test = true;
             }
             "--run-dir" => mode.run_dir = PathBuf::from(it.next().ok_or("--run-dir needs a directory")?),
-            other => return Err(format!("unknown argument {other:?} (usage: kata-agent [--listen unix:///path] [--run-dir DIR])")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (usage: kata-agent [--listen unix:///path] [--run-dir DIR])"
+                ))
+            }
         }
     }
     if mode.test && !mode.listen.starts_with("unix://") {
@@ -93,7 +97,9 @@ fn main() {
         let started = std::time::Instant::now();
         let modules = std::path::Path::new("/lib/modules").join(&release);
         match init::module_load_order(&modules).and_then(|order| init::load_modules(&order)) {
-            Ok(n) => info!(log, "kernel modules loaded"; "count" => n, "elapsed_ms" => started.elapsed().as_millis() as u64),
+            Ok(n) => {
+                info!(log, "kernel modules loaded"; "count" => n, "elapsed_ms" => started.elapsed().as_millis() as u64)
+            }
             Err(e) => {
                 error!(log, "loading kernel modules failed"; "error" => &e.0);
                 init::fatal(&e.0);
@@ -135,7 +141,12 @@ async fn serve(log: slog::Logger, mode: &Mode, debug: bool) -> Result<(), String
     // The one reaper: every child (helpers, container processes, orphans) is reaped here.
     let reaper = container::reaper::Reaper::new();
     reaper.start(log.new(slog::o!("subsystem" => "reaper")))?;
-    let containers = Arc::new(container::Containers::new(log.new(slog::o!("subsystem" => "containers")), reaper, mode.run_dir.clone(), debug));
+    let containers = Arc::new(container::Containers::new(
+        log.new(slog::o!("subsystem" => "containers")),
+        reaper,
+        mode.run_dir.clone(),
+        debug,
+    ));
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let mut server = rpc::server(log.clone(), &mode.listen, shutdown.clone(), containers)?;
     server.start().await.map_err(|e| format!("start ttrpc server on {}: {e}", mode.listen))?;

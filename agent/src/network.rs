@@ -7,14 +7,16 @@ use std::io;
 use std::net::IpAddr;
 
 use agent_protocol::types::{ARPNeighbor, IPAddress, IPFamily, Interface, Route};
+use netlink::Netlink;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink::Netlink;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use ttrpc::Code;
 
@@ -61,7 +63,10 @@ fn nl_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetError {
 }
 
 /// Runs blocking netlink work off the async workers; errors become statuses prefixed by `rpc`.
-pub async fn run<T: Send + 'static>(rpc: &'static str, f: impl FnOnce() -> Result<T> + Send + 'static) -> ttrpc::Result<T> {
+pub async fn run<T: Send + 'static>(
+    rpc: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> ttrpc::Result<T> {
     let status = |code, msg: String| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg));
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
@@ -96,12 +101,15 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
         // Another guest link may hold the name (eth0 vs. the pod's eth0): move it aside.
         if let Some(other) = links.iter().find(|l| link_name(l) == name && l.header.index != index) {
             let aside = format!("pv{}", other.header.index);
-            set_link(&mut nl, other.header.index, None, Some(&aside), None).map_err(nl_err(format!("rename {name} to {aside}")))?;
+            set_link(&mut nl, other.header.index, None, Some(&aside), None)
+                .map_err(nl_err(format!("rename {name} to {aside}")))?;
         }
-        set_link(&mut nl, index, None, Some(&name), None).map_err(nl_err(format!("rename {current} to {name} ({})", want.hwAddr)))?;
+        set_link(&mut nl, index, None, Some(&name), None)
+            .map_err(nl_err(format!("rename {current} to {name} ({})", want.hwAddr)))?;
     }
     if want.mtu > 0 {
-        let mtu = u32::try_from(want.mtu).map_err(|_| NetError::Invalid(format!("MTU {} of {name} is too large", want.mtu)))?;
+        let mtu = u32::try_from(want.mtu)
+            .map_err(|_| NetError::Invalid(format!("MTU {} of {name} is too large", want.mtu)))?;
         set_link(&mut nl, index, None, None, Some(mtu)).map_err(nl_err(ctx(&format!("set MTU {mtu}"))))?;
     }
     for old in addrs.iter().filter(|a| a.header.index == index) {
@@ -120,7 +128,10 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
     }
     set_link(&mut nl, index, Some(true), None, None).map_err(nl_err(ctx("set up")))?;
     let (links, addrs) = dump_links_and_addresses(&mut nl)?;
-    let link = links.iter().find(|l| l.header.index == index).ok_or_else(|| NetError::NotFound(format!("interface {name} vanished")))?;
+    let link = links
+        .iter()
+        .find(|l| l.header.index == index)
+        .ok_or_else(|| NetError::NotFound(format!("interface {name} vanished")))?;
     Ok(interface_of(link, &addrs))
 }
 
@@ -128,8 +139,13 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
 pub fn list_routes() -> Result<Vec<Route>> {
     let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
     let names = link_names(&mut nl)?;
-    let routes = nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP).map_err(nl_err("list routes"))?;
-    Ok(routes.iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { route_of(r, &names) } else { None }).collect())
+    let routes = nl
+        .request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP)
+        .map_err(nl_err("list routes"))?;
+    Ok(routes
+        .iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { route_of(r, &names) } else { None })
+        .collect())
 }
 
 /// Makes `want` the main-table routes of the links it names: adds or replaces each (routes
@@ -141,18 +157,21 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
     let index_of: HashMap<&str, u32> = names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
     let mut messages = Vec::new();
     for r in want {
-        let index = *index_of
-            .get(r.device.as_str())
-            .ok_or_else(|| NetError::NotFound(format!("route {}: no guest interface {:?}", describe_route(r), r.device)))?;
+        let index = *index_of.get(r.device.as_str()).ok_or_else(|| {
+            NetError::NotFound(format!("route {}: no guest interface {:?}", describe_route(r), r.device))
+        })?;
         messages.push((describe_route(r), route_message(r, index)?));
     }
     messages.sort_by_key(|(_, m)| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
     for (shown, m) in &messages {
-        nl.request(RouteNetlinkMessage::NewRoute(m.clone()), NLM_F_CREATE | NLM_F_REPLACE).map_err(nl_err(format!("add route {shown}")))?;
+        nl.request(RouteNetlinkMessage::NewRoute(m.clone()), NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(nl_err(format!("add route {shown}")))?;
     }
     let links: Vec<u32> = messages.iter().filter_map(|(_, m)| route_oif(m)).collect();
     let keys: Vec<RouteKey> = messages.iter().map(|(_, m)| route_key(m)).collect();
-    let existing = nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP).map_err(nl_err("list routes"))?;
+    let existing = nl
+        .request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP)
+        .map_err(nl_err("list routes"))?;
     for m in existing {
         let RouteNetlinkMessage::NewRoute(r) = m else { continue };
         let Some(shown) = route_of(&r, &names) else { continue };
@@ -160,7 +179,8 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
         // IPv6 link-local and multicast routes belong to the guest kernel.
         let kernels = key.2.is_some_and(|ip| is_link_local(&ip));
         if route_oif(&r).is_some_and(|i| links.contains(&i)) && !keys.contains(&key) && !kernels {
-            nl.request(RouteNetlinkMessage::DelRoute(r), 0).map_err(nl_err(format!("delete route {}", describe_route(&shown))))?;
+            nl.request(RouteNetlinkMessage::DelRoute(r), 0)
+                .map_err(nl_err(format!("delete route {}", describe_route(&shown))))?;
         }
     }
     list_routes()
@@ -175,11 +195,10 @@ pub fn add_arp_neighbors(neighbours: &[ARPNeighbor]) -> Result<()> {
         let shown = format!("{ip} lladdr {} dev {}", n.lladdr, n.device);
         let ip: IpAddr = ip.parse().map_err(|_| NetError::Invalid(format!("ARP neighbour {shown}: bad IP address")))?;
         let mac = parse_mac(&n.lladdr).map_err(|e| NetError::Invalid(format!("ARP neighbour {shown}: {e}")))?;
-        let index = names
-            .iter()
-            .find(|(_, name)| **name == n.device)
-            .map(|(i, _)| *i)
-            .ok_or_else(|| NetError::NotFound(format!("ARP neighbour {shown}: no guest interface {:?}", n.device)))?;
+        let index =
+            names.iter().find(|(_, name)| **name == n.device).map(|(i, _)| *i).ok_or_else(|| {
+                NetError::NotFound(format!("ARP neighbour {shown}: no guest interface {:?}", n.device))
+            })?;
         let mut m = NeighbourMessage::default();
         m.header.family = family_of(&ip);
         m.header.ifindex = index;
@@ -193,22 +212,38 @@ pub fn add_arp_neighbors(neighbours: &[ARPNeighbor]) -> Result<()> {
             }),
             NeighbourAttribute::LinkLayerAddress(mac),
         ];
-        nl.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE | NLM_F_REPLACE).map_err(nl_err(format!("add ARP neighbour {shown}")))?;
+        nl.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(nl_err(format!("add ARP neighbour {shown}")))?;
     }
     Ok(())
 }
 
 fn dump_links_and_addresses(nl: &mut Netlink) -> Result<(Vec<LinkMessage>, Vec<AddressMessage>)> {
-    let links = nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
-    let addrs = nl.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP).map_err(nl_err("list addresses"))?;
-    let links = links.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None }).collect();
-    let addrs = addrs.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None }).collect();
+    let links =
+        nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
+    let addrs = nl
+        .request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)
+        .map_err(nl_err("list addresses"))?;
+    let links = links
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None })
+        .collect();
+    let addrs = addrs
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None })
+        .collect();
     Ok((links, addrs))
 }
 
 fn link_names(nl: &mut Netlink) -> Result<HashMap<u32, String>> {
-    let links = nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
-    Ok(links.iter().filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some((l.header.index, link_name(l))) } else { None }).collect())
+    let links =
+        nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).map_err(nl_err("list links"))?;
+    Ok(links
+        .iter()
+        .filter_map(
+            |m| if let RouteNetlinkMessage::NewLink(l) = m { Some((l.header.index, link_name(l))) } else { None },
+        )
+        .collect())
 }
 
 /// RTM_SETLINK: up/down, name, MTU (each when given).
@@ -229,7 +264,10 @@ fn set_link(nl: &mut Netlink, index: u32, up: Option<bool>, name: Option<&str>, 
 }
 
 fn link_name(l: &LinkMessage) -> String {
-    l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None }).unwrap_or_default()
+    l.attributes
+        .iter()
+        .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
+        .unwrap_or_default()
 }
 
 fn link_mac(l: &LinkMessage) -> Option<Vec<u8>> {
@@ -254,7 +292,12 @@ fn interface_of(l: &LinkMessage, addrs: &[AddressMessage]) -> Interface {
             _ => {}
         }
     }
-    ifc.IPAddresses = addrs.iter().filter(|a| a.header.index == l.header.index).filter_map(address_of).map(|(ip, p)| ip_address(ip, p)).collect();
+    ifc.IPAddresses = addrs
+        .iter()
+        .filter(|a| a.header.index == l.header.index)
+        .filter_map(address_of)
+        .map(|(ip, p)| ip_address(ip, p))
+        .collect();
     ifc
 }
 
@@ -330,12 +373,20 @@ fn route_message(r: &Route, index: u32) -> Result<RouteMessage> {
     let gateway = if r.gateway.is_empty() {
         None
     } else {
-        Some(r.gateway.parse::<IpAddr>().map_err(|_| NetError::Invalid(format!("route {}: bad gateway", describe_route(r))))?)
+        Some(
+            r.gateway
+                .parse::<IpAddr>()
+                .map_err(|_| NetError::Invalid(format!("route {}: bad gateway", describe_route(r))))?,
+        )
     };
     let source = if r.source.is_empty() {
         None
     } else {
-        Some(r.source.parse::<IpAddr>().map_err(|_| NetError::Invalid(format!("route {}: bad source", describe_route(r))))?)
+        Some(
+            r.source
+                .parse::<IpAddr>()
+                .map_err(|_| NetError::Invalid(format!("route {}: bad source", describe_route(r))))?,
+        )
     };
     let ipv6 = r.family.enum_value() == Ok(IPFamily::v6) || gateway.is_some_and(|g| g.is_ipv6());
     let dest = parse_dest(&r.dest, ipv6).map_err(|e| NetError::Invalid(format!("route {}: {e}", describe_route(r))))?;
@@ -392,7 +443,9 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 /// A main-table unicast route as Kata's `Route` (default route: empty `dest`).
 fn route_of(r: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
     let table = r.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None });
-    if table.unwrap_or(u32::from(r.header.table)) != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast {
+    if table.unwrap_or(u32::from(r.header.table)) != u32::from(RouteHeader::RT_TABLE_MAIN)
+        || r.header.kind != RouteType::Unicast
+    {
         return None;
     }
     let mut out = Route {
@@ -447,13 +500,13 @@ fn format_mac(bytes: &[u8]) -> String {
 }
 
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
-    let bytes: Vec<u8> = s.split(':').filter_map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None }).collect();
+    let bytes: Vec<u8> =
+        s.split(':').filter_map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None }).collect();
     if bytes.len() != 6 || s.split(':').count() != 6 {
         return Err(NetError::Invalid(format!("MAC address {s:?} is not of the form aa:bb:cc:dd:ee:ff")));
     }
     Ok(bytes)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -465,7 +518,8 @@ mod tests {
 
     #[test]
     fn ip_addresses_with_prefix_or_netmask() {
-        let a = |address: &str, mask: &str| IPAddress { address: address.into(), mask: mask.into(), ..Default::default() };
+        let a =
+            |address: &str, mask: &str| IPAddress { address: address.into(), mask: mask.into(), ..Default::default() };
         assert_eq!(parse_ip_address(&a("10.200.1.2", "24")).unwrap(), ("10.200.1.2".parse().unwrap(), 24));
         assert_eq!(parse_ip_address(&a("10.200.1.2", "255.255.255.0")).unwrap().1, 24);
         assert_eq!(parse_ip_address(&a("fd00::2", "64")).unwrap(), ("fd00::2".parse().unwrap(), 64));
@@ -503,10 +557,16 @@ mod tests {
         assert_eq!((m.header.destination_prefix_length, m.header.table, m.header.scope), (24, 254, RouteScope::Link));
         let names: HashMap<u32, String> = [(2, "eth0".to_string())].into();
         let back = route_of(&m, &names).unwrap();
-        assert_eq!((back.dest.as_str(), back.gateway.as_str(), back.device.as_str(), back.scope), ("10.200.1.0/24", "", "eth0", 253));
+        assert_eq!(
+            (back.dest.as_str(), back.gateway.as_str(), back.device.as_str(), back.scope),
+            ("10.200.1.0/24", "", "eth0", 253)
+        );
 
         let d = route_message(&pb_route("", "10.200.1.1", "eth0", 0), 2).unwrap();
-        assert!(d.attributes.iter().all(|a| !matches!(a, RouteAttribute::Destination(_))), "default route has no RTA_DST");
+        assert!(
+            d.attributes.iter().all(|a| !matches!(a, RouteAttribute::Destination(_))),
+            "default route has no RTA_DST"
+        );
         let back = route_of(&d, &names).unwrap();
         assert_eq!((back.dest.as_str(), back.gateway.as_str()), ("", "10.200.1.1"));
 
@@ -542,10 +602,18 @@ mod tests {
         let mut l = LinkMessage::default();
         l.header.index = 2;
         l.header.flags = LinkFlags::Up;
-        l.attributes = vec![LinkAttribute::IfName("eth0".into()), LinkAttribute::Address(vec![2, 0, 0, 0, 0, 9]), LinkAttribute::Mtu(1400)];
-        let addrs = [address_message(2, "10.1.2.3".parse().unwrap(), 16), address_message(3, "10.9.9.9".parse().unwrap(), 8)];
+        l.attributes = vec![
+            LinkAttribute::IfName("eth0".into()),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 9]),
+            LinkAttribute::Mtu(1400),
+        ];
+        let addrs =
+            [address_message(2, "10.1.2.3".parse().unwrap(), 16), address_message(3, "10.9.9.9".parse().unwrap(), 8)];
         let i = interface_of(&l, &addrs);
-        assert_eq!((i.name.as_str(), i.device.as_str(), i.hwAddr.as_str(), i.mtu), ("eth0", "eth0", "02:00:00:00:00:09", 1400));
+        assert_eq!(
+            (i.name.as_str(), i.device.as_str(), i.hwAddr.as_str(), i.mtu),
+            ("eth0", "eth0", "02:00:00:00:00:09", 1400)
+        );
         assert_eq!(i.IPAddresses.len(), 1);
         assert_eq!((i.IPAddresses[0].address.as_str(), i.IPAddresses[0].mask.as_str()), ("10.1.2.3", "16"));
         assert_eq!(i.raw_flags, LinkFlags::Up.bits());
@@ -555,7 +623,10 @@ mod tests {
     fn errors_map_to_codes() {
         assert_eq!(NetError::Invalid(String::new()).code(), Code::INVALID_ARGUMENT);
         assert_eq!(NetError::NotFound(String::new()).code(), Code::NOT_FOUND);
-        let e = NetError::Netlink { what: "add route default via 10.0.0.1 dev eth0".into(), source: io::Error::from_raw_os_error(libc::ENETUNREACH) };
+        let e = NetError::Netlink {
+            what: "add route default via 10.0.0.1 dev eth0".into(),
+            source: io::Error::from_raw_os_error(libc::ENETUNREACH),
+        };
         assert_eq!(e.code(), Code::INTERNAL);
         assert!(e.to_string().starts_with("add route default via 10.0.0.1 dev eth0: "), "{e}");
     }
@@ -582,7 +653,10 @@ mod netns_tests {
                 name: "eth7".into(),
                 hwAddr: "02:00:0A:09:00:02".into(),
                 mtu: 1400,
-                IPAddresses: vec![ip_address("10.9.0.2".parse().unwrap(), 24), ip_address("fd09::2".parse().unwrap(), 64)],
+                IPAddresses: vec![
+                    ip_address("10.9.0.2".parse().unwrap(), 24),
+                    ip_address("fd09::2".parse().unwrap(), 64),
+                ],
                 ..Default::default()
             };
             let got = update_interface(&want).unwrap();
@@ -592,10 +666,19 @@ mod netns_tests {
             // Again with one address less: the old one goes.
             let want2 = Interface { IPAddresses: vec![ip_address("10.9.0.3".parse().unwrap(), 24)], ..want.clone() };
             let got = update_interface(&want2).unwrap();
-            let v4: Vec<&str> = got.IPAddresses.iter().filter(|a| a.family.enum_value() == Ok(IPFamily::v4)).map(|a| a.address.as_str()).collect();
+            let v4: Vec<&str> = got
+                .IPAddresses
+                .iter()
+                .filter(|a| a.family.enum_value() == Ok(IPFamily::v4))
+                .map(|a| a.address.as_str())
+                .collect();
             assert_eq!(v4, ["10.9.0.3"]);
 
-            let routes = [pb_route("", "10.9.0.1", "eth7", 0), pb_route("10.9.0.0/24", "", "eth7", 253), pb_route("10.77.0.0/16", "10.9.0.1", "eth7", 0)];
+            let routes = [
+                pb_route("", "10.9.0.1", "eth7", 0),
+                pb_route("10.9.0.0/24", "", "eth7", 253),
+                pb_route("10.77.0.0/16", "10.9.0.1", "eth7", 0),
+            ];
             let got = update_routes(&routes).unwrap();
             assert!(got.iter().any(|r| r.dest.is_empty() && r.gateway == "10.9.0.1" && r.device == "eth7"), "{got:?}");
             // Replacing with fewer routes deletes the others of the link.
@@ -614,7 +697,12 @@ mod netns_tests {
             add_arp_neighbors(&[n]).unwrap();
             assert!(sh("ip neigh show dev eth7").contains("10.9.0.9 lladdr 02:00:00:00:00:09 PERMANENT"));
 
-            let e = update_interface(&Interface { hwAddr: "02:00:00:00:00:99".into(), name: "x".into(), ..Default::default() }).unwrap_err();
+            let e = update_interface(&Interface {
+                hwAddr: "02:00:00:00:00:99".into(),
+                name: "x".into(),
+                ..Default::default()
+            })
+            .unwrap_err();
             assert!(matches!(e, NetError::NotFound(_)) && e.to_string().contains("02:00:00:00:00:99"), "{e}");
             let e = update_routes(&[pb_route("", "10.9.0.1", "nope0", 0)]).unwrap_err();
             assert!(e.to_string().contains("default via 10.9.0.1 dev nope0"), "{e}");

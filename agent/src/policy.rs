@@ -93,7 +93,8 @@ fn compact_error(e: &str) -> String {
 
 /// The value of `data.agent_policy.<rule>` (`Undefined` when the rule has no value).
 fn eval_rule(engine: &mut regorus::Engine, rule: &str) -> Result<regorus::Value, String> {
-    let results = engine.eval_query(format!("data.{PACKAGE}.{rule}"), false).map_err(|e| compact_error(&e.to_string()))?;
+    let results =
+        engine.eval_query(format!("data.{PACKAGE}.{rule}"), false).map_err(|e| compact_error(&e.to_string()))?;
     Ok(results
         .result
         .into_iter()
@@ -140,7 +141,10 @@ impl AgentPolicy {
         let packages = engine.get_packages().map_err(|e| format!("invalid agent policy: {e}"))?;
         let want = format!("data.{PACKAGE}");
         if !packages.iter().any(|p| p == &want) {
-            return Err(format!("invalid agent policy: it must declare `package {PACKAGE}` (found {})", packages.join(", ")));
+            return Err(format!(
+                "invalid agent policy: it must declare `package {PACKAGE}` (found {})",
+                packages.join(", ")
+            ));
         }
         // Evaluating a rule prepares the whole policy, so errors found then (unknown functions,
         // recursion, ...) reject it here rather than blocking every later request.
@@ -161,7 +165,12 @@ impl AgentPolicy {
     /// Checks request `request_type` (the message name, e.g. `ExecProcessRequest`) of RPC
     /// `rpc` against the policy; `input` builds the request's JSON only when a policy is set.
     /// `Err` is the status to answer.
-    pub fn check(&self, rpc: &str, request_type: &str, input: impl FnOnce() -> Result<Json, String>) -> Result<(), ttrpc::Status> {
+    pub fn check(
+        &self,
+        rpc: &str,
+        request_type: &str,
+        input: impl FnOnce() -> Result<Json, String>,
+    ) -> Result<(), ttrpc::Status> {
         let mut guard = self.lock();
         let Some(loaded) = guard.as_mut() else { return Ok(()) };
         let input = input().map_err(|e| ttrpc::get_status(Code::INVALID_ARGUMENT, format!("{rpc}: {e}")))?;
@@ -189,10 +198,11 @@ impl AgentPolicy {
 
 /// Rust keywords: rust-protobuf names such fields `<name>_`, and Kata's JSON uses those names.
 const RUST_KEYWORDS: &[&str] = &[
-    "_", "as", "async", "await", "break", "crate", "dyn", "else", "enum", "extern", "false", "fn", "for", "if", "impl", "in",
-    "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "static", "self", "Self", "struct", "super", "true",
-    "trait", "type", "unsafe", "use", "while", "continue", "box", "const", "where", "virtual", "proc", "alignof", "become",
-    "offsetof", "priv", "pure", "sizeof", "typeof", "unsized", "yield", "do", "abstract", "final", "override", "macro",
+    "_", "as", "async", "await", "break", "crate", "dyn", "else", "enum", "extern", "false", "fn", "for", "if", "impl",
+    "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "static", "self", "Self", "struct",
+    "super", "true", "trait", "type", "unsafe", "use", "while", "continue", "box", "const", "where", "virtual", "proc",
+    "alignof", "become", "offsetof", "priv", "pure", "sizeof", "typeof", "unsized", "yield", "do", "abstract", "final",
+    "override", "macro",
 ];
 
 fn json_key(name: &str) -> String {
@@ -256,10 +266,15 @@ pub fn message_json(m: &dyn MessageDyn) -> Json {
         let key = json_key(field.name());
         let value = match field.get_reflect(m) {
             ReflectFieldRef::Repeated(r) => Json::Array(r.into_iter().map(value_json).collect()),
-            ReflectFieldRef::Map(map) => Json::Object((&map).into_iter().map(|(k, v)| (map_key(k), value_json(v))).collect()),
+            ReflectFieldRef::Map(map) => {
+                Json::Object((&map).into_iter().map(|(k, v)| (map_key(k), value_json(v))).collect())
+            }
             ReflectFieldRef::Optional(o) => {
                 let has_presence = field.proto().proto3_optional()
-                    || matches!(field.runtime_field_type(), protobuf::reflect::RuntimeFieldType::Singular(protobuf::reflect::RuntimeType::Message(_)));
+                    || matches!(
+                        field.runtime_field_type(),
+                        protobuf::reflect::RuntimeFieldType::Singular(protobuf::reflect::RuntimeType::Message(_))
+                    );
                 match o.value() {
                     Some(v) => value_json(v),
                     None if has_presence => Json::Null,
@@ -293,7 +308,10 @@ struct Gate {
 impl MethodHandler for Gate {
     async fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<Response> {
         let checked = self.policy.check(&self.rpc, self.request.name(), || {
-            let m = self.request.parse_from_bytes(&req.payload).map_err(|e| format!("cannot decode {}: {e}", self.request.name()))?;
+            let m = self
+                .request
+                .parse_from_bytes(&req.payload)
+                .map_err(|e| format!("cannot decode {}: {e}", self.request.name()))?;
             Ok(message_json(&*m))
         });
         if let Err(status) = checked {
@@ -313,7 +331,9 @@ pub fn guard(services: &mut HashMap<String, Service>, policy: &Arc<AgentPolicy>)
         let methods = std::mem::take(&mut service.methods);
         for (method, inner) in methods {
             let handler: Box<dyn MethodHandler + Send + Sync> = match types.get(&method) {
-                Some(request) => Box::new(Gate { rpc: method.clone(), request: request.clone(), policy: policy.clone(), inner }),
+                Some(request) => {
+                    Box::new(Gate { rpc: method.clone(), request: request.clone(), policy: policy.clone(), inner })
+                }
                 None => inner,
             };
             service.methods.insert(method, handler);
@@ -336,7 +356,8 @@ mod tests {
         pb::ExecProcessRequest {
             container_id: "c1".into(),
             exec_id: "e1".into(),
-            process: Some(oci::Process { Args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }).into(),
+            process: Some(oci::Process { Args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+                .into(),
             ..Default::default()
         }
     }
@@ -445,13 +466,20 @@ CreateContainerRequest := {"ops": [], "allowed": true} {
         p.set("package agent_policy\n\ndefault StartContainerRequest := true\nExecProcessRequest { no_such_function(1) }\n").unwrap();
         assert!(check(&p, "StartContainer", &pb::StartContainerRequest::new()).is_ok());
         let s = check(&p, "ExecProcess", &exec(&["sh"])).unwrap_err();
-        assert!(s.message().contains("evaluating data.agent_policy.ExecProcessRequest failed") && s.message().contains("no_such_function"), "{}", s.message());
+        assert!(
+            s.message().contains("evaluating data.agent_policy.ExecProcessRequest failed")
+                && s.message().contains("no_such_function"),
+            "{}",
+            s.message()
+        );
         assert!(p.set("  \n").is_err());
     }
 
     #[test]
     fn allow_requests_failing_policy_only_logs() {
-        let p = policy("package agent_policy\n\ndefault AllowRequestsFailingPolicy := true\ndefault ExecProcessRequest := false\n");
+        let p = policy(
+            "package agent_policy\n\ndefault AllowRequestsFailingPolicy := true\ndefault ExecProcessRequest := false\n",
+        );
         assert!(check(&p, "ExecProcess", &exec(&["sh"])).is_ok());
     }
 
@@ -503,7 +531,12 @@ CreateContainerRequest := {"ops": [], "allowed": true} {
         std::fs::create_dir_all(&dir).unwrap();
         let sock = format!("unix://{}", dir.join("agent.sock").display());
         let log = Logger::root(slog::Discard, slog::o!());
-        let containers = Arc::new(crate::container::Containers::new(log.clone(), crate::container::reaper::Reaper::new(), dir.join("run"), false));
+        let containers = Arc::new(crate::container::Containers::new(
+            log.clone(),
+            crate::container::reaper::Reaper::new(),
+            dir.join("run"),
+            false,
+        ));
         let mut server = ttrpc::asynchronous::Server::new()
             .bind(&sock)
             .unwrap()
@@ -522,7 +555,8 @@ CreateContainerRequest := {"ops": [], "allowed": true} {
         let (c, _) = code(agent.exec_process(ctx(), &exec(&["sh"])).await.unwrap_err());
         assert_eq!(c, Code::NOT_FOUND);
 
-        let bad = pb::SetPolicyRequest { policy: "package agent_policy\n\ndefault x := }\n".into(), ..Default::default() };
+        let bad =
+            pb::SetPolicyRequest { policy: "package agent_policy\n\ndefault x := }\n".into(), ..Default::default() };
         let (c, m) = code(agent.set_policy(ctx(), &bad).await.unwrap_err());
         assert_eq!(c, Code::INVALID_ARGUMENT);
         assert!(m.starts_with("invalid agent policy: agent-policy.rego:3:"), "{m}");
@@ -535,7 +569,10 @@ CreateContainerRequest := {"ops": [], "allowed": true} {
         // Allowed RPCs reach their handler; unimplemented ones are checked too.
         let start = pb::StartContainerRequest { container_id: "nope".into(), ..Default::default() };
         assert_eq!(code(agent.start_container(ctx(), &start).await.unwrap_err()).0, Code::NOT_FOUND);
-        assert_eq!(code(agent.get_ip_tables(ctx(), &pb::GetIPTablesRequest::new()).await.unwrap_err()).0, Code::PERMISSION_DENIED);
+        assert_eq!(
+            code(agent.get_ip_tables(ctx(), &pb::GetIPTablesRequest::new()).await.unwrap_err()).0,
+            Code::PERMISSION_DENIED
+        );
         health.check(ctx(), &agent_protocol::health::CheckRequest::new()).await.unwrap();
 
         // SetPolicy is allowed by this policy: replace it with one that forbids SetPolicy.

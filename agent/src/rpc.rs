@@ -61,13 +61,21 @@ struct HealthService;
 
 #[async_trait]
 impl health_ttrpc::Health for HealthService {
-    async fn check(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::HealthCheckResponse> {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::HealthCheckResponse> {
         let mut r = health::HealthCheckResponse::new();
         r.status = health::health_check_response::ServingStatus::SERVING.into();
         Ok(r)
     }
 
-    async fn version(&self, _ctx: &TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::VersionCheckResponse> {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::VersionCheckResponse> {
         Ok(health::VersionCheckResponse {
             grpc_version: "ttrpc".into(),
             agent_version: VERSION.into(),
@@ -86,7 +94,11 @@ struct AgentService {
 
 #[async_trait]
 impl agent_ttrpc::AgentService for AgentService {
-    async fn get_guest_details(&self, _ctx: &TtrpcContext, req: pb::GuestDetailsRequest) -> ttrpc::Result<pb::GuestDetailsResponse> {
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::GuestDetailsRequest,
+    ) -> ttrpc::Result<pb::GuestDetailsResponse> {
         let mut r = pb::GuestDetailsResponse::new();
         if req.mem_block_size {
             r.mem_block_size_bytes = self.sysfs.memory_block_size().map_err(|e| status(Code::INTERNAL, e.0))?;
@@ -104,15 +116,26 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(r)
     }
 
-    async fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: pb::SetGuestDateTimeRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
+    async fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
         if !(0..1_000_000).contains(&req.Usec) || req.Sec < 0 {
-            return Err(status(Code::INVALID_ARGUMENT, format!("SetGuestDateTime: invalid time Sec={} Usec={}", req.Sec, req.Usec)));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("SetGuestDateTime: invalid time Sec={} Usec={}", req.Sec, req.Usec),
+            ));
         }
         guest::set_time(req.Sec, req.Usec).map_err(|e| status(Code::INTERNAL, e.0))?;
         Ok(Default::default())
     }
 
-    async fn online_cpu_mem(&self, _ctx: &TtrpcContext, req: pb::OnlineCPUMemRequest) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
+    async fn online_cpu_mem(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::OnlineCPUMemRequest,
+    ) -> ttrpc::Result<protobuf::well_known_types::empty::Empty> {
         let sysfs = self.sysfs.clone();
         let work = move || -> Result<(u32, u32), guest::GuestError> {
             let wait = if req.wait { std::time::Duration::from_secs(5) } else { std::time::Duration::ZERO };
@@ -128,7 +151,10 @@ impl agent_ttrpc::AgentService for AgentService {
         if req.nb_cpus > 0 && cpus < req.nb_cpus {
             return Err(status(
                 Code::FAILED_PRECONDITION,
-                format!("OnlineCPUMem: only {cpus} of {} requested CPUs were offline to online; hot-add them first", req.nb_cpus),
+                format!(
+                    "OnlineCPUMem: only {cpus} of {} requested CPUs were offline to online; hot-add them first",
+                    req.nb_cpus
+                ),
             ));
         }
         Ok(Default::default())
@@ -186,7 +212,11 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(Default::default())
     }
 
-    async fn wait_process(&self, _ctx: &TtrpcContext, req: pb::WaitProcessRequest) -> ttrpc::Result<pb::WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
         let status = self.containers.wait_process(&req.container_id, &req.exec_id).await?;
         Ok(pb::WaitProcessResponse { status, ..Default::default() })
     }
@@ -197,7 +227,11 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(Default::default())
     }
 
-    async fn stats_container(&self, _ctx: &TtrpcContext, req: pb::StatsContainerRequest) -> ttrpc::Result<pb::StatsContainerResponse> {
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
         Ok(self.containers.stats(&req.container_id)?)
     }
 
@@ -213,17 +247,29 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(Default::default())
     }
 
-    async fn write_stdin(&self, _ctx: &TtrpcContext, req: pb::WriteStreamRequest) -> ttrpc::Result<pb::WriteStreamResponse> {
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WriteStreamRequest,
+    ) -> ttrpc::Result<pb::WriteStreamResponse> {
         let len = self.containers.write_stdin(&req.container_id, &req.exec_id, &req.data).await?;
         Ok(pb::WriteStreamResponse { len, ..Default::default() })
     }
 
-    async fn read_stdout(&self, _ctx: &TtrpcContext, req: pb::ReadStreamRequest) -> ttrpc::Result<pb::ReadStreamResponse> {
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
         let data = self.containers.read_stream(&req.container_id, &req.exec_id, false, req.len).await?;
         Ok(pb::ReadStreamResponse { data, ..Default::default() })
     }
 
-    async fn read_stderr(&self, _ctx: &TtrpcContext, req: pb::ReadStreamRequest) -> ttrpc::Result<pb::ReadStreamResponse> {
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
         let data = self.containers.read_stream(&req.container_id, &req.exec_id, true, req.len).await?;
         Ok(pb::ReadStreamResponse { data, ..Default::default() })
     }
@@ -244,8 +290,15 @@ impl agent_ttrpc::AgentService for AgentService {
     }
 
     // --- networking ---
-    async fn update_interface(&self, _ctx: &TtrpcContext, req: pb::UpdateInterfaceRequest) -> ttrpc::Result<agent_protocol::types::Interface> {
-        let want = req.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "UpdateInterface: no interface given"))?;
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<agent_protocol::types::Interface> {
+        let want = req
+            .interface
+            .into_option()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "UpdateInterface: no interface given"))?;
         let ifc = crate::network::run("UpdateInterface", move || crate::network::update_interface(&want)).await?;
         let addrs: Vec<String> = ifc.IPAddresses.iter().map(|a| format!("{}/{}", a.address, a.mask)).collect();
         info!(self.log, "interface configured"; "name" => &ifc.name, "mac" => &ifc.hwAddr, "mtu" => ifc.mtu, "addresses" => addrs.join(","));
@@ -265,7 +318,11 @@ impl agent_ttrpc::AgentService for AgentService {
         Ok(Default::default())
     }
 
-    async fn list_interfaces(&self, _ctx: &TtrpcContext, _req: pb::ListInterfacesRequest) -> ttrpc::Result<pb::Interfaces> {
+    async fn list_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::ListInterfacesRequest,
+    ) -> ttrpc::Result<pb::Interfaces> {
         let interfaces = crate::network::run("ListInterfaces", crate::network::list_interfaces).await?;
         Ok(pb::Interfaces { Interfaces: interfaces, ..Default::default() })
     }
@@ -318,7 +375,13 @@ pub fn services(
     containers: Arc<Containers>,
 ) -> std::collections::HashMap<String, ttrpc::asynchronous::Service> {
     let policy = Arc::new(crate::policy::AgentPolicy::new(log.new(slog::o!("subsystem" => "policy"))));
-    let agent = AgentService { log: log.new(slog::o!("subsystem" => "rpc")), sysfs: Sysfs::default(), shutdown, containers, policy: policy.clone() };
+    let agent = AgentService {
+        log: log.new(slog::o!("subsystem" => "rpc")),
+        sysfs: Sysfs::default(),
+        shutdown,
+        containers,
+        policy: policy.clone(),
+    };
     let mut services = agent_ttrpc::create_agent_service(Arc::new(agent));
     let implemented: HashSet<&str> = IMPLEMENTED.iter().copied().collect();
     for (name, service) in services.iter_mut() {
@@ -335,7 +398,12 @@ pub fn services(
 
 /// A ttrpc server listening on `addr` (`vsock://-1:1024` in the guest, any CID; `unix://...`
 /// in test mode).
-pub fn server(log: Logger, addr: &str, shutdown: Arc<tokio::sync::Notify>, containers: Arc<Containers>) -> Result<Server, String> {
+pub fn server(
+    log: Logger,
+    addr: &str,
+    shutdown: Arc<tokio::sync::Notify>,
+    containers: Arc<Containers>,
+) -> Result<Server, String> {
     if let Some(path) = addr.strip_prefix("unix://") {
         let _ = std::fs::remove_file(path);
     }
@@ -370,11 +438,13 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
         let log = Logger::root(slog::Discard, slog::o!());
         let shutdown = Arc::new(tokio::sync::Notify::new());
-        let containers = Arc::new(Containers::new(log.clone(), crate::container::reaper::Reaper::new(), dir.join("run"), false));
-        let mut server = Server::new()
-            .bind(&format!("unix://{}", sock.display()))
-            .unwrap()
-            .register_service(services(log, shutdown.clone(), containers));
+        let containers =
+            Arc::new(Containers::new(log.clone(), crate::container::reaper::Reaper::new(), dir.join("run"), false));
+        let mut server = Server::new().bind(&format!("unix://{}", sock.display())).unwrap().register_service(services(
+            log,
+            shutdown.clone(),
+            containers,
+        ));
         server.start().await.unwrap();
 
         let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", sock.display())).await.unwrap();
@@ -397,10 +467,16 @@ mod tests {
         // Container RPCs answer with statuses naming the id.
         let req = pb::StartContainerRequest { container_id: "nope".into(), ..Default::default() };
         let err = agent.start_container(ctx(), &req).await.unwrap_err();
-        assert!(matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::NOT_FOUND && s.message().contains("nope")), "{err:?}");
+        assert!(
+            matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::NOT_FOUND && s.message().contains("nope")),
+            "{err:?}"
+        );
         let req = pb::CreateContainerRequest { container_id: "../x".into(), ..Default::default() };
         let err = agent.create_container(ctx(), &req).await.unwrap_err();
-        assert!(matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::INVALID_ARGUMENT && s.message().contains("container_id")), "{err:?}");
+        assert!(
+            matches!(&err, ttrpc::Error::RpcStatus(s) if s.code() == Code::INVALID_ARGUMENT && s.message().contains("container_id")),
+            "{err:?}"
+        );
 
         let bad = pb::SetGuestDateTimeRequest { Sec: 1, Usec: 2_000_000, ..Default::default() };
         let err = agent.set_guest_date_time(ctx(), &bad).await.unwrap_err();

@@ -46,7 +46,9 @@ pub fn plan(s: &pb::Storage, index: usize) -> Result<Option<MountPlan>, String> 
     let (flags, data) = parse_options(&s.options);
     let fstype = match (s.driver.as_str(), s.fstype.as_str()) {
         ("virtio-fs", "virtiofs" | "") => "virtiofs",
-        ("virtio-fs", other) => return Err(format!("{}: {other:?} (driver virtio-fs needs virtiofs)", field("fstype"))),
+        ("virtio-fs", other) => {
+            return Err(format!("{}: {other:?} (driver virtio-fs needs virtiofs)", field("fstype")))
+        }
         ("local", "tmpfs") | ("ephemeral", _) => "tmpfs",
         ("local", _) => return Ok(None),
         (other, _) => {
@@ -109,7 +111,8 @@ pub fn mount_storages(storages: &[pb::Storage]) -> Result<Vec<Mounted>, String> 
 fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
     let plan = plan(s, index)?;
     let mount_point = PathBuf::from(&s.mount_point);
-    std::fs::create_dir_all(&mount_point).map_err(|e| format!("storages[{index}]: mkdir {}: {e}", mount_point.display()))?;
+    std::fs::create_dir_all(&mount_point)
+        .map_err(|e| format!("storages[{index}]: mkdir {}: {e}", mount_point.display()))?;
     let Some(p) = plan else {
         return Ok(Mounted { mount_point, mounted: false });
     };
@@ -208,9 +211,11 @@ pub fn create_shared_namespaces(dir: &Path, hostname: &str) -> Result<SharedName
         .name("pod-namespaces".into())
         .spawn(move || -> Result<(), String> {
             use nix::sched::{unshare, CloneFlags};
-            unshare(CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS).map_err(|e| format!("unshare(CLONE_NEWIPC|CLONE_NEWUTS): {e}"))?;
+            unshare(CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| format!("unshare(CLONE_NEWIPC|CLONE_NEWUTS): {e}"))?;
             if !name.is_empty() {
-                nix::unistd::sethostname(&name).map_err(|e| format!("sethostname {name:?} in the pod's UTS namespace: {e}"))?;
+                nix::unistd::sethostname(&name)
+                    .map_err(|e| format!("sethostname {name:?} in the pod's UTS namespace: {e}"))?;
             }
             let task = format!("/proc/{}/task/{}/ns", std::process::id(), nix::unistd::gettid());
             for (kind, target) in targets.files() {
@@ -309,12 +314,16 @@ mod tests {
     fn virtio_fs_share_plan() {
         let s = storage("virtio-fs", "virtiofs", "kataShared", "/run/kata-containers/shared/containers/", &[]);
         let p = plan(&s, 0).unwrap().unwrap();
-        assert_eq!((p.source.as_str(), p.fstype.as_deref(), p.flags, p.data.as_str()), ("kataShared", Some("virtiofs"), MsFlags::empty(), ""));
+        assert_eq!(
+            (p.source.as_str(), p.fstype.as_deref(), p.flags, p.data.as_str()),
+            ("kataShared", Some("virtiofs"), MsFlags::empty(), "")
+        );
     }
 
     #[test]
     fn local_tmpfs_and_plain_directory() {
-        let p = plan(&storage("local", "tmpfs", "", "/run/x", &["nodev", "size=10m", "mode=0755"]), 0).unwrap().unwrap();
+        let p =
+            plan(&storage("local", "tmpfs", "", "/run/x", &["nodev", "size=10m", "mode=0755"]), 0).unwrap().unwrap();
         assert_eq!((p.source.as_str(), p.flags, p.data.as_str()), ("tmpfs", MsFlags::MS_NODEV, "size=10m,mode=0755"));
         assert_eq!(plan(&storage("local", "", "", "/run/dir", &[]), 0).unwrap(), None);
     }
@@ -322,8 +331,12 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert!(plan(&storage("blk", "ext4", "/dev/vda", "/x", &[]), 2).unwrap_err().starts_with("storages[2].driver"));
-        assert!(plan(&storage("virtio-fs", "virtiofs", "tag", "rel", &[]), 0).unwrap_err().starts_with("storages[0].mount_point"));
-        assert!(plan(&storage("virtio-fs", "virtiofs", "", "/x", &[]), 0).unwrap_err().starts_with("storages[0].source"));
+        assert!(plan(&storage("virtio-fs", "virtiofs", "tag", "rel", &[]), 0)
+            .unwrap_err()
+            .starts_with("storages[0].mount_point"));
+        assert!(plan(&storage("virtio-fs", "virtiofs", "", "/x", &[]), 0)
+            .unwrap_err()
+            .starts_with("storages[0].source"));
     }
 
     #[test]

@@ -39,14 +39,20 @@ fn busybox_deb() -> PathBuf {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
     std::fs::create_dir_all(&cache).unwrap();
     let find = || {
-        std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb"))
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
     };
     if let Some(p) = find() {
         return p;
     }
     let out = Command::new("apt-get").args(["download", "busybox-static"]).current_dir(&cache).output();
     match out {
-        Ok(o) if o.status.success() => find().unwrap_or_else(|| fail_prereq("apt-get download busybox-static produced no .deb")),
+        Ok(o) if o.status.success() => {
+            find().unwrap_or_else(|| fail_prereq("apt-get download busybox-static produced no .deb"))
+        }
         Ok(o) => fail_prereq(&format!(
             "`apt-get download busybox-static` failed ({}): {}; or set PODVISOR_TEST_BUSYBOX_DEB",
             o.status,
@@ -63,15 +69,17 @@ fn make_rootfs(dir: &Path) -> PathBuf {
     if !st.as_ref().is_ok_and(|s| s.success()) {
         fail_prereq(&format!("dpkg-deb -x of busybox-static: {st:?}"));
     }
-    let bb = ["bin/busybox", "usr/bin/busybox"].iter().map(|p| x.join(p)).find(|p| p.exists()).expect("busybox in the .deb");
+    let bb =
+        ["bin/busybox", "usr/bin/busybox"].iter().map(|p| x.join(p)).find(|p| p.exists()).expect("busybox in the .deb");
     let root = dir.join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(&bb, root.join("bin/busybox")).unwrap();
-    for applet in
-        ["sh", "cat", "sleep", "stty", "tty", "echo", "ls", "chmod", "id", "read", "true", "yes", "head", "hostname", "readlink", "tr", "stat"]
-    {
+    for applet in [
+        "sh", "cat", "sleep", "stty", "tty", "echo", "ls", "chmod", "id", "read", "true", "yes", "head", "hostname",
+        "readlink", "tr", "stat",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -171,9 +179,9 @@ async fn start_agent(dir: &Path) -> Agent {
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| fail_prereq(&format!("start the agent in a private mount namespace with cgroup2 on /sys/fs/cgroup: {e}")));
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        fail_prereq(&format!("start the agent in a private mount namespace with cgroup2 on /sys/fs/cgroup: {e}"))
+    });
     let mut child = child;
     let log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -209,7 +217,10 @@ fn spec(rootfs: &Path, args: &[&str], terminal: bool) -> agent_protocol::oci::Sp
     s["process"]["env"] = json!(["PATH=/bin"]);
     s["process"]["noNewPrivileges"] = json!(false);
     s["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");
-    s["mounts"].as_array_mut().unwrap().push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}));
+    s["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}));
     let l = &mut s["linux"];
     l["cgroupsPath"] = json!("kubepods-besteffort-pod1.slice:cri-containerd:x");
     l["namespaces"].as_array_mut().unwrap().push(json!({"type": "cgroup"}));
@@ -241,8 +252,17 @@ fn process(args: &[&str], terminal: bool) -> agent_protocol::oci::Process {
 async fn read_all(agent: &Agent, cid: &str, exec_id: &str, stderr: bool) -> String {
     let mut out = Vec::new();
     loop {
-        let req = pb::ReadStreamRequest { container_id: cid.into(), exec_id: exec_id.into(), len: 32768, ..Default::default() };
-        let r = if stderr { agent.client.read_stderr(ctx(), &req).await } else { agent.client.read_stdout(ctx(), &req).await };
+        let req = pb::ReadStreamRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            len: 32768,
+            ..Default::default()
+        };
+        let r = if stderr {
+            agent.client.read_stderr(ctx(), &req).await
+        } else {
+            agent.client.read_stdout(ctx(), &req).await
+        };
         let data = r.unwrap_or_else(|e| panic!("read {cid}/{exec_id}: {e:?}")).data;
         if data.is_empty() {
             return String::from_utf8_lossy(&out).into_owned();
@@ -257,12 +277,22 @@ async fn wait(agent: &Agent, cid: &str, exec_id: &str) -> i32 {
 }
 
 async fn exec(agent: &Agent, cid: &str, exec_id: &str, p: agent_protocol::oci::Process) -> Result<(), ttrpc::Error> {
-    let req = pb::ExecProcessRequest { container_id: cid.into(), exec_id: exec_id.into(), process: Some(p).into(), ..Default::default() };
+    let req = pb::ExecProcessRequest {
+        container_id: cid.into(),
+        exec_id: exec_id.into(),
+        process: Some(p).into(),
+        ..Default::default()
+    };
     agent.client.exec_process(ctx(), &req).await.map(|_| ())
 }
 
 async fn create(agent: &Agent, cid: &str, spec: agent_protocol::oci::Spec) {
-    let req = pb::CreateContainerRequest { container_id: cid.into(), exec_id: cid.into(), OCI: Some(spec).into(), ..Default::default() };
+    let req = pb::CreateContainerRequest {
+        container_id: cid.into(),
+        exec_id: cid.into(),
+        OCI: Some(spec).into(),
+        ..Default::default()
+    };
     agent.client.create_container(ctx(), &req).await.unwrap_or_else(|e| panic!("create {cid}: {e:?}"));
 }
 
@@ -281,7 +311,8 @@ fn children_of(pid: i32) -> Vec<i32> {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|s| s.parse::<i32>().ok());
+        let ppid =
+            stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|s| s.parse::<i32>().ok());
         if ppid == Some(pid) {
             out.push(p);
         }
@@ -297,7 +328,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_over_ttrpc() {
     let _serial = SERIAL.lock().await;
-    assert!(nix::unistd::geteuid().is_root(), "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)"
+    );
     let dir = std::env::temp_dir().join(format!("podvisor-agent-it-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -323,7 +357,8 @@ async fn containers_over_ttrpc() {
         options: vec!["size=1m".into()],
         ..Default::default()
     };
-    let req = pb::CreateSandboxRequest { sandbox_id: sandbox_id.clone(), storages: vec![storage], ..Default::default() };
+    let req =
+        pb::CreateSandboxRequest { sandbox_id: sandbox_id.clone(), storages: vec![storage], ..Default::default() };
     agent.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
     let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid())).unwrap();
     assert!(mountinfo.contains(&format!(" {} ", shared.display())), "tmpfs storage not mounted:\n{mountinfo}");
@@ -331,7 +366,20 @@ async fn containers_over_ttrpc() {
     assert_eq!(code(&err).0, Code::ALREADY_EXISTS, "{err:?}");
 
     // ---- c1: create, output buffered before start is read; exit code 3
-    create(&agent, "c1", spec(&rootfs, &["/bin/sh", "-c", "echo hello; echo HOME=$HOME; chmod 700 /tmp 2>/dev/null || echo seccomp-denied; exit 3"], false)).await;
+    create(
+        &agent,
+        "c1",
+        spec(
+            &rootfs,
+            &[
+                "/bin/sh",
+                "-c",
+                "echo hello; echo HOME=$HOME; chmod 700 /tmp 2>/dev/null || echo seccomp-denied; exit 3",
+            ],
+            false,
+        ),
+    )
+    .await;
     let cg1 = format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c1");
     assert!(agent.ns_path(&cg1).exists(), "cgroupsPath was not rewritten to {cg1}");
     let err = exec(&agent, "c1", "early", process(&["/bin/true"], false)).await.unwrap_err();
@@ -357,7 +405,12 @@ async fn containers_over_ttrpc() {
     assert_eq!(agent.client.read_stdout(ctx(), &r).await.unwrap().data, b"up\n");
 
     exec(&agent, "c2", "cat", process(&["/bin/cat"], false)).await.expect("exec cat");
-    let w = pb::WriteStreamRequest { container_id: "c2".into(), exec_id: "cat".into(), data: b"hi".to_vec(), ..Default::default() };
+    let w = pb::WriteStreamRequest {
+        container_id: "c2".into(),
+        exec_id: "cat".into(),
+        data: b"hi".to_vec(),
+        ..Default::default()
+    };
     assert_eq!(agent.client.write_stdin(ctx(), &w).await.unwrap().len, 2);
     let cl = pb::CloseStdinRequest { container_id: "c2".into(), exec_id: "cat".into(), ..Default::default() };
     agent.client.close_stdin(ctx(), &cl).await.unwrap();
@@ -370,7 +423,10 @@ async fn containers_over_ttrpc() {
     // The container's seccomp filter (chmod denied) holds for exec'd processes too, which still
     // end up with exactly their own capabilities (here CAP_KILL only: bit 5), and for an exec
     // without a capability list.
-    let mut limited = process(&["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied; grep CapEff /proc/self/status"], false);
+    let mut limited = process(
+        &["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied; grep CapEff /proc/self/status"],
+        false,
+    );
     let kill = vec!["CAP_KILL".to_string()];
     limited.Capabilities = Some(agent_protocol::oci::LinuxCapabilities {
         Bounding: kill.clone(),
@@ -395,22 +451,49 @@ async fn containers_over_ttrpc() {
     exec(&agent, "c2", "nobody", nobody).await.expect("exec as nobody");
     assert_eq!(read_all(&agent, "c2", "nobody", false).await, "65534\nCapEff:\t0000000000000000\n");
     assert_eq!(wait(&agent, "c2", "nobody").await, 0);
-    exec(&agent, "c2", "seccomp", process(&["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied"], false)).await.expect("exec");
+    exec(
+        &agent,
+        "c2",
+        "seccomp",
+        process(&["/bin/sh", "-c", "chmod 700 /tmp 2>/dev/null || echo seccomp-denied"], false),
+    )
+    .await
+    .expect("exec");
     assert_eq!(read_all(&agent, "c2", "seccomp", false).await, "seccomp-denied\n");
     assert_eq!(wait(&agent, "c2", "seccomp").await, 0);
 
     // consoleSize is applied as soon as the terminal arrives, which may be after the process
     // started (as with runc): check it once the process has waited for input.
-    exec(&agent, "c2", "tty", process(&["/bin/sh", "-c", "read x; stty size; tty; exit 7"], true)).await.expect("exec tty");
-    let w = pb::WriteStreamRequest { container_id: "c2".into(), exec_id: "tty".into(), data: b"one\n".to_vec(), ..Default::default() };
+    exec(&agent, "c2", "tty", process(&["/bin/sh", "-c", "read x; stty size; tty; exit 7"], true))
+        .await
+        .expect("exec tty");
+    let w = pb::WriteStreamRequest {
+        container_id: "c2".into(),
+        exec_id: "tty".into(),
+        data: b"one\n".to_vec(),
+        ..Default::default()
+    };
     agent.client.write_stdin(ctx(), &w).await.unwrap();
     let out = read_all(&agent, "c2", "tty", false).await;
     assert!(out.contains("30 100") && out.contains("/dev/pts/"), "terminal output: {out:?}");
     assert_eq!(wait(&agent, "c2", "tty").await, 7);
-    exec(&agent, "c2", "tty2", process(&["/bin/sh", "-c", "read x; stty size; exit 7"], true)).await.expect("exec tty2");
-    let rs = pb::TtyWinResizeRequest { container_id: "c2".into(), exec_id: "tty2".into(), row: 40, column: 120, ..Default::default() };
+    exec(&agent, "c2", "tty2", process(&["/bin/sh", "-c", "read x; stty size; exit 7"], true))
+        .await
+        .expect("exec tty2");
+    let rs = pb::TtyWinResizeRequest {
+        container_id: "c2".into(),
+        exec_id: "tty2".into(),
+        row: 40,
+        column: 120,
+        ..Default::default()
+    };
     agent.client.tty_win_resize(ctx(), &rs).await.expect("TtyWinResize");
-    let w = pb::WriteStreamRequest { container_id: "c2".into(), exec_id: "tty2".into(), data: b"go\n".to_vec(), ..Default::default() };
+    let w = pb::WriteStreamRequest {
+        container_id: "c2".into(),
+        exec_id: "tty2".into(),
+        data: b"go\n".to_vec(),
+        ..Default::default()
+    };
     agent.client.write_stdin(ctx(), &w).await.unwrap();
     let out = read_all(&agent, "c2", "tty2", false).await;
     assert!(out.contains("40 120"), "terminal output after TtyWinResize: {out:?}");
@@ -418,7 +501,9 @@ async fn containers_over_ttrpc() {
     assert_eq!(wait(&agent, "c2", "tty2").await, 7);
 
     // more output than the agent buffers (4 MiB): back-pressure, nothing lost
-    exec(&agent, "c2", "big", process(&["/bin/sh", "-c", "yes 0123456789 | head -c 6000000"], false)).await.expect("exec big");
+    exec(&agent, "c2", "big", process(&["/bin/sh", "-c", "yes 0123456789 | head -c 6000000"], false))
+        .await
+        .expect("exec big");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = read_all(&agent, "c2", "big", false).await;
     assert_eq!(out.len(), 6_000_000);
@@ -431,7 +516,9 @@ async fn containers_over_ttrpc() {
         let agent = &agent;
         async move {
             let id = format!("par{i}");
-            exec(agent, "c2", &id, process(&["/bin/sh", "-c", &format!("echo {id}; exit {i}")], false)).await.expect("parallel exec");
+            exec(agent, "c2", &id, process(&["/bin/sh", "-c", &format!("echo {id}; exit {i}")], false))
+                .await
+                .expect("parallel exec");
             (read_all(agent, "c2", &id, false).await, wait(agent, "c2", &id).await)
         }
     });
@@ -442,22 +529,40 @@ async fn containers_over_ttrpc() {
     eprintln!("8 parallel execs in {:?}", started.elapsed());
 
     // processes of the container (what ListProcesses would list): init is there
-    let procs = std::fs::read_to_string(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c2/cgroup.procs"))).unwrap();
+    let procs =
+        std::fs::read_to_string(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c2/cgroup.procs")))
+            .unwrap();
     assert_eq!(procs.lines().count(), 1, "only init should be left in c2: {procs:?}");
 
     // ---- pause / resume (cgroup v2 freezer); exec into a paused container is refused
     let freeze = agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c2/cgroup.freeze"));
-    agent.client.pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c2".into(), ..Default::default() }).await.expect("pause");
+    agent
+        .client
+        .pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c2".into(), ..Default::default() })
+        .await
+        .expect("pause");
     assert_eq!(std::fs::read_to_string(&freeze).unwrap().trim(), "1");
     let err = exec(&agent, "c2", "while-paused", process(&["/bin/true"], false)).await.unwrap_err();
     assert_eq!(code(&err).0, Code::FAILED_PRECONDITION, "{err:?}");
-    let err = agent.client.pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c2".into(), ..Default::default() }).await.unwrap_err();
+    let err = agent
+        .client
+        .pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c2".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(code(&err).0, Code::FAILED_PRECONDITION, "{err:?}");
-    agent.client.resume_container(ctx(), &pb::ResumeContainerRequest { container_id: "c2".into(), ..Default::default() }).await.expect("resume");
+    agent
+        .client
+        .resume_container(ctx(), &pb::ResumeContainerRequest { container_id: "c2".into(), ..Default::default() })
+        .await
+        .expect("resume");
     assert_eq!(std::fs::read_to_string(&freeze).unwrap().trim(), "0");
 
     // ---- stats and update
-    let stats = agent.client.stats_container(ctx(), &pb::StatsContainerRequest { container_id: "c2".into(), ..Default::default() }).await.expect("stats");
+    let stats = agent
+        .client
+        .stats_container(ctx(), &pb::StatsContainerRequest { container_id: "c2".into(), ..Default::default() })
+        .await
+        .expect("stats");
     let cg = stats.cgroup_stats.as_ref().unwrap();
     assert!(cg.cpu_stats.cpu_usage.total_usage > 0, "cpu usage from cpu.stat: {cg:?}");
     if has("pids") {
@@ -482,15 +587,20 @@ async fn containers_over_ttrpc() {
     let r = agent.client.update_container(ctx(), &upd).await;
     if has("pids") {
         r.expect("update pids limit");
-        let max = std::fs::read_to_string(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c2/pids.max"))).unwrap();
+        let max = std::fs::read_to_string(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}/c2/pids.max")))
+            .unwrap();
         assert_eq!(max.trim(), "50");
     } else {
         let (c, m) = code(&r.unwrap_err());
-        assert!(c == Code::INTERNAL && m.contains("c2"), "without the pids controller the update fails naming the container: {m}");
+        assert!(
+            c == Code::INTERNAL && m.contains("c2"),
+            "without the pids controller the update fails naming the container: {m}"
+        );
     }
 
     // ---- SIGKILL the init: 137; everything of the container ends
-    let sig = pb::SignalProcessRequest { container_id: "c2".into(), exec_id: "".into(), signal: 9, ..Default::default() };
+    let sig =
+        pb::SignalProcessRequest { container_id: "c2".into(), exec_id: "".into(), signal: 9, ..Default::default() };
     agent.client.signal_process(ctx(), &sig).await.expect("SIGKILL");
     assert_eq!(wait(&agent, "c2", "").await, 137);
     assert_eq!(read_all(&agent, "c2", "", false).await, "", "init output was read before");
@@ -506,7 +616,11 @@ async fn containers_over_ttrpc() {
     create(&agent, "c3", spec(&rootfs, &["/bin/sleep", "100000"], false)).await;
     start(&agent, "c3").await;
     exec(&agent, "c3", "sleeper", process(&["/bin/sleep", "100000"], false)).await.expect("exec sleeper");
-    agent.client.pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c3".into(), ..Default::default() }).await.expect("pause c3");
+    agent
+        .client
+        .pause_container(ctx(), &pb::PauseContainerRequest { container_id: "c3".into(), ..Default::default() })
+        .await
+        .expect("pause c3");
     remove(&agent, "c3").await.expect("remove paused c3 with a running exec");
 
     // ---- nothing left: no children, no cgroups, no state
@@ -517,9 +631,13 @@ async fn containers_over_ttrpc() {
     assert_eq!(children_of(agent.pid()), Vec::<i32>::new(), "processes left under the agent");
     // (Only this sandbox's: /podvisor itself may hold another test's agent's cgroups.)
     assert!(!agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{sandbox_id}")).exists(), "cgroup parents left behind");
-    let state: Vec<_> = std::fs::read_dir(dir.join("run/containers")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let state: Vec<_> = std::fs::read_dir(dir.join("run/containers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(state.is_empty(), "libcontainer state left: {state:?}");
-    let bundles: Vec<_> = std::fs::read_dir(dir.join("run/bundles")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let bundles: Vec<_> = std::fs::read_dir(dir.join("run/bundles"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(bundles.is_empty(), "bundles left: {bundles:?}");
 
     // ---- DestroySandbox: the agent unmounts, cleans up and exits 0
@@ -555,7 +673,9 @@ fn pod_spec(rootfs: &Path, args: &[&str], join: bool) -> agent_protocol::oci::Sp
     s["process"]["env"] = json!(["PATH=/bin"]);
     let mounts = s["mounts"].as_array_mut().unwrap();
     mounts.retain(|m| m["destination"] != "/dev/shm");
-    mounts.push(json!({"destination": "/dev/shm", "type": "bind", "source": POD_SHM, "options": ["rbind", "rprivate", "rw"]}));
+    mounts.push(
+        json!({"destination": "/dev/shm", "type": "bind", "source": POD_SHM, "options": ["rbind", "rprivate", "rw"]}),
+    );
     let l = &mut s["linux"];
     l["cgroupsPath"] = json!("kubepods-besteffort-pod1.slice:cri-containerd:x");
     l["namespaces"] = if join {
@@ -582,7 +702,8 @@ fn pod_spec(rootfs: &Path, args: &[&str], join: bool) -> agent_protocol::oci::Sp
 /// Lowering oom_score_adj needs CAP_SYS_RESOURCE, which some test sandboxes drop.
 fn has_cap_sys_resource() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    let eff =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
     eff.is_some_and(|e| e & (1 << 24) != 0) // CAP_SYS_RESOURCE
 }
 
@@ -599,7 +720,9 @@ async fn create_in_pod(agent: &Agent, cid: &str, spec: agent_protocol::oci::Spec
 
 /// Runs `sh -c script` in a container: (stdout, exit status).
 async fn run_in(agent: &Agent, cid: &str, exec_id: &str, script: &str) -> (String, i32) {
-    exec(agent, cid, exec_id, process(&["/bin/sh", "-c", script], false)).await.unwrap_or_else(|e| panic!("exec {cid}/{exec_id}: {e:?}"));
+    exec(agent, cid, exec_id, process(&["/bin/sh", "-c", script], false))
+        .await
+        .unwrap_or_else(|e| panic!("exec {cid}/{exec_id}: {e:?}"));
     let out = read_all(agent, cid, exec_id, false).await;
     (out, wait(agent, cid, exec_id).await)
 }
@@ -615,7 +738,9 @@ impl Witness {
         cmd.arg("1000").stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: only setns between fork and exec.
         unsafe {
-            cmd.pre_exec(move || nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from));
+            cmd.pre_exec(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)
+            });
         }
         Witness(cmd.spawn().expect("start a process in the agent's mount namespace"))
     }
@@ -656,7 +781,10 @@ fn pids_running(needle: &str) -> Vec<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_shares_namespaces_and_shm() {
     let _serial = SERIAL.lock().await;
-    assert!(nix::unistd::geteuid().is_root(), "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)"
+    );
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = std::env::temp_dir().join(format!("podvisor-agent-pod-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -668,7 +796,11 @@ async fn pod_shares_namespaces_and_shm() {
     // VMs) may be listed, hidden under the private /run. Only new ones count.
     let kata_mounts = |w: &Witness| -> Vec<String> {
         let info = w.mountinfo();
-        let mut v: Vec<String> = info.lines().filter(|l| l.contains("/run/kata-containers")).map(|l| l.split(" - ").next().unwrap().into()).collect();
+        let mut v: Vec<String> = info
+            .lines()
+            .filter(|l| l.contains("/run/kata-containers"))
+            .map(|l| l.split(" - ").next().unwrap().into())
+            .collect();
         v.sort();
         v
     };
@@ -705,12 +837,18 @@ async fn pod_shares_namespaces_and_shm() {
     assert!(shm_line.contains(" - tmpfs ") && shm_line.contains("size=65536k"), "pod shm: {shm_line}");
     let mode = std::fs::metadata(agent.ns_path(POD_SHM)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o1777, "pod /dev/shm mode");
-    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), host_hostname, "test mode must not rename the host");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_hostname,
+        "test mode must not rename the host"
+    );
     let ns_ino = |kind: &str| std::fs::metadata(agent.ns_path(&format!("{SHARED_NS}/{kind}"))).unwrap().ino();
     let (ipc_ino, uts_ino) = (ns_ino("ipc"), ns_ino("uts"));
 
     // ---- the sandbox container, then two app containers joining it (pid shared)
-    create_in_pod(&agent, &pod, pod_spec(&rootfs, &["/bin/sleep", &sb_sleep], false)).await.expect("create the sandbox container");
+    create_in_pod(&agent, &pod, pod_spec(&rootfs, &["/bin/sleep", &sb_sleep], false))
+        .await
+        .expect("create the sandbox container");
     start(&agent, &pod).await;
     create_in_pod(&agent, "a", pod_spec(&rootfs, &["/bin/sleep", &a_sleep], true)).await.expect("create a");
     create_in_pod(&agent, "b", pod_spec(&rootfs, &["/bin/sleep", &b_sleep], true)).await.expect("create b");
@@ -718,7 +856,8 @@ async fn pod_shares_namespaces_and_shm() {
     start(&agent, "b").await;
 
     for cid in [pod.as_str(), "a", "b"] {
-        let (out, st) = run_in(&agent, cid, "ns", "hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts").await;
+        let (out, st) =
+            run_in(&agent, cid, "ns", "hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts").await;
         assert_eq!((out, st), (format!("podhost\nipc:[{ipc_ino}]\nuts:[{uts_ino}]\n"), 0), "namespaces of {cid}");
     }
 
@@ -752,31 +891,46 @@ async fn pod_shares_namespaces_and_shm() {
     assert!(!has_key(&host_sysv), "the segment leaked into the host's IPC namespace");
 
     // shared pid namespace: pid 1 is the sandbox's init; b sees a
-    let ps = "cat /proc/1/cmdline | tr '\\0' ' '; echo; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done";
+    let ps =
+        "cat /proc/1/cmdline | tr '\\0' ' '; echo; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done";
     let (out, _) = run_in(&agent, "b", "ps", ps).await;
     let mut lines = out.lines();
     assert_eq!(lines.next().unwrap().trim(), format!("/bin/sleep {sb_sleep}"), "pid 1 of b's pid namespace:\n{out}");
-    assert!(out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {b_sleep}")), "b sees a's processes:\n{out}");
+    assert!(
+        out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {b_sleep}")),
+        "b sees a's processes:\n{out}"
+    );
 
     // ---- remove a: b, the sandbox and the shared namespaces are untouched
     remove(&agent, "a").await.expect("remove a");
     assert!(!agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{pod}/a")).exists(), "cgroup of a left behind");
     assert!(agent.ns_path(&format!("/sys/fs/cgroup/podvisor/{pod}/b")).exists());
-    let (out, st) = run_in(&agent, "b", "after", "cat /dev/shm/f; hostname; readlink /proc/self/ns/ipc; cat /proc/sysvipc/shm").await;
+    let (out, st) =
+        run_in(&agent, "b", "after", "cat /dev/shm/f; hostname; readlink /proc/self/ns/ipc; cat /proc/sysvipc/shm")
+            .await;
     assert_eq!(st, 0);
     assert!(out.starts_with(&format!("x\npodhost\nipc:[{ipc_ino}]\n")) && has_key(&out), "b after removing a:\n{out}");
     let (out, _) = run_in(&agent, "b", "ps2", ps).await;
-    assert!(!out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {sb_sleep}")), "a's processes are gone:\n{out}");
+    assert!(
+        !out.contains(&format!("sleep {a_sleep}")) && out.contains(&format!("sleep {sb_sleep}")),
+        "a's processes are gone:\n{out}"
+    );
     assert!(pids_running(&format!("sleep {a_sleep}")).is_empty());
 
     // ---- a new container joins the running pod; its init runs to the end on its own
-    create_in_pod(&agent, "c", pod_spec(&rootfs, &["/bin/sh", "-c", "cat /dev/shm/f; hostname"], true)).await.expect("create c");
+    create_in_pod(&agent, "c", pod_spec(&rootfs, &["/bin/sh", "-c", "cat /dev/shm/f; hostname"], true))
+        .await
+        .expect("create c");
     start(&agent, "c").await;
     assert_eq!(read_all(&agent, "c", "", false).await, "x\npodhost\n");
     assert_eq!(wait(&agent, "c", "").await, 0);
     remove(&agent, "c").await.expect("remove c");
     remove(&agent, "b").await.expect("remove b");
-    assert_eq!(run_in(&agent, &pod, "last", "hostname").await, ("podhost\n".into(), 0), "the sandbox container outlives its app containers");
+    assert_eq!(
+        run_in(&agent, &pod, "last", "hostname").await,
+        ("podhost\n".into(), 0),
+        "the sandbox container outlives its app containers"
+    );
 
     // ---- DestroySandbox (with the sandbox container still running): nothing is left. The
     // shim's GetOOMEvent long poll is pending, as in every pod: DestroySandbox ends it, so the
@@ -786,7 +940,9 @@ async fn pod_shares_namespaces_and_shm() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut agent = agent;
     agent.client.destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new()).await.expect("DestroySandbox");
-    let pending = tokio::time::timeout(Duration::from_secs(5), oom).await.expect("GetOOMEvent still pending after DestroySandbox");
+    let pending = tokio::time::timeout(Duration::from_secs(5), oom)
+        .await
+        .expect("GetOOMEvent still pending after DestroySandbox");
     let err = pending.unwrap().expect_err("GetOOMEvent after DestroySandbox");
     assert_eq!(code(&err).0, Code::UNAVAILABLE, "GetOOMEvent after DestroySandbox: {err:?}");
     let mut child = agent.child.take().unwrap();

@@ -106,23 +106,68 @@ impl Default for QemuConfig {
 
 /// Keys of Kata's `[hypervisor.qemu]` that podvisor accepts but does not act on (yet).
 const KATA_KEYS_IGNORED: &[&str] = &[
-    "firmware", "firmware_volume", "machine_accelerators", "seccompsandbox", "cpu_features",
-    "default_bridges", "memory_offset", "enable_virtio_mem", "disable_block_device_use",
-    "shared_fs", "valid_virtio_fs_daemon_paths", "virtio_fs_cache_size", "virtio_fs_queue_size",
-    "block_device_driver", "block_device_aio", "block_device_cache_set",
-    "block_device_cache_direct", "block_device_cache_noflush", "enable_iothreads",
-    "indep_iothreads", "enable_mem_prealloc", "enable_hugepages", "enable_vhost_user_store",
-    "vhost_user_store_path", "vhost_user_reconnect_timeout_sec", "enable_iommu",
-    "enable_iommu_platform", "valid_vhost_user_store_paths", "file_mem_backend",
-    "valid_file_mem_backends", "pflashes", "extra_monitor_socket", "disable_nesting_checks",
-    "msize_9p", "disable_image_nvdimm", "hotplug_vfio_on_root_bus", "hot_plug_vfio",
-    "cold_plug_vfio", "pcie_root_port", "pcie_switch_port", "disable_vhost_net",
-    "entropy_source", "valid_entropy_sources", "guest_hook_path", "rx_rate_limiter_max_rate",
-    "tx_rate_limiter_max_rate", "guest_memory_dump_path", "guest_memory_dump_paging",
-    "enable_guest_swap", "use_legacy_serial", "disable_selinux", "disable_guest_selinux",
-    "confidential_guest", "sev_snp_guest", "rootless", "valid_kernel_params",
-    "valid_kernel_paths", "valid_initrd_paths", "valid_image_paths", "default_numa_nodes",
-    "reclaim_guest_freed_memory", "tdx_quote_generation_service_socket_port",
+    "firmware",
+    "firmware_volume",
+    "machine_accelerators",
+    "seccompsandbox",
+    "cpu_features",
+    "default_bridges",
+    "memory_offset",
+    "enable_virtio_mem",
+    "disable_block_device_use",
+    "shared_fs",
+    "valid_virtio_fs_daemon_paths",
+    "virtio_fs_cache_size",
+    "virtio_fs_queue_size",
+    "block_device_driver",
+    "block_device_aio",
+    "block_device_cache_set",
+    "block_device_cache_direct",
+    "block_device_cache_noflush",
+    "enable_iothreads",
+    "indep_iothreads",
+    "enable_mem_prealloc",
+    "enable_hugepages",
+    "enable_vhost_user_store",
+    "vhost_user_store_path",
+    "vhost_user_reconnect_timeout_sec",
+    "enable_iommu",
+    "enable_iommu_platform",
+    "valid_vhost_user_store_paths",
+    "file_mem_backend",
+    "valid_file_mem_backends",
+    "pflashes",
+    "extra_monitor_socket",
+    "disable_nesting_checks",
+    "msize_9p",
+    "disable_image_nvdimm",
+    "hotplug_vfio_on_root_bus",
+    "hot_plug_vfio",
+    "cold_plug_vfio",
+    "pcie_root_port",
+    "pcie_switch_port",
+    "disable_vhost_net",
+    "entropy_source",
+    "valid_entropy_sources",
+    "guest_hook_path",
+    "rx_rate_limiter_max_rate",
+    "tx_rate_limiter_max_rate",
+    "guest_memory_dump_path",
+    "guest_memory_dump_paging",
+    "enable_guest_swap",
+    "use_legacy_serial",
+    "disable_selinux",
+    "disable_guest_selinux",
+    "confidential_guest",
+    "sev_snp_guest",
+    "rootless",
+    "valid_kernel_params",
+    "valid_kernel_paths",
+    "valid_initrd_paths",
+    "valid_image_paths",
+    "default_numa_nodes",
+    "reclaim_guest_freed_memory",
+    "tdx_quote_generation_service_socket_port",
 ];
 
 struct Reader<'a> {
@@ -194,11 +239,7 @@ impl Reader<'_> {
 impl QemuConfig {
     /// Parses the `[hypervisor.qemu]` table of `file`. Warnings about ignored or unknown keys
     /// are appended to `warnings`; the first bad value is returned as an error.
-    pub fn from_table(
-        table: &toml::Table,
-        file: &Path,
-        warnings: &mut Vec<String>,
-    ) -> Result<QemuConfig, ConfigError> {
+    pub fn from_table(table: &toml::Table, file: &Path, warnings: &mut Vec<String>) -> Result<QemuConfig, ConfigError> {
         let r = Reader { table, file };
         let mut c = QemuConfig::default();
         for key in table.keys() {
@@ -285,10 +326,9 @@ impl QemuConfig {
                 "kvm" => Accelerator::Kvm,
                 "tcg" => Accelerator::Tcg,
                 other => {
-                    return Err(r.err(
-                        "accelerator",
-                        format!("\"{other}\" is not valid; use \"auto\", \"kvm\" or \"tcg\""),
-                    ))
+                    return Err(
+                        r.err("accelerator", format!("\"{other}\" is not valid; use \"auto\", \"kvm\" or \"tcg\""))
+                    )
                 }
             };
         }
@@ -334,10 +374,25 @@ impl QemuConfig {
 
 /// Keys this driver reads.
 const KNOWN_KEYS: &[&str] = &[
-    "path", "kernel", "initrd", "image", "machine_type", "kernel_params", "default_vcpus",
-    "default_maxvcpus", "default_memory", "memory_slots", "default_maxmemory", "enable_debug",
-    "accelerator", "vhost_user_vsock_daemon", "virtio_fs_daemon", "virtio_fs_cache",
-    "virtio_fs_extra_args", "enable_annotations", "valid_hypervisor_paths",
+    "path",
+    "kernel",
+    "initrd",
+    "image",
+    "machine_type",
+    "kernel_params",
+    "default_vcpus",
+    "default_maxvcpus",
+    "default_memory",
+    "memory_slots",
+    "default_maxmemory",
+    "enable_debug",
+    "accelerator",
+    "vhost_user_vsock_daemon",
+    "virtio_fs_daemon",
+    "virtio_fs_cache",
+    "virtio_fs_extra_args",
+    "enable_annotations",
+    "valid_hypervisor_paths",
 ];
 
 #[cfg(test)]

@@ -25,12 +25,10 @@ impl HostFacts {
     /// Reads the facts from this host.
     pub fn probe() -> HostFacts {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let hw_virt_flags = cpuinfo.lines().any(|l| {
-            l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
-        });
+        let hw_virt_flags =
+            cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
         let dev_kvm = Path::new("/dev/kvm").exists();
-        let dev_kvm_openable =
-            dev_kvm && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let dev_kvm_openable = dev_kvm && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         HostFacts {
             dev_kvm,
             dev_kvm_openable,
@@ -191,28 +189,33 @@ impl std::fmt::Display for HostCheck {
         for item in &self.items {
             writeln!(f, "{:<4} {:<12} {}", if item.ok { "ok" } else { "FAIL" }, item.name, item.detail)?;
         }
-        write!(f, "verdict: {}", if self.passed() { "this host can run podvisor VMs" } else { "cannot run VMs (see FAIL lines)" })
+        write!(
+            f,
+            "verdict: {}",
+            if self.passed() { "this host can run podvisor VMs" } else { "cannot run VMs (see FAIL lines)" }
+        )
     }
 }
 
 /// Resolves a program: a path with a `/` is used as is, a bare name is looked up on `PATH`.
 pub fn find_program(program: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    };
+    let executable =
+        |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
     if program.components().count() > 1 || program.is_absolute() {
         return executable(program).then(|| program.to_path_buf());
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| executable(p))
 }
 
 /// Runs `<qemu> --version` and returns its first line.
 pub fn qemu_version(path: &Path) -> Result<String, String> {
-    let out = std::process::Command::new(path).arg("--version").output().map_err(|e| {
-        format!("{}: {e}; install qemu-system-x86 or fix `path` in [hypervisor.qemu]", path.display())
-    })?;
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{}: {e}; install qemu-system-x86 or fix `path` in [hypervisor.qemu]", path.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .next()

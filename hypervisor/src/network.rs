@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use netlink::Netlink;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
@@ -28,7 +29,6 @@ use netlink_packet_route::tc::{
     TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key,
     TcU32Selector, TcU32SelectorFlags,
 };
-use netlink::Netlink;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 /// How the pod's network reaches the guest (Kata's `internetworking_model`, `[runtime]`).
@@ -189,7 +189,8 @@ impl PodNetwork {
     /// two with tc. Blocking (a few netlink round trips); all-or-nothing.
     pub fn attach(netns_path: &Path) -> Result<PodNetwork, NetworkError> {
         let path = netns_path.to_path_buf();
-        let netns = File::open(&path).map_err(|source| NetworkError::Netns { path: path.clone(), what: "open", source })?;
+        let netns =
+            File::open(&path).map_err(|source| NetworkError::Netns { path: path.clone(), what: "open", source })?;
         let (guest, links) = in_netns(&netns, &path, |ops| {
             let guest = discover(ops)?;
             let mut links = Vec::new();
@@ -267,10 +268,8 @@ fn in_netns<T: Send>(
 ) -> Result<T, NetworkError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Netns {
-                path: path.to_path_buf(),
-                what: "setns",
-                source: io::Error::from(e),
+            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                NetworkError::Netns { path: path.to_path_buf(), what: "setns", source: io::Error::from(e) }
             })?;
             let nl = Netlink::open().map_err(|source| NetworkError::Op {
                 path: path.to_path_buf(),
@@ -292,31 +291,59 @@ fn in_netns<T: Send>(
 
 fn discover(ops: &mut Ops) -> Result<GuestNetwork, NetworkError> {
     let dump = NLM_F_DUMP;
-    let links = ops.nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), dump).map_err(ops.err("list links"))?;
-    let addrs = ops.nl.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), dump).map_err(ops.err("list addresses"))?;
-    let routes = ops.nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), dump).map_err(ops.err("list routes"))?;
-    let neighs =
-        ops.nl.request(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), dump).map_err(ops.err("list neighbours"))?;
-    let links: Vec<LinkMessage> = links.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None }).collect();
-    let addrs: Vec<AddressMessage> =
-        addrs.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None }).collect();
-    let routes: Vec<RouteMessage> = routes.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }).collect();
-    let neighs: Vec<NeighbourMessage> =
-        neighs.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewNeighbour(n) = m { Some(n) } else { None }).collect();
+    let links =
+        ops.nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), dump).map_err(ops.err("list links"))?;
+    let addrs = ops
+        .nl
+        .request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), dump)
+        .map_err(ops.err("list addresses"))?;
+    let routes =
+        ops.nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), dump).map_err(ops.err("list routes"))?;
+    let neighs = ops
+        .nl
+        .request(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), dump)
+        .map_err(ops.err("list neighbours"))?;
+    let links: Vec<LinkMessage> = links
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None })
+        .collect();
+    let addrs: Vec<AddressMessage> = addrs
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None })
+        .collect();
+    let routes: Vec<RouteMessage> = routes
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
+        .collect();
+    let neighs: Vec<NeighbourMessage> = neighs
+        .into_iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewNeighbour(n) = m { Some(n) } else { None })
+        .collect();
     Ok(guest_network(&links, &addrs, &routes, &neighs))
 }
 
 /// The pod interfaces and their routes and neighbours, from netlink dumps. Left out: `lo`, links
 /// without an Ethernet MAC, links without any address (unconfigured or base tunnel devices such
 /// as `tunl0`, as Kata does), and our own taps.
-fn guest_network(links: &[LinkMessage], addrs: &[AddressMessage], routes: &[RouteMessage], neighs: &[NeighbourMessage]) -> GuestNetwork {
+fn guest_network(
+    links: &[LinkMessage],
+    addrs: &[AddressMessage],
+    routes: &[RouteMessage],
+    neighs: &[NeighbourMessage],
+) -> GuestNetwork {
     let mut interfaces = Vec::new();
     let mut names = std::collections::HashMap::new();
     for link in links {
         if link.header.flags.contains(LinkFlags::Loopback) {
             continue;
         }
-        let mut ifc = NetInterface { name: String::new(), mac: String::new(), mtu: 0, addresses: Vec::new(), kind: String::new() };
+        let mut ifc = NetInterface {
+            name: String::new(),
+            mac: String::new(),
+            mtu: 0,
+            addresses: Vec::new(),
+            kind: String::new(),
+        };
         for a in &link.attributes {
             match a {
                 LinkAttribute::IfName(n) => ifc.name = n.clone(),
@@ -423,7 +450,8 @@ pub fn format_mac(bytes: &[u8]) -> String {
 
 /// Creates the tap for `ifc`, brings it up with the veth's MTU, and adds the two redirects.
 fn join(ops: &mut Ops, ifc: &NetInterface, tap: &str) -> Result<Attached, NetworkError> {
-    let veth_index = nix::net::if_::if_nametoindex(ifc.name.as_str()).map_err(|e| (ops.err(format!("find interface {}", ifc.name)))(e.into()))?;
+    let veth_index = nix::net::if_::if_nametoindex(ifc.name.as_str())
+        .map_err(|e| (ops.err(format!("find interface {}", ifc.name)))(e.into()))?;
     let fd = open_tap(tap).map_err(ops.err(format!("create tap {tap} (TUNSETIFF on /dev/net/tun)")))?;
     let tap_index = nix::net::if_::if_nametoindex(tap).map_err(|e| (ops.err(format!("find tap {tap}")))(e.into()))?;
     let a = Attached { veth: ifc.name.clone(), veth_index, tap: tap.to_string(), tap_index, fd };
@@ -433,13 +461,19 @@ fn join(ops: &mut Ops, ifc: &NetInterface, tap: &str) -> Result<Attached, Networ
         up.header.flags = LinkFlags::Up;
         up.header.change_mask = LinkFlags::Up;
         up.attributes.push(LinkAttribute::Mtu(ifc.mtu));
-        ops.nl.request(RouteNetlinkMessage::SetLink(up), 0).map_err(ops.err(format!("set {tap} up with MTU {}", ifc.mtu)))?;
+        ops.nl
+            .request(RouteNetlinkMessage::SetLink(up), 0)
+            .map_err(ops.err(format!("set {tap} up with MTU {}", ifc.mtu)))?;
         for (dev, index) in [(&a.veth, veth_index), (&a.tap, tap_index)] {
             ops.nl
                 .request(RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index)), NLM_F_CREATE | NLM_F_EXCL)
-                .map_err(ops.err(format!("add ingress qdisc on {dev} (tc qdisc add dev {dev} handle ffff: ingress)")))?;
+                .map_err(
+                    ops.err(format!("add ingress qdisc on {dev} (tc qdisc add dev {dev} handle ffff: ingress)")),
+                )?;
         }
-        for (from, from_index, to, to_index) in [(&a.veth, veth_index, &a.tap, tap_index), (&a.tap, tap_index, &a.veth, veth_index)] {
+        for (from, from_index, to, to_index) in
+            [(&a.veth, veth_index, &a.tap, tap_index), (&a.tap, tap_index, &a.veth, veth_index)]
+        {
             ops.nl.request(RouteNetlinkMessage::NewTrafficFilter(redirect_filter(from_index, to_index)), NLM_F_CREATE | NLM_F_EXCL).map_err(
                 ops.err(format!(
                     "add redirect filter {from} -> {to} (tc filter add dev {from} parent ffff: protocol all u32 match u8 0 0 \
@@ -532,7 +566,11 @@ fn open_tap(name: &str) -> io::Result<OwnedFd> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name} is too long")));
     }
     let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes, the size of IfReq), which
     // lives across the call.
@@ -541,7 +579,6 @@ fn open_tap(name: &str) -> io::Result<OwnedFd> {
     }
     Ok(file.into())
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -557,7 +594,8 @@ mod tests {
         if loopback {
             l.header.flags = LinkFlags::Loopback;
         }
-        l.attributes = vec![LinkAttribute::IfName(name.into()), LinkAttribute::Address(mac.to_vec()), LinkAttribute::Mtu(1450)];
+        l.attributes =
+            vec![LinkAttribute::IfName(name.into()), LinkAttribute::Address(mac.to_vec()), LinkAttribute::Mtu(1450)];
         l
     }
 
@@ -589,8 +627,18 @@ mod tests {
     #[test]
     fn pod_interfaces_routes_and_neighbours_are_selected() {
         let mac = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
-        let links = [link(1, "lo", &[0; 6], true), link(2, "tunl0", &[], false), link(3, "eth0", &mac, false), link(4, "down0", &mac, false)];
-        let addrs = [addr(1, "127.0.0.1", 8), addr(3, "10.200.1.2", 24), addr(3, "fe80::42:acff:fe11:2", 64), addr(3, "fd00::2", 64)];
+        let links = [
+            link(1, "lo", &[0; 6], true),
+            link(2, "tunl0", &[], false),
+            link(3, "eth0", &mac, false),
+            link(4, "down0", &mac, false),
+        ];
+        let addrs = [
+            addr(1, "127.0.0.1", 8),
+            addr(3, "10.200.1.2", 24),
+            addr(3, "fe80::42:acff:fe11:2", 64),
+            addr(3, "fd00::2", 64),
+        ];
         let routes = [
             route(3, None, Some("10.200.1.1"), 254),
             route(3, Some(("10.200.1.0", 24)), None, 254),
@@ -657,13 +705,19 @@ mod tests {
         let TcOption::U32(TcFilterU32Option::Action(acts)) = &opts[1] else { panic!("{opts:?}") };
         let TcActionAttribute::Options(o) = &acts[0].attributes[1] else { panic!() };
         let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = &o[0] else { panic!() };
-        assert_eq!((p.ifindex, p.eaction, p.generic.action), (7, TcMirrorActionType::EgressRedir, TcActionType::Stolen));
+        assert_eq!(
+            (p.ifindex, p.eaction, p.generic.action),
+            (7, TcMirrorActionType::EgressRedir, TcActionType::Stolen)
+        );
     }
 
     #[test]
     fn ingress_qdisc_message() {
         let m = ingress_qdisc(5);
-        assert_eq!((m.header.index, u32::from(m.header.parent), u32::from(m.header.handle)), (5, 0xffff_fff1, 0xffff_0000));
+        assert_eq!(
+            (m.header.index, u32::from(m.header.parent), u32::from(m.header.handle)),
+            (5, 0xffff_fff1, 0xffff_0000)
+        );
         assert_eq!(m.attributes, vec![TcAttribute::Kind("ingress".into())]);
     }
 

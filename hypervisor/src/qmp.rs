@@ -80,9 +80,7 @@ pub fn parse_message(line: &str) -> Result<Message, QmpError> {
     let id = v.get("id").and_then(Value::as_u64);
     if let Some(qmp) = v.get("QMP") {
         let ver = &qmp["version"]["qemu"];
-        return Ok(Message::Greeting {
-            version: format!("{}.{}.{}", ver["major"], ver["minor"], ver["micro"]),
-        });
+        return Ok(Message::Greeting { version: format!("{}.{}.{}", ver["major"], ver["minor"], ver["micro"]) });
     }
     if let Some(value) = v.get("return") {
         return Ok(Message::Return { id, value: value.clone() });
@@ -95,7 +93,10 @@ pub fn parse_message(line: &str) -> Result<Message, QmpError> {
         });
     }
     if let Some(name) = v.get("event").and_then(Value::as_str) {
-        return Ok(Message::Event(Event { name: name.to_string(), data: v.get("data").cloned().unwrap_or(Value::Null) }));
+        return Ok(Message::Event(Event {
+            name: name.to_string(),
+            data: v.get("data").cloned().unwrap_or(Value::Null),
+        }));
     }
     Err(QmpError::Protocol(line.to_string()))
 }
@@ -286,7 +287,9 @@ mod tests {
                         w.write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\r\n").await.unwrap();
                         json!({"return": {"status": "internal-error", "running": false}, "id": id})
                     }
-                    "bad" => json!({"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": id}),
+                    "bad" => {
+                        json!({"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": id})
+                    }
                     _ => break,
                 };
                 w.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();

@@ -57,7 +57,10 @@ impl AgentChannel {
                 let mut reply = Vec::new();
                 loop {
                     let b = s.read_u8().await.map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("connection closed after CONNECT {port} (guest not listening yet?)"))
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("connection closed after CONNECT {port} (guest not listening yet?)"),
+                        )
                     })?;
                     if b == b'\n' {
                         break;

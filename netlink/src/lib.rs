@@ -7,8 +7,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-pub use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+pub use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
 pub use netlink_packet_route::RouteNetlinkMessage;
 
 /// A blocking NETLINK_ROUTE socket, in the network namespace of the thread that opened it.

@@ -18,8 +18,10 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The agent never answered within the dial timeout.
-    #[error("the agent did not answer on {channel} within {after:?} ({attempts} attempts; last error: {last}); \
-             check that the initrd holds the podvisor agent as /init; last guest console lines:\n{console}")]
+    #[error(
+        "the agent did not answer on {channel} within {after:?} ({attempts} attempts; last error: {last}); \
+             check that the initrd holds the podvisor agent as /init; last guest console lines:\n{console}"
+    )]
     DialTimeout {
         /// The channel tried.
         channel: String,
@@ -104,7 +106,13 @@ pub trait Agent: Send + Sync {
     /// `CloseStdin`.
     async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
     /// `TtyWinResize`.
-    async fn tty_win_resize(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), AgentError>;
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), AgentError>;
     /// `PauseContainer`.
     async fn pause_container(&self, container_id: &str) -> Result<(), AgentError>;
     /// `ResumeContainer`.
@@ -233,14 +241,18 @@ async fn dial_loop(channel: &AgentChannel, timeout: Duration, log: &Logger) -> R
             Err(e) => last = e.to_string(),
         }
         debug!(log, "agent not ready"; "attempt" => attempts, "error" => &last);
-        tokio::time::sleep(Duration::from_millis(20).min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(20).min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
     }
 }
 
 #[async_trait]
 impl Agent for KataAgent {
     async fn check(&self) -> Result<(), AgentError> {
-        let r = self.health.check(ctx(RPC_TIMEOUT), &health::CheckRequest::new()).await.map_err(rpc_err("Health.Check"))?;
+        let r =
+            self.health.check(ctx(RPC_TIMEOUT), &health::CheckRequest::new()).await.map_err(rpc_err("Health.Check"))?;
         if r.status.enum_value() == Ok(health::health_check_response::ServingStatus::SERVING) {
             Ok(())
         } else {
@@ -249,7 +261,11 @@ impl Agent for KataAgent {
     }
 
     async fn version(&self) -> Result<String, AgentError> {
-        let r = self.health.version(ctx(RPC_TIMEOUT), &health::CheckRequest::new()).await.map_err(rpc_err("Health.Version"))?;
+        let r = self
+            .health
+            .version(ctx(RPC_TIMEOUT), &health::CheckRequest::new())
+            .await
+            .map_err(rpc_err("Health.Version"))?;
         Ok(r.agent_version)
     }
 
@@ -271,13 +287,21 @@ impl Agent for KataAgent {
 
     async fn set_guest_time(&self, now: SystemTime) -> Result<(), AgentError> {
         let d = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let req = pb::SetGuestDateTimeRequest { Sec: d.as_secs() as i64, Usec: d.subsec_micros() as i64, ..Default::default() };
+        let req = pb::SetGuestDateTimeRequest {
+            Sec: d.as_secs() as i64,
+            Usec: d.subsec_micros() as i64,
+            ..Default::default()
+        };
         self.agent.set_guest_date_time(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SetGuestDateTime"))?;
         Ok(())
     }
 
     async fn metrics(&self) -> Result<String, AgentError> {
-        let r = self.agent.get_metrics(ctx(RPC_TIMEOUT), &pb::GetMetricsRequest::new()).await.map_err(rpc_err("GetMetrics"))?;
+        let r = self
+            .agent
+            .get_metrics(ctx(RPC_TIMEOUT), &pb::GetMetricsRequest::new())
+            .await
+            .map_err(rpc_err("GetMetrics"))?;
         Ok(r.metrics)
     }
 
@@ -334,7 +358,8 @@ impl Agent for KataAgent {
     }
 
     async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, AgentError> {
-        let req = pb::WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req =
+            pb::WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
         let r = self.agent.wait_process(no_deadline(), &req).await.map_err(rpc_err("WaitProcess"))?;
         Ok(r.status)
     }
@@ -355,18 +380,30 @@ impl Agent for KataAgent {
     }
 
     async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
-        let req = pb::WriteStreamRequest { container_id: container_id.into(), exec_id: exec_id.into(), data, ..Default::default() };
+        let req = pb::WriteStreamRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            data,
+            ..Default::default()
+        };
         let r = self.agent.write_stdin(no_deadline(), &req).await.map_err(rpc_err("WriteStdin"))?;
         Ok(r.len)
     }
 
     async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = pb::CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req =
+            pb::CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
         self.agent.close_stdin(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CloseStdin"))?;
         Ok(())
     }
 
-    async fn tty_win_resize(&self, container_id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), AgentError> {
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), AgentError> {
         let req = pb::TtyWinResizeRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -401,7 +438,11 @@ impl Agent for KataAgent {
     }
 
     async fn get_oom_event(&self) -> Result<String, AgentError> {
-        let r = self.agent.get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new()).await.map_err(rpc_err("GetOOMEvent"))?;
+        let r = self
+            .agent
+            .get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new())
+            .await
+            .map_err(rpc_err("GetOOMEvent"))?;
         Ok(r.container_id)
     }
 

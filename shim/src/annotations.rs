@@ -48,8 +48,9 @@ pub fn container_type(annotations: &HashMap<String, String>) -> Option<&str> {
 
 fn enabled(config: &QemuConfig, short: &str) -> Result<bool, String> {
     for pattern in &config.enable_annotations {
-        let re = regex::Regex::new(&format!("^(?:{pattern})$"))
-            .map_err(|e| format!("[hypervisor.qemu] enable_annotations: {pattern:?} is not a valid regular expression: {e}"))?;
+        let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+            format!("[hypervisor.qemu] enable_annotations: {pattern:?} is not a valid regular expression: {e}")
+        })?;
         if re.is_match(short) {
             return Ok(true);
         }
@@ -94,7 +95,10 @@ pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> 
             "hypervisor.default_vcpus" => config.default_vcpus = parse_num(key, value, 1u32, 240)?,
             "hypervisor.machine_type" => {
                 if !hypervisor::config::MACHINE_TYPES.contains(&value.as_str()) {
-                    return Err(format!("annotation {key}={value:?}: use one of {}", hypervisor::config::MACHINE_TYPES.join(", ")));
+                    return Err(format!(
+                        "annotation {key}={value:?}: use one of {}",
+                        hypervisor::config::MACHINE_TYPES.join(", ")
+                    ));
                 }
                 config.machine_type = value.clone();
             }
@@ -111,8 +115,12 @@ pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> 
         applied.sandbox_memory_mib = bytes.div_ceil(1 << 20);
         applied.sized_by_manager = true;
     }
-    let quota = get("io.kubernetes.cri.sandbox-cpu-quota").map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-quota", v, -1i64, i64::MAX)).transpose()?;
-    let period = get("io.kubernetes.cri.sandbox-cpu-period").map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-period", v, 0u64, u64::MAX)).transpose()?;
+    let quota = get("io.kubernetes.cri.sandbox-cpu-quota")
+        .map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-quota", v, -1i64, i64::MAX))
+        .transpose()?;
+    let period = get("io.kubernetes.cri.sandbox-cpu-period")
+        .map(|v| parse_num("io.kubernetes.cri.sandbox-cpu-period", v, 0u64, u64::MAX))
+        .transpose()?;
     if let (Some(q), Some(p)) = (quota, period) {
         if q > 0 && p > 0 {
             applied.sandbox_vcpus = (q as u64).div_ceil(p) as u32;
@@ -149,7 +157,8 @@ pub fn decode_agent_policy(value: &str) -> Result<String, String> {
     let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
     let bytes = engine.decode(compact.as_bytes()).map_err(|e| bad(format!("invalid base64: {e}")))?;
     String::from_utf8(bytes).map_err(|_| bad("the decoded policy is not UTF-8 text".into()))
@@ -165,7 +174,8 @@ mod tests {
 
     #[test]
     fn enabled_overrides_apply() {
-        let mut c = QemuConfig { enable_annotations: vec!["default_.*".into(), "machine_type".into()], ..Default::default() };
+        let mut c =
+            QemuConfig { enable_annotations: vec!["default_.*".into(), "machine_type".into()], ..Default::default() };
         let a = ann(&[
             ("io.katacontainers.config.hypervisor.default_memory", "1024"),
             ("io.katacontainers.config.hypervisor.default_vcpus", "2"),
@@ -179,9 +189,14 @@ mod tests {
     fn not_enabled_and_unknown_keys_are_rejected_by_name() {
         let mut c = QemuConfig::default();
         let e = apply(&ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "2")]), &mut c).unwrap_err();
-        assert!(e.contains("io.katacontainers.config.hypervisor.default_vcpus is not enabled") && e.contains("enable_annotations"), "{e}");
+        assert!(
+            e.contains("io.katacontainers.config.hypervisor.default_vcpus is not enabled")
+                && e.contains("enable_annotations"),
+            "{e}"
+        );
         c.enable_annotations = vec![".*".into()];
-        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.block_device_driver", "virtio-blk")]), &mut c).unwrap_err();
+        let e = apply(&ann(&[("io.katacontainers.config.hypervisor.block_device_driver", "virtio-blk")]), &mut c)
+            .unwrap_err();
         assert!(e.contains("io.katacontainers.config.hypervisor.block_device_driver is not supported"), "{e}");
         let e = apply(&ann(&[("io.katacontainers.config.hypervisor.default_vcpus", "many")]), &mut c).unwrap_err();
         assert!(e.contains("not a number"), "{e}");

@@ -258,8 +258,16 @@ mod tests {
     #[test]
     fn containerd_start_line() {
         let f = parse_flags(&args(&[
-            "-namespace", "default", "-address", "/run/containerd/containerd.sock", "-publish-binary",
-            "/usr/bin/containerd", "-id", "c1", "-debug", "start",
+            "-namespace",
+            "default",
+            "-address",
+            "/run/containerd/containerd.sock",
+            "-publish-binary",
+            "/usr/bin/containerd",
+            "-id",
+            "c1",
+            "-debug",
+            "start",
         ]))
         .unwrap();
         assert_eq!(f.namespace, "default");
@@ -271,8 +279,18 @@ mod tests {
 
     #[test]
     fn crio_start_line_with_empty_address() {
-        let f = parse_flags(&args(&["-namespace", "default", "-address", "", "-publish-binary", "/usr/bin/crio", "-id", "abc", "start"]))
-            .unwrap();
+        let f = parse_flags(&args(&[
+            "-namespace",
+            "default",
+            "-address",
+            "",
+            "-publish-binary",
+            "/usr/bin/crio",
+            "-id",
+            "abc",
+            "start",
+        ]))
+        .unwrap();
         assert_eq!(f.address, "");
         assert_eq!(f.action.as_deref(), Some("start"));
     }

@@ -8,10 +8,8 @@ use hypervisor::QemuConfig;
 use toml::Value;
 
 /// Default locations, in search order after `config_path` and `KATA_CONF_FILE`.
-pub const DEFAULT_CONFIG_PATHS: &[&str] = &[
-    "/etc/kata-containers/configuration.toml",
-    "/usr/share/defaults/kata-containers/configuration.toml",
-];
+pub const DEFAULT_CONFIG_PATHS: &[&str] =
+    &["/etc/kata-containers/configuration.toml", "/usr/share/defaults/kata-containers/configuration.toml"];
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +135,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     };
     let hv_section = section(&["hypervisor"])?;
     for name in hv_section.keys().filter(|k| *k != "qemu") {
-        warnings.push(format!("{}: [hypervisor.{name}] is not supported by podvisor (only qemu); ignored", file.display()));
+        warnings
+            .push(format!("{}: [hypervisor.{name}] is not supported by podvisor (only qemu); ignored", file.display()));
     }
     let hypervisor = QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?;
 
@@ -145,16 +144,30 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let mut agent = AgentConfig::default();
     for (key, value) in agent_table {
         match (key.as_str(), value) {
-            ("dial_timeout", Value::Integer(s)) if (1..=3600).contains(s) => agent.dial_timeout = Duration::from_secs(*s as u64),
+            ("dial_timeout", Value::Integer(s)) if (1..=3600).contains(s) => {
+                agent.dial_timeout = Duration::from_secs(*s as u64)
+            }
             ("dial_timeout", v) => {
-                return Err(value_err("agent.kata", key, format!("{v} is not valid; use whole seconds from 1 to 3600")).into())
+                return Err(
+                    value_err("agent.kata", key, format!("{v} is not valid; use whole seconds from 1 to 3600")).into()
+                )
             }
             ("enable_debug", Value::Boolean(b)) => agent.enable_debug = *b,
-            ("enable_debug", v) => return Err(value_err("agent.kata", key, format!("expected true or false, found {v}")).into()),
-            ("kernel_modules" | "debug_console_enabled" | "enable_tracing" | "container_pipe_size" | "mem_agent_enable", _) => {
+            ("enable_debug", v) => {
+                return Err(value_err("agent.kata", key, format!("expected true or false, found {v}")).into())
+            }
+            (
+                "kernel_modules"
+                | "debug_console_enabled"
+                | "enable_tracing"
+                | "container_pipe_size"
+                | "mem_agent_enable",
+                _,
+            ) => {
                 warnings.push(format!("{}: [agent.kata] {key}: Kata key not used by podvisor; ignored", file.display()))
             }
-            _ => warnings.push(format!("{}: [agent.kata] {key}: unknown key; ignored (check the spelling)", file.display())),
+            _ => warnings
+                .push(format!("{}: [agent.kata] {key}: unknown key; ignored (check the spelling)", file.display())),
         }
     }
 
@@ -163,12 +176,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     for (key, value) in runtime_table {
         match (key.as_str(), value) {
             ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
-            ("enable_debug", v) => return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into()),
+            ("enable_debug", v) => {
+                return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into())
+            }
             ("internetworking_model", Value::String(m)) => {
-                runtime.internetworking_model = hypervisor::InternetworkingModel::parse(m).map_err(|e| value_err("runtime", key, e))?
+                runtime.internetworking_model =
+                    hypervisor::InternetworkingModel::parse(m).map_err(|e| value_err("runtime", key, e))?
             }
             ("internetworking_model", v) => {
-                return Err(value_err("runtime", key, format!("expected a string (\"tcfilter\" or \"none\"), found {v}")).into())
+                return Err(value_err(
+                    "runtime",
+                    key,
+                    format!("expected a string (\"tcfilter\" or \"none\"), found {v}"),
+                )
+                .into())
             }
             _ => warnings.push(format!("{}: [runtime] {key}: not used by podvisor yet; ignored", file.display())),
         }
@@ -208,10 +229,16 @@ mod tests {
     fn errors_name_file_section_and_key() {
         let cases = [
             ("[agent.kata]\ndial_timeout = 0", "/c.toml: [agent.kata] dial_timeout: 0 is not valid"),
-            ("[hypervisor.qemu]\ndefault_vcpus = \"two\"", "/c.toml: [hypervisor.qemu] default_vcpus: expected an integer"),
+            (
+                "[hypervisor.qemu]\ndefault_vcpus = \"two\"",
+                "/c.toml: [hypervisor.qemu] default_vcpus: expected an integer",
+            ),
             ("[hypervisor]\nqemu = 3", "/c.toml: [hypervisor] qemu: must be a table"),
             ("[runtime]\nenable_debug = \"yes\"", "/c.toml: [runtime] enable_debug: expected true or false"),
-            ("[runtime]\ninternetworking_model = \"macvtap\"", "/c.toml: [runtime] internetworking_model: internetworking_model = \"macvtap\" is not supported"),
+            (
+                "[runtime]\ninternetworking_model = \"macvtap\"",
+                "/c.toml: [runtime] internetworking_model: internetworking_model = \"macvtap\" is not supported",
+            ),
             ("[hypervisor.qemu\n", "/c.toml: invalid TOML"),
         ];
         for (text, want) in cases {
@@ -222,7 +249,11 @@ mod tests {
 
     #[test]
     fn unknown_things_warn() {
-        let c = parse("[hypervisor.clh]\n[agent.kata]\nfoo = 1\n[runtime]\nsandbox_cgroup_only = true\n[bogus]\n", Path::new("/c.toml")).unwrap();
+        let c = parse(
+            "[hypervisor.clh]\n[agent.kata]\nfoo = 1\n[runtime]\nsandbox_cgroup_only = true\n[bogus]\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
         assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
     }
 

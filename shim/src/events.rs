@@ -325,8 +325,7 @@ mod tests {
     async fn serve(path: &std::path::Path) -> (Server, Received) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let service = create_events(Arc::new(FakeContainerd { received: tx }));
-        let mut server =
-            Server::new().bind(&format!("unix://{}", path.display())).unwrap().register_service(service);
+        let mut server = Server::new().bind(&format!("unix://{}", path.display())).unwrap().register_service(service);
         server.start().await.unwrap();
         (server, rx)
     }
@@ -346,7 +345,12 @@ mod tests {
         assert!(events.forwards());
 
         let before = std::time::SystemTime::now();
-        events.publish_task(TaskCreate { container_id: "c1".into(), bundle: "/run/b/c1".into(), pid: 7, ..Default::default() });
+        events.publish_task(TaskCreate {
+            container_id: "c1".into(),
+            bundle: "/run/b/c1".into(),
+            pid: 7,
+            ..Default::default()
+        });
         let exited_at = Timestamp::now();
         events.publish_task(TaskExit {
             container_id: "c1".into(),

@@ -97,10 +97,8 @@ pub fn init(opts: &LogOptions) -> Logger {
 /// [`init`] with the journal socket at `journal_socket` (tests bind their own).
 fn init_with_journal(opts: &LogOptions, journal_socket: &Path) -> Logger {
     let min_level = if opts.debug { Level::Debug } else { Level::Info };
-    let sinks = Sinks {
-        journal: Journal::connect(journal_socket).ok(),
-        fallback: opts.fallback.clone().map(Fallback::new),
-    };
+    let sinks =
+        Sinks { journal: Journal::connect(journal_socket).ok(), fallback: opts.fallback.clone().map(Fallback::new) };
     let drain = ShimDrain { min_level, sinks: Mutex::new(sinks) };
     let root = Logger::root(
         drain,
@@ -143,10 +141,8 @@ pub fn journal_datagram(level: Level, line: &str, fields: &[(String, String)]) -
 /// put before a leading digit, cut to 64 characters. `None` when nothing is left or the name is
 /// one this module sets itself (`MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER`).
 pub fn journal_field_name(key: &str) -> Option<String> {
-    let mapped: String = key
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
-        .collect();
+    let mapped: String =
+        key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     let trimmed = mapped.trim_start_matches('_');
     if trimmed.is_empty() {
         return None;
@@ -391,7 +387,8 @@ impl Journal {
             Err(e) if is_gone(&e) => match Journal::connect(&self.path) {
                 Ok(fresh) => {
                     *self = fresh;
-                    self.send_once(datagram).map_err(|e| if is_gone(&e) { JournalError::Gone } else { JournalError::Busy })
+                    self.send_once(datagram)
+                        .map_err(|e| if is_gone(&e) { JournalError::Gone } else { JournalError::Busy })
                 }
                 Err(_) => Err(JournalError::Gone),
             },
@@ -402,7 +399,9 @@ impl Journal {
     fn send_once(&self, datagram: &[u8]) -> io::Result<()> {
         match self.socket.send(datagram) {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::ENOBUFS)) => self.send_memfd(datagram),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::ENOBUFS)) => {
+                self.send_memfd(datagram)
+            }
             Err(e) => Err(e),
         }
     }
@@ -417,7 +416,13 @@ impl Journal {
         fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
         let fds = [file.as_raw_fd()];
         let no_data: [IoSlice; 0] = [];
-        sendmsg::<UnixAddr>(self.socket.as_raw_fd(), &no_data, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
+        sendmsg::<UnixAddr>(
+            self.socket.as_raw_fd(),
+            &no_data,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )?;
         Ok(())
     }
 }
@@ -443,10 +448,8 @@ impl Fallback {
     /// Opens the path write-only and non-blocking. On a FIFO with no reader this fails with
     /// ENXIO; the next line tries again.
     fn open(&mut self) {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&self.path);
+        let file =
+            std::fs::OpenOptions::new().append(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(&self.path);
         self.file = file.ok().map(|f| {
             let fifo = f.metadata().map(|m| m.file_type().is_fifo()).unwrap_or(false);
             (f, fifo)
@@ -510,7 +513,12 @@ mod tests {
             } else {
                 let len = u64::from_le_bytes(buf[nl + 1..nl + 9].try_into().unwrap()) as usize;
                 let value = buf[nl + 9..nl + 9 + len].to_vec();
-                assert_eq!(buf[nl + 9 + len], b'\n', "binary field {} not closed by a newline", String::from_utf8_lossy(head));
+                assert_eq!(
+                    buf[nl + 9 + len],
+                    b'\n',
+                    "binary field {} not closed by a newline",
+                    String::from_utf8_lossy(head)
+                );
                 out.push((String::from_utf8(head.to_vec()).unwrap(), value));
                 buf = &buf[nl + 10 + len..];
             }
@@ -586,7 +594,9 @@ mod tests {
     fn journal_encoding_uses_the_binary_form_for_newlines() {
         let fields = kv(&[("sandbox", "s1"), ("vmconsole", "line one\nline two"), ("_weird key", "v")]);
         let datagram = journal_datagram(Level::Error, "time=\"t\" level=error msg=boom", &fields);
-        let mut expected = b"PRIORITY=3\nSYSLOG_IDENTIFIER=kata\nMESSAGE=time=\"t\" level=error msg=boom\nSANDBOX=s1\nVMCONSOLE\n".to_vec();
+        let mut expected =
+            b"PRIORITY=3\nSYSLOG_IDENTIFIER=kata\nMESSAGE=time=\"t\" level=error msg=boom\nSANDBOX=s1\nVMCONSOLE\n"
+                .to_vec();
         expected.extend_from_slice(&17u64.to_le_bytes());
         expected.extend_from_slice(b"line one\nline two\nWEIRD_KEY=v\n");
         assert_eq!(datagram, expected);
@@ -737,7 +747,11 @@ mod tests {
         let text = read_available(&mut reader);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text:?}");
-        assert!(lines[0].contains("level=info msg=\"hello fifo\" container=\"c 1\" name=containerd-shim-v2"), "{}", lines[0]);
+        assert!(
+            lines[0].contains("level=info msg=\"hello fifo\" container=\"c 1\" name=containerd-shim-v2"),
+            "{}",
+            lines[0]
+        );
         assert!(lines[0].ends_with("sandbox=sb-1234 source=virtcontainers"), "{}", lines[0]);
         assert!(lines[1].contains("level=warning msg=second"), "{}", lines[1]);
     }

@@ -95,7 +95,11 @@ fn logger(flags: &Flags, sandbox: &str, bundle: &std::path::Path) -> slog::Logge
         || config::load(std::env::var(bootstrap::CONFIG_PATH_ENV).ok().as_deref().map(std::path::Path::new))
             .map(|c| c.runtime.enable_debug)
             .unwrap_or(false);
-    logging::init(&logging::LogOptions { debug, sandbox: Some(sandbox.to_string()), fallback: Some(bundle.join("log")) })
+    logging::init(&logging::LogOptions {
+        debug,
+        sandbox: Some(sandbox.to_string()),
+        fallback: Some(bundle.join("log")),
+    })
 }
 
 /// `delete`: cleans up whatever a dead shim left for this task, answers a `DeleteResponse`.

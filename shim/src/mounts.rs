@@ -78,8 +78,14 @@ pub fn mount_rootfs(mounts: &[MountSpec], target: &Path) -> Result<(), MountErro
         let (flags, data) = split_options(&m.options);
         let fstype = if m.fstype == "bind" { None } else { Some(m.fstype.as_str()) };
         let flags = if m.fstype == "bind" { flags | MsFlags::MS_BIND } else { flags };
-        mount(Some(m.source.as_str()), target, fstype, flags - MsFlags::MS_RDONLY, (!data.is_empty()).then_some(data.as_str()))
-            .map_err(err(format!("mount {} ({}) on {}", m.source, m.fstype, target.display())))?;
+        mount(
+            Some(m.source.as_str()),
+            target,
+            fstype,
+            flags - MsFlags::MS_RDONLY,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(err(format!("mount {} ({}) on {}", m.source, m.fstype, target.display())))?;
         if flags.contains(MsFlags::MS_RDONLY) {
             remount_readonly(target, flags.contains(MsFlags::MS_BIND))?;
         }
@@ -92,7 +98,8 @@ fn remount_readonly(target: &Path, bind: bool) -> Result<(), MountError> {
     if bind {
         flags |= MsFlags::MS_BIND;
     }
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(err(format!("remount {} read-only", target.display())))
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(err(format!("remount {} read-only", target.display())))
 }
 
 /// Whether `path` is a mount point (listed in /proc/self/mountinfo).

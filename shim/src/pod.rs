@@ -59,9 +59,13 @@ impl From<crate::agent::AgentError> for TaskError {
         match &e {
             AgentError::Status { code: ttrpc::Code::NOT_FOUND, .. } => TaskError::NotFound(e.to_string()),
             AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. } => TaskError::InvalidArgument(e.to_string()),
-            AgentError::Status { code: ttrpc::Code::FAILED_PRECONDITION, .. } => TaskError::FailedPrecondition(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::FAILED_PRECONDITION, .. } => {
+                TaskError::FailedPrecondition(e.to_string())
+            }
             AgentError::Status { code: ttrpc::Code::ALREADY_EXISTS, .. } => TaskError::AlreadyExists(e.to_string()),
-            AgentError::Status { code: ttrpc::Code::PERMISSION_DENIED, .. } => TaskError::PermissionDenied(e.to_string()),
+            AgentError::Status { code: ttrpc::Code::PERMISSION_DENIED, .. } => {
+                TaskError::PermissionDenied(e.to_string())
+            }
             _ => TaskError::Internal(e.to_string()),
         }
     }
@@ -178,7 +182,11 @@ impl Pod {
     }
 
     async fn running_vm(&self) -> TaskResult<Arc<Vm>> {
-        self.vm.lock().await.clone().ok_or_else(|| TaskError::FailedPrecondition("the sandbox VM is not running".into()))
+        self.vm
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| TaskError::FailedPrecondition("the sandbox VM is not running".into()))
     }
 
     /// The agent of the running VM.
@@ -208,15 +216,24 @@ impl Pod {
             return Ok(vm.clone());
         }
         let mut config = self.load_config(req.config_path.as_deref())?;
-        let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor).map_err(TaskError::InvalidArgument)?;
+        let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor)
+            .map_err(TaskError::InvalidArgument)?;
         // The agent policy: base64 of a Rego document (as in Kata); an empty value sets none.
-        let policy = applied.agent_policy.as_deref().map(crate::annotations::decode_agent_policy).transpose().map_err(TaskError::InvalidArgument)?.filter(|p| !p.is_empty());
+        let policy = applied
+            .agent_policy
+            .as_deref()
+            .map(crate::annotations::decode_agent_policy)
+            .transpose()
+            .map_err(TaskError::InvalidArgument)?
+            .filter(|p| !p.is_empty());
         let hostname = oci.hostname().clone().unwrap_or_default();
         let netns = spec::netns_path(oci);
         let shared = SharedDir::new(&self.sandbox_id);
         let booted = async {
             shared.create().map_err(|e| TaskError::Internal(e.to_string()))?;
-            let netns = netns.as_deref().filter(|_| config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter);
+            let netns = netns
+                .as_deref()
+                .filter(|_| config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter);
             Sandbox::boot_pod_with_network(&self.sandbox_id, &config, shared.root(), &hostname, netns, &self.log)
                 .await
                 .map_err(|e| TaskError::Internal(format!("cannot start the sandbox VM: {e}")))
@@ -240,7 +257,8 @@ impl Pod {
                 if let Err(c) = shared.destroy() {
                     warn!(self.log, "cleanup of the shared directory failed"; "error" => %c);
                 }
-                let refused = matches!(&e, crate::agent::AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. });
+                let refused =
+                    matches!(&e, crate::agent::AgentError::Status { code: ttrpc::Code::INVALID_ARGUMENT, .. });
                 let msg = format!("annotation {}: {e}", crate::annotations::AGENT_POLICY_ANNOTATION);
                 return Err(if refused { TaskError::InvalidArgument(msg) } else { TaskError::Internal(msg) });
             }
@@ -274,11 +292,9 @@ impl Pod {
         let limit = resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()).filter(|l| *l > 0);
         let Some(limit) = limit else { return Ok(()) };
         let want = *vm.memory_mib.lock().unwrap() + (limit as u64).div_ceil(1 << 20);
-        let total = vm
-            .sandbox
-            .resize_memory(hypervisor::MemoryMiB(want))
-            .await
-            .map_err(|e| TaskError::Internal(format!("cannot hot-plug memory for container {id} (limit {limit} bytes): {e}")))?;
+        let total = vm.sandbox.resize_memory(hypervisor::MemoryMiB(want)).await.map_err(|e| {
+            TaskError::Internal(format!("cannot hot-plug memory for container {id} (limit {limit} bytes): {e}"))
+        })?;
         *vm.memory_mib.lock().unwrap() = total.0;
         info!(self.log, "guest memory grown for a container"; "container" => id, "total_mib" => total.0);
         Ok(())
@@ -297,11 +313,12 @@ impl Pod {
         if want <= current {
             return Ok(());
         }
-        let total = vm
-            .sandbox
-            .grow_vcpus(current, want)
-            .await
-            .map_err(|e| TaskError::Internal(format!("cannot hot-plug {} vCPUs for container {id} (CPU limit {cpus}): {e}", want - current)))?;
+        let total = vm.sandbox.grow_vcpus(current, want).await.map_err(|e| {
+            TaskError::Internal(format!(
+                "cannot hot-plug {} vCPUs for container {id} (CPU limit {cpus}): {e}",
+                want - current
+            ))
+        })?;
         *vm.vcpus.lock().unwrap() = total;
         info!(self.log, "vCPUs added for a container"; "container" => id, "total_vcpus" => total);
         Ok(())
@@ -356,8 +373,14 @@ impl Pod {
         }
     }
 
-    async fn create_mounted(self: &Arc<Self>, req: &CreateRequest, mut oci: oci_spec::runtime::Spec, binds: &[spec::HostBind]) -> TaskResult<Container> {
-        let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty()).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+    async fn create_mounted(
+        self: &Arc<Self>,
+        req: &CreateRequest,
+        mut oci: oci_spec::runtime::Spec,
+        binds: &[spec::HostBind],
+    ) -> TaskResult<Container> {
+        let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty())
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let annotations = spec::annotations(&oci);
         let crio = annotations.get("io.container.manager").is_some_and(|m| m == "cri-o");
         let kind = crate::annotations::container_type(&annotations).unwrap_or("").to_string();
@@ -367,7 +390,8 @@ impl Pod {
                 req.id, self.sandbox_id
             )));
         }
-        let block_devices = spec::take_block_devices(&mut oci).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let block_devices =
+            spec::take_block_devices(&mut oci).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let sandbox_pidns = kind == "container" && spec::joins_pid_namespace(&oci);
         let vm = self.ensure_vm(req, &oci).await?;
         let id = &req.id;
@@ -378,7 +402,8 @@ impl Pod {
             let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, false)?;
             let mut sources = Vec::new();
             for b in binds {
-                let base = b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+                let base =
+                    b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
                 sources.push(vm.shared.share(&format!("{id}-mounts/{}-{base}", b.index), &b.source, b.read_only)?);
             }
             Ok::<_, mounts::MountError>((root, sources))
@@ -455,7 +480,12 @@ impl Pod {
 
     /// Hot-plugs the container's block devices as virtio-blk; returns the agent's device list
     /// and the hypervisor's ids (undone here on failure).
-    async fn plug_devices(&self, vm: &Vm, id: &str, block: &[spec::BlockDevice]) -> TaskResult<(Vec<pb::Device>, Vec<String>)> {
+    async fn plug_devices(
+        &self,
+        vm: &Vm,
+        id: &str,
+        block: &[spec::BlockDevice],
+    ) -> TaskResult<(Vec<pb::Device>, Vec<String>)> {
         let (mut devices, mut plugged) = (Vec::new(), Vec::new());
         for b in block {
             let n = vm.next_device.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -507,13 +537,21 @@ impl Pod {
         let c = self.container(id)?;
         let p = c.process(exec_id)?;
         if p.status() != Status::Created {
-            return Err(TaskError::FailedPrecondition(format!("process {} of container {id} was already started", p.agent_exec_id())));
+            return Err(TaskError::FailedPrecondition(format!(
+                "process {} of container {id} was already started",
+                p.agent_exec_id()
+            )));
         }
         let agent = self.agent().await?;
         if exec_id.is_empty() {
             agent.start_container(id).await?;
         } else {
-            let process = c.pending.lock().unwrap().remove(exec_id).ok_or_else(|| TaskError::NotFound(format!("exec {exec_id}")))?;
+            let process = c
+                .pending
+                .lock()
+                .unwrap()
+                .remove(exec_id)
+                .ok_or_else(|| TaskError::NotFound(format!("exec {exec_id}")))?;
             let req = pb::ExecProcessRequest {
                 container_id: id.into(),
                 exec_id: exec_id.into(),
@@ -527,7 +565,10 @@ impl Pod {
         let pid = self.vmm_pid().await;
         self.spawn_waiter(agent, c.clone(), p.clone(), pid);
         if exec_id.is_empty() {
-            self.events.publish(containerd_shim_protos::topics::TASK_START_EVENT_TOPIC, ev::TaskStart { container_id: id.into(), pid, ..Default::default() });
+            self.events.publish(
+                containerd_shim_protos::topics::TASK_START_EVENT_TOPIC,
+                ev::TaskStart { container_id: id.into(), pid, ..Default::default() },
+            );
         } else {
             self.events.publish(
                 containerd_shim_protos::topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -584,7 +625,10 @@ impl Pod {
                         }
                     }
                 }
-                pod.events.publish(containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC, ev::TaskOOM { container_id: id, ..Default::default() });
+                pod.events.publish(
+                    containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC,
+                    ev::TaskOOM { container_id: id, ..Default::default() },
+                );
             }
         });
     }
@@ -596,7 +640,10 @@ impl Pod {
         }
         let c = self.container(id)?;
         if c.init.status() != Status::Running {
-            return Err(TaskError::FailedPrecondition(format!("container {id} is not running ({:?})", c.init.status())));
+            return Err(TaskError::FailedPrecondition(format!(
+                "container {id} is not running ({:?})",
+                c.init.status()
+            )));
         }
         let mut execs = c.execs.lock().unwrap();
         if execs.contains_key(exec_id) {
@@ -615,7 +662,12 @@ impl Pod {
     pub async fn kill(&self, id: &str, exec_id: &str, signal: u32) -> TaskResult<()> {
         let p = self.process(id, exec_id)?;
         match p.status() {
-            Status::Stopped => return Err(TaskError::NotFound(format!("process {} of container {id}: process already finished", p.agent_exec_id()))),
+            Status::Stopped => {
+                return Err(TaskError::NotFound(format!(
+                    "process {} of container {id}: process already finished",
+                    p.agent_exec_id()
+                )))
+            }
             Status::Created if exec_id.is_empty() => {
                 // Never started: there is nothing to signal; the container ends here.
                 let agent = self.agent().await?;
@@ -624,7 +676,9 @@ impl Pod {
                 self.publish_exit(id, &p, exit).await;
                 return Ok(());
             }
-            Status::Created => return Err(TaskError::FailedPrecondition(format!("exec {exec_id} of container {id} was not started"))),
+            Status::Created => {
+                return Err(TaskError::FailedPrecondition(format!("exec {exec_id} of container {id} was not started")))
+            }
             _ => {}
         }
         let agent = self.agent().await?;
@@ -658,7 +712,9 @@ impl Pod {
         if !exec_id.is_empty() {
             let p = c.process(exec_id)?;
             if matches!(p.status(), Status::Running | Status::Paused) {
-                return Err(TaskError::FailedPrecondition(format!("exec {exec_id} of container {id} is still running; kill it first")));
+                return Err(TaskError::FailedPrecondition(format!(
+                    "exec {exec_id} of container {id} is still running; kill it first"
+                )));
             }
             let exit = p.exit().unwrap_or(Exit { code: 0, at: std::time::SystemTime::now() });
             c.execs.lock().unwrap().remove(exec_id);
@@ -719,17 +775,26 @@ impl Pod {
         let c = self.container(id)?;
         let want = if paused { Status::Running } else { Status::Paused };
         if c.init.status() != want {
-            return Err(TaskError::FailedPrecondition(format!("container {id} is {:?}, not {want:?}", c.init.status())));
+            return Err(TaskError::FailedPrecondition(format!(
+                "container {id} is {:?}, not {want:?}",
+                c.init.status()
+            )));
         }
         let agent = self.agent().await?;
         if paused {
             agent.pause_container(id).await?;
             c.init.set_status(Status::Paused);
-            self.events.publish(containerd_shim_protos::topics::TASK_PAUSED_EVENT_TOPIC, ev::TaskPaused { container_id: id.into(), ..Default::default() });
+            self.events.publish(
+                containerd_shim_protos::topics::TASK_PAUSED_EVENT_TOPIC,
+                ev::TaskPaused { container_id: id.into(), ..Default::default() },
+            );
         } else {
             agent.resume_container(id).await?;
             c.init.set_status(Status::Running);
-            self.events.publish(containerd_shim_protos::topics::TASK_RESUMED_EVENT_TOPIC, ev::TaskResumed { container_id: id.into(), ..Default::default() });
+            self.events.publish(
+                containerd_shim_protos::topics::TASK_RESUMED_EVENT_TOPIC,
+                ev::TaskResumed { container_id: id.into(), ..Default::default() },
+            );
         }
         Ok(())
     }

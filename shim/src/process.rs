@@ -282,14 +282,21 @@ fn strip_scheme(path: &str) -> std::io::Result<PathBuf> {
 
 async fn open_output(path: &str) -> std::io::Result<OutputSink> {
     let p = strip_scheme(path)?;
-    let is_fifo = std::fs::metadata(&p).map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())).unwrap_or(false);
+    let is_fifo =
+        std::fs::metadata(&p).map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())).unwrap_or(false);
     if is_fifo {
         // Read-write: opening never blocks and never fails for a reader that comes later.
-        let s = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_sender(&p)
+        let s = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(&p)
             .map_err(|e| std::io::Error::new(e.kind(), format!("open stdio FIFO {}: {e}", p.display())))?;
         Ok(OutputSink::Fifo(s))
     } else {
-        let f = tokio::fs::OpenOptions::new().create(true).append(true).open(&p).await
+        let f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("open stdio file {}: {e}", p.display())))?;
         Ok(OutputSink::File(f))
     }

@@ -49,7 +49,13 @@ impl Sandbox {
 
     /// Boots a pod VM for `id` that shares `shared_dir` with the guest over virtio-fs, and has
     /// the agent mount it at [`crate::mounts::GUEST_SHARED`] (`CreateSandbox`).
-    pub async fn boot_pod(id: &str, config: &Config, shared_dir: &Path, hostname: &str, log: &Logger) -> Result<Sandbox, BootError> {
+    pub async fn boot_pod(
+        id: &str,
+        config: &Config,
+        shared_dir: &Path,
+        hostname: &str,
+        log: &Logger,
+    ) -> Result<Sandbox, BootError> {
         Self::boot_pod_with_network(id, config, shared_dir, hostname, None, log).await
     }
 
@@ -126,7 +132,12 @@ impl Sandbox {
     }
 
     /// Boots `vm` (not yet prepared) and connects to its agent within `dial_timeout`.
-    pub async fn boot_with(id: &str, vm: Arc<dyn Hypervisor>, dial_timeout: Duration, log: &Logger) -> Result<Sandbox, BootError> {
+    pub async fn boot_with(
+        id: &str,
+        vm: Arc<dyn Hypervisor>,
+        dial_timeout: Duration,
+        log: &Logger,
+    ) -> Result<Sandbox, BootError> {
         let result = async {
             vm.prepare().await?;
             vm.start().await?;
@@ -138,12 +149,7 @@ impl Sandbox {
         }
         .await;
         match result {
-            Ok(agent) => Ok(Sandbox {
-                id: id.to_string(),
-                vm,
-                agent: Arc::new(agent),
-                log: log.clone(),
-            }),
+            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent: Arc::new(agent), log: log.clone() }),
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
                     warn!(log, "cleanup after failed boot failed"; "error" => %c);
@@ -271,17 +277,34 @@ mod tests {
             name: "eth0".into(),
             mac: "02:42:0a:c8:01:02".into(),
             mtu: 1450,
-            addresses: vec![IpNet { addr: "10.200.1.2".parse().unwrap(), prefix: 24 }, IpNet { addr: "fd00::2".parse().unwrap(), prefix: 64 }],
+            addresses: vec![
+                IpNet { addr: "10.200.1.2".parse().unwrap(), prefix: 24 },
+                IpNet { addr: "fd00::2".parse().unwrap(), prefix: 64 },
+            ],
             kind: "veth".into(),
         };
         let p = interface_pb(&i);
-        assert_eq!((p.name.as_str(), p.device.as_str(), p.hwAddr.as_str(), p.mtu, p.type_.as_str()), ("eth0", "eth0", "02:42:0a:c8:01:02", 1450, "veth"));
+        assert_eq!(
+            (p.name.as_str(), p.device.as_str(), p.hwAddr.as_str(), p.mtu, p.type_.as_str()),
+            ("eth0", "eth0", "02:42:0a:c8:01:02", 1450, "veth")
+        );
         assert_eq!((p.IPAddresses[0].address.as_str(), p.IPAddresses[0].mask.as_str()), ("10.200.1.2", "24"));
         assert_eq!(p.IPAddresses[1].family.enum_value(), Ok(types::IPFamily::v6));
 
-        let default = NetRoute { dest: None, gateway: Some("10.200.1.1".parse().unwrap()), source: None, device: "eth0".into(), scope: 0, ipv6: false, flags: 0 };
+        let default = NetRoute {
+            dest: None,
+            gateway: Some("10.200.1.1".parse().unwrap()),
+            source: None,
+            device: "eth0".into(),
+            scope: 0,
+            ipv6: false,
+            flags: 0,
+        };
         let r = route_pb(&default);
-        assert_eq!((r.dest.as_str(), r.gateway.as_str(), r.device.as_str(), r.source.as_str()), ("", "10.200.1.1", "eth0", ""));
+        assert_eq!(
+            (r.dest.as_str(), r.gateway.as_str(), r.device.as_str(), r.source.as_str()),
+            ("", "10.200.1.1", "eth0", "")
+        );
         let subnet = NetRoute {
             dest: Some(IpNet { addr: "10.200.1.0".parse().unwrap(), prefix: 24 }),
             gateway: None,
@@ -292,8 +315,17 @@ mod tests {
         let r = route_pb(&subnet);
         assert_eq!((r.dest.as_str(), r.source.as_str(), r.scope), ("10.200.1.0/24", "10.200.1.2", 253));
 
-        let n = NetNeighbour { ip: "10.200.1.9".parse().unwrap(), mac: "aa:bb:cc:dd:ee:ff".into(), device: "eth0".into(), state: 0x80, flags: 0 };
+        let n = NetNeighbour {
+            ip: "10.200.1.9".parse().unwrap(),
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+            device: "eth0".into(),
+            state: 0x80,
+            flags: 0,
+        };
         let a = neighbour_pb(&n);
-        assert_eq!((a.toIPAddress.address.as_str(), a.toIPAddress.mask.as_str(), a.lladdr.as_str(), a.state), ("10.200.1.9", "32", "aa:bb:cc:dd:ee:ff", 0x80));
+        assert_eq!(
+            (a.toIPAddress.address.as_str(), a.toIPAddress.mask.as_str(), a.lladdr.as_str(), a.state),
+            ("10.200.1.9", "32", "aa:bb:cc:dd:ee:ff", 0x80)
+        );
     }
 }

@@ -96,7 +96,13 @@ pub fn metrics_from(stats: &agent_protocol::agent::StatsContainerResponse) -> cg
         if let Some(mem) = c.memory_stats.as_ref() {
             let mut ms = cg::MemoryStat { cache: mem.cache, ..Default::default() };
             if let Some(u) = mem.usage.as_ref() {
-                ms.usage = MessageField::some(cg::MemoryEntry { usage: u.usage, max: u.max_usage, limit: u.limit, failcnt: u.failcnt, ..Default::default() });
+                ms.usage = MessageField::some(cg::MemoryEntry {
+                    usage: u.usage,
+                    max: u.max_usage,
+                    limit: u.limit,
+                    failcnt: u.failcnt,
+                    ..Default::default()
+                });
             }
             let get = |k: &str| mem.stats.get(k).copied().unwrap_or(0);
             ms.rss = get("anon");
@@ -161,7 +167,12 @@ impl Task for TaskService {
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> R<api::DeleteResponse> {
         let (pid, exit) = self.pod.delete(&req.id, &req.exec_id).await.map_err(status_of)?;
-        Ok(api::DeleteResponse { pid, exit_status: exit.code, exited_at: MessageField::some(timestamp(exit.at)), ..Default::default() })
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.code,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> R<api::PidsResponse> {
@@ -196,7 +207,10 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> R<Empty> {
-        let spec = req.spec.as_ref().ok_or_else(|| status_of(TaskError::InvalidArgument("exec without a process spec".into())))?;
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| status_of(TaskError::InvalidArgument("exec without a process spec".into())))?;
         let process = exec_process(spec).map_err(status_of)?;
         let stdio = Stdio { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
         self.pod.exec(&req.id, &req.exec_id, stdio, process).map_err(status_of)?;
@@ -206,7 +220,10 @@ impl Task for TaskService {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> R<Empty> {
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
         let agent = self.pod.agent().await.map_err(status_of)?;
-        agent.tty_win_resize(&req.id, p.agent_exec_id(), req.height, req.width).await.map_err(|e| status_of(e.into()))?;
+        agent
+            .tty_win_resize(&req.id, p.agent_exec_id(), req.height, req.width)
+            .await
+            .map_err(|e| status_of(e.into()))?;
         Ok(Empty::new())
     }
 
@@ -220,16 +237,24 @@ impl Task for TaskService {
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> R<Empty> {
         self.pod.container(&req.id).map_err(status_of)?;
-        let any = req.resources.as_ref().ok_or_else(|| status_of(TaskError::InvalidArgument("update without resources".into())))?;
-        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
-            .map_err(|e| status_of(TaskError::InvalidArgument(format!("resources ({}) are not OCI LinuxResources: {e}", any.type_url))))?;
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status_of(TaskError::InvalidArgument("update without resources".into())))?;
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value).map_err(|e| {
+            status_of(TaskError::InvalidArgument(format!(
+                "resources ({}) are not OCI LinuxResources: {e}",
+                any.type_url
+            )))
+        })?;
         let mut linux = oci_spec::runtime::Linux::default();
         linux.set_resources(Some(res));
         let mut spec = oci_spec::runtime::Spec::default();
         spec.set_linux(Some(linux));
         let resources = agent_protocol::convert::spec_to_grpc(&spec).Linux.take().unwrap_or_default().Resources;
         let agent = self.pod.agent().await.map_err(status_of)?;
-        let ureq = agent_protocol::agent::UpdateContainerRequest { container_id: req.id, resources, ..Default::default() };
+        let ureq =
+            agent_protocol::agent::UpdateContainerRequest { container_id: req.id, resources, ..Default::default() };
         agent.update_container(ureq).await.map_err(|e| status_of(e.into()))?;
         Ok(Empty::new())
     }
@@ -237,7 +262,11 @@ impl Task for TaskService {
     async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> R<api::WaitResponse> {
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
         let exit = p.wait().await;
-        Ok(api::WaitResponse { exit_status: exit.code, exited_at: MessageField::some(timestamp(exit.at)), ..Default::default() })
+        Ok(api::WaitResponse {
+            exit_status: exit.code,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> R<api::StatsResponse> {
@@ -282,7 +311,8 @@ mod tests {
     fn exec_spec_is_decoded() {
         let any = Any {
             type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-            value: br#"{"args":["sh","-c","exit 5"],"cwd":"/","env":["A=1"],"user":{"uid":0,"gid":0},"terminal":true}"#.to_vec(),
+            value: br#"{"args":["sh","-c","exit 5"],"cwd":"/","env":["A=1"],"user":{"uid":0,"gid":0},"terminal":true}"#
+                .to_vec(),
             ..Default::default()
         };
         let p = exec_process(&any).unwrap();
@@ -304,7 +334,11 @@ mod tests {
         assert_eq!(code(TaskError::InvalidArgument("x".into())), ttrpc::Code::INVALID_ARGUMENT);
         assert_eq!(code(TaskError::NotImplemented("x".into())), ttrpc::Code::UNIMPLEMENTED);
         assert_eq!(code(TaskError::PermissionDenied("x".into())), ttrpc::Code::PERMISSION_DENIED);
-        let refused = crate::agent::AgentError::Status { rpc: "ExecProcess", code: ttrpc::Code::PERMISSION_DENIED, message: "blocked".into() };
+        let refused = crate::agent::AgentError::Status {
+            rpc: "ExecProcess",
+            code: ttrpc::Code::PERMISSION_DENIED,
+            message: "blocked".into(),
+        };
         assert_eq!(code(TaskError::from(refused)), ttrpc::Code::PERMISSION_DENIED, "an agent policy refusal");
     }
 

@@ -31,7 +31,8 @@ pub enum SpecError {
 pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let file = bundle.join("config.json");
     let text = std::fs::read(&file).map_err(|e| SpecError::Load { file: file.clone(), message: e.to_string() })?;
-    serde_json::from_slice(&text).map_err(|e| SpecError::Load { file, message: format!("not a valid OCI runtime spec: {e}") })
+    serde_json::from_slice(&text)
+        .map_err(|e| SpecError::Load { file, message: format!("not a valid OCI runtime spec: {e}") })
 }
 
 /// The host rootfs directory of a container: containerd's mounts go to `<bundle>/rootfs`;
@@ -111,7 +112,8 @@ pub fn ephemeral_target(m: &Mount) -> Option<String> {
     if parent.file_name()? != "kubernetes.io~empty-dir" {
         return None;
     }
-    let on_tmpfs = nix::sys::statfs::statfs(source).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC).unwrap_or(false);
+    let on_tmpfs =
+        nix::sys::statfs::statfs(source).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC).unwrap_or(false);
     on_tmpfs.then(|| format!("{GUEST_EPHEMERAL}/{name}"))
 }
 
@@ -153,7 +155,12 @@ pub fn take_block_devices(spec: &mut Spec) -> Result<Vec<BlockDevice>, SpecError
                     d.minor()
                 ),
             })?;
-        out.push(BlockDevice { container_path: d.path().clone(), host_path: Path::new("/dev").join(name), major: d.major(), minor: d.minor() });
+        out.push(BlockDevice {
+            container_path: d.path().clone(),
+            host_path: Path::new("/dev").join(name),
+            major: d.major(),
+            minor: d.minor(),
+        });
     }
     *devices = keep;
     Ok(out)
@@ -179,7 +186,11 @@ pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
         if !source.exists() {
             return Err(SpecError::Field {
                 field: format!("mounts[{index}].source"),
-                message: format!("{} (mounted on {}) does not exist on the host", source.display(), m.destination().display()),
+                message: format!(
+                    "{} (mounted on {}) does not exist on the host",
+                    source.display(),
+                    m.destination().display()
+                ),
             });
         }
         let read_only = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
@@ -190,7 +201,12 @@ pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
 
 /// Rewrites `spec` for the guest: `guest_root` as rootfs, `guest_sources[i]` as the source of
 /// `binds[i]`, no namespace paths, no hooks. Returns warnings for what was dropped.
-pub fn for_guest(mut spec: Spec, guest_root: &str, binds: &[HostBind], guest_sources: &[String]) -> (Spec, Vec<String>) {
+pub fn for_guest(
+    mut spec: Spec,
+    guest_root: &str,
+    binds: &[HostBind],
+    guest_sources: &[String],
+) -> (Spec, Vec<String>) {
     let mut warnings = Vec::new();
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(guest_root));
@@ -213,7 +229,11 @@ pub fn for_guest(mut spec: Spec, guest_root: &str, binds: &[HostBind], guest_sou
         if let Some(nss) = linux.namespaces_mut() {
             for ns in nss.iter_mut() {
                 if let Some(p) = ns.path() {
-                    warnings.push(format!("namespace {:?} path {} is a host path; the guest creates its own", ns.typ(), p.display()));
+                    warnings.push(format!(
+                        "namespace {:?} path {} is a host path; the guest creates its own",
+                        ns.typ(),
+                        p.display()
+                    ));
                     ns.set_path(None);
                 }
             }

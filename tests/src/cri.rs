@@ -127,9 +127,12 @@ fn build_pause(busybox: &Path) -> Result<PathBuf, String> {
     }
     let blob = |digest: &str| -> Result<&Vec<u8>, String> {
         let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("digest {digest}"))?;
-        files.get(&format!("blobs/sha256/{hex}")).ok_or_else(|| format!("blob {digest} missing in {}", busybox.display()))
+        files
+            .get(&format!("blobs/sha256/{hex}"))
+            .ok_or_else(|| format!("blob {digest} missing in {}", busybox.display()))
     };
-    let json = |data: &[u8]| -> Result<serde_json::Value, String> { serde_json::from_slice(data).map_err(|e| e.to_string()) };
+    let json =
+        |data: &[u8]| -> Result<serde_json::Value, String> { serde_json::from_slice(data).map_err(|e| e.to_string()) };
     let index = json(files.get("index.json").ok_or("index.json missing")?)?;
     let manifest_digest = index["manifests"][0]["digest"].as_str().ok_or("index.json: no manifest")?.to_string();
     let manifest = json(blob(&manifest_digest)?)?;
@@ -609,7 +612,8 @@ impl CriContainerd {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let x = choose_subnet(pid.wrapping_mul(7).wrapping_add(n * 13))?;
-        let kata_config = if handler == KATA_HANDLER { kata_test_config(|_| {}) } else { "# unused: runc handler\n".into() };
+        let kata_config =
+            if handler == KATA_HANDLER { kata_test_config(|_| {}) } else { "# unused: runc handler\n".into() };
         let shim = if handler == KATA_HANDLER { Some(shim_binary()) } else { None };
         // The network's directories live in containerd's directory, which exists only once
         // TestContainerd created it: the configuration closure writes them.
@@ -678,7 +682,9 @@ impl CriContainerd {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("the CRI does not list {PAUSE_IMAGE} and {BUSYBOX_IMAGE} after import: {images:?}"));
+                return Err(format!(
+                    "the CRI does not list {PAUSE_IMAGE} and {BUSYBOX_IMAGE} after import: {images:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -901,7 +907,11 @@ impl CriContainerd {
             if s.state == proto::CONTAINER_EXITED {
                 return s;
             }
-            assert!(Instant::now() < deadline, "container {id} did not exit within {timeout:?}: {s:?}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "container {id} did not exit within {timeout:?}: {s:?}\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -950,7 +960,12 @@ impl CriContainerd {
     /// lists no such pod.
     pub fn run_pod_failing(&self, config: &proto::PodSandboxConfig) -> String {
         fn entries(dir: &Path) -> HashSet<String> {
-            fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
         }
         fs::create_dir_all(&config.log_directory).unwrap();
         let bundles = self.task_bundle("x").parent().unwrap().to_path_buf();
@@ -980,7 +995,10 @@ impl CriContainerd {
         leaks::assert_no_leaks(&ids, None);
         let name = config.metadata.as_ref().unwrap().name.clone();
         let pods = self.block_on(self.client.list_pod_sandbox()).unwrap();
-        assert!(!pods.iter().any(|p| p.metadata.as_ref().is_some_and(|m| m.name == name)), "the failed pod is listed: {pods:?}");
+        assert!(
+            !pods.iter().any(|p| p.metadata.as_ref().is_some_and(|m| m.name == name)),
+            "the failed pod is listed: {pods:?}"
+        );
         err
     }
 
@@ -1098,7 +1116,11 @@ impl CriContainerd {
             let p = h.join(pod.cgroup_parent.trim_start_matches('/'));
             if !pod.cgroup_parent.is_empty() && p.exists() {
                 let procs = fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
-                found.push(format!("pod cgroup {} (processes: {:?})", p.display(), procs.split_whitespace().collect::<Vec<_>>()));
+                found.push(format!(
+                    "pod cgroup {} (processes: {:?})",
+                    p.display(),
+                    procs.split_whitespace().collect::<Vec<_>>()
+                ));
             }
         }
         found
@@ -1253,7 +1275,8 @@ impl CriContainerd {
                 tracked.push((id.to_string(), Vec::new()));
             }
         }
-        let st = self.block_on(self.client.pod_sandbox_status(id, true)).map_err(|e| format!("PodSandboxStatus: {e}"))?;
+        let st =
+            self.block_on(self.client.pod_sandbox_status(id, true)).map_err(|e| format!("PodSandboxStatus: {e}"))?;
         let status = st.status.clone().unwrap_or_default();
         if status.state != proto::SANDBOX_READY {
             return Err(format!("sandbox {id} is not ready: {status:?}"));

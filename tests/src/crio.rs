@@ -11,8 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// CRI-O's environment additions for `start` (its containerd 1.7 shim client).
-pub const CRIO_ENV: &[(&str, &str)] =
-    &[("GOMAXPROCS", "2"), ("MAX_SHIM_VERSION", "2"), ("TTRPC_ADDRESS", ""), ("GRPC_ADDRESS", ""), ("NAMESPACE", "default")];
+pub const CRIO_ENV: &[(&str, &str)] = &[
+    ("GOMAXPROCS", "2"),
+    ("MAX_SHIM_VERSION", "2"),
+    ("TTRPC_ADDRESS", ""),
+    ("GRPC_ADDRESS", ""),
+    ("NAMESPACE", "default"),
+];
 
 /// The task service containerd 1.6 and CRI-O 1.36 call.
 pub const TASK_SERVICE: &str = "containerd.task.v2.Task";
@@ -51,7 +56,9 @@ impl FifoReader {
                     _ => {}
                 }
                 // Asked to stop while a writer still holds the FIFO: give up after a while.
-                if s.load(Ordering::SeqCst) && stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(5) {
+                if s.load(Ordering::SeqCst)
+                    && stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(5)
+                {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -94,7 +101,11 @@ pub async fn task_call<Req: protobuf::Message, Resp: protobuf::Message>(
     use ttrpc::proto::{Codec, RequestInit};
     let payload = Codec::encode(req).map_err(|e| format!("{method}: encoding: {e}"))?;
     let metadata = if namespaced {
-        vec![ttrpc::proto::KeyValue { key: "containerd-namespace-ttrpc".into(), value: "default".into(), ..Default::default() }]
+        vec![ttrpc::proto::KeyValue {
+            key: "containerd-namespace-ttrpc".into(),
+            value: "default".into(),
+            ..Default::default()
+        }]
     } else {
         vec![]
     };

@@ -85,7 +85,16 @@ pub fn sysv_shm_helper() -> PathBuf {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     // Static (glibc, static-pie) as the agent is built: the busybox image has no libc.
     let status = Command::new(&rustc)
-        .args(["--edition", "2021", "-O", "--target", "x86_64-unknown-linux-gnu", "-C", "target-feature=+crt-static", "-o"])
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-C",
+            "target-feature=+crt-static",
+            "-o",
+        ])
         .arg(&tmp)
         .arg(&src)
         .status()

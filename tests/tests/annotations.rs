@@ -42,7 +42,11 @@ fn enabled_annotations_size_the_vm_and_others_are_rejected_by_name() {
     fs::write(cri.ctd().kata_config(), text).unwrap();
 
     // Enabled: the guest has 2 vCPUs, about 1 GiB and the extra kernel parameter.
-    let config = pod(&cri, "annotated", &[("default_vcpus", "2"), ("default_memory", "1024"), ("kernel_params", "podvisor.test=42")]);
+    let config = pod(
+        &cri,
+        "annotated",
+        &[("default_vcpus", "2"), ("default_memory", "1024"), ("kernel_params", "podvisor.test=42")],
+    );
     let p = cri.run_pod(&config);
     let c = cri.run_container(&p, &cri.container_config("app", SLEEPER));
     let cpus = cri.exec_ok(&c, &["grep", "-c", "^processor", "/proc/cpuinfo"]);
@@ -52,7 +56,10 @@ fn enabled_annotations_size_the_vm_and_others_are_rejected_by_name() {
     // The kernel keeps some of the 1024 MiB for itself; the test configuration's 512 is far below.
     assert!((900..=1024).contains(&total_mib), "MemTotal {total_mib} MiB with default_memory=1024");
     let cmdline = cri.exec_ok(&c, &["cat", "/proc/cmdline"]);
-    assert!(cmdline.split_whitespace().any(|w| w == "podvisor.test=42"), "kernel_params not on the guest's command line: {cmdline}");
+    assert!(
+        cmdline.split_whitespace().any(|w| w == "podvisor.test=42"),
+        "kernel_params not on the guest's command line: {cmdline}"
+    );
     cri.remove_pod(&p);
 
     // Known but not enabled.

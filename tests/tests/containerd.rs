@@ -165,7 +165,11 @@ fn detached_task_stops_on_sigterm_and_is_removed() {
     // guest): a PID 1 ignores SIGTERM until then, so repeat the signal until the task stops.
     let deadline = Instant::now() + STATE_TIMEOUT;
     while ctd.task_status(&id).as_deref() != Some("STOPPED") {
-        assert!(Instant::now() < deadline, "task {id} did not stop on SIGTERM within {STATE_TIMEOUT:?}\n{}", ctd.logs_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "task {id} did not stop on SIGTERM within {STATE_TIMEOUT:?}\n{}",
+            ctd.logs_tail(40)
+        );
         let kill = ctd.ctr(&["task", "kill", "-s", "TERM", &id]);
         assert!(kill.status.success() || ctd.task_status(&id).as_deref() == Some("STOPPED"), "{}", ctd.explain(&kill));
         std::thread::sleep(Duration::from_secs(1));
@@ -538,18 +542,21 @@ fn crio_start_create_wait_state_delete_shutdown() {
         create.bundle = bundle.display().to_string();
         create.stdout = io.join(format!("{id}-stdout")).display().to_string();
         create.stderr = io.join(format!("{id}-stderr")).display().to_string();
-        let created: api::CreateTaskResponse = task_call(&client, "Create", &create, false, Some(Duration::from_secs(120))).await?;
+        let created: api::CreateTaskResponse =
+            task_call(&client, "Create", &create, false, Some(Duration::from_secs(120))).await?;
 
         let mut start = api::StartRequest::new();
         start.id = id.clone();
-        let started: api::StartResponse = task_call(&client, "Start", &start, false, Some(Duration::from_secs(120))).await?;
+        let started: api::StartResponse =
+            task_call(&client, "Start", &start, false, Some(Duration::from_secs(120))).await?;
         if started.pid != created.pid {
             return Err(format!("Start returned pid {} but Create {}", started.pid, created.pid));
         }
 
         let mut wait = api::WaitRequest::new();
         wait.id = id.clone();
-        let waited: api::WaitResponse = task_call(&client, "Wait", &wait, false, Some(Duration::from_secs(120))).await?;
+        let waited: api::WaitResponse =
+            task_call(&client, "Wait", &wait, false, Some(Duration::from_secs(120))).await?;
         if waited.exit_status != 7 {
             return Err(format!("Wait: exit_status {} instead of 7", waited.exit_status));
         }
@@ -566,7 +573,8 @@ fn crio_start_create_wait_state_delete_shutdown() {
 
         let mut delete = api::DeleteRequest::new();
         delete.id = id.clone();
-        let deleted: api::DeleteResponse = task_call(&client, "Delete", &delete, false, Some(Duration::from_secs(120))).await?;
+        let deleted: api::DeleteResponse =
+            task_call(&client, "Delete", &delete, false, Some(Duration::from_secs(120))).await?;
         if deleted.exit_status != 7 {
             return Err(format!("Delete: exit_status {} instead of 7", deleted.exit_status));
         }
@@ -613,13 +621,23 @@ impl Journal {
         let mut j = Journal { child: None, created: Vec::new() };
         if !socket.exists() {
             let journald = Path::new("/lib/systemd/systemd-journald");
-            assert!(journald.exists(), "{} is missing: install Debian's systemd package (scripts/deps.sh does)", journald.display());
+            assert!(
+                journald.exists(),
+                "{} is missing: install Debian's systemd package (scripts/deps.sh does)",
+                journald.display()
+            );
             for p in ["/run/systemd", "/run/systemd/journal", "/run/log"] {
                 if !Path::new(p).exists() {
                     j.created.push(p.into());
                 }
             }
-            j.child = Some(Command::new(journald).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start systemd-journald"));
+            j.child = Some(
+                Command::new(journald)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start systemd-journald"),
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while !socket.exists() {
                 assert!(Instant::now() < deadline, "systemd-journald did not create {}", socket.display());
@@ -638,7 +656,11 @@ impl Journal {
     fn lines(&self, args: &[&str], want: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = Command::new("journalctl").args(["--no-pager", "-o", "cat"]).args(args).output().expect("run journalctl");
+            let out = Command::new("journalctl")
+                .args(["--no-pager", "-o", "cat"])
+                .args(args)
+                .output()
+                .expect("run journalctl");
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             if text.contains(want) || Instant::now() > deadline {
                 return text;
@@ -683,13 +705,17 @@ fn logs_reach_the_journal_as_kata_and_virtiofsd() {
         .find_map(|l| l.split("Start logging QEMU (qemuPid=").nth(1)?.split(')').next()?.parse::<u32>().ok())
         .unwrap_or_else(|| panic!("no `Start logging QEMU (qemuPid=N)` in journalctl -t kata {sandbox}:\n{kata}"));
     assert!(kata.contains(&format!("Stop logging QEMU (qemuPid={qemu_pid})")), "{kata}");
-    for want in ["name=containerd-shim-v2", &format!("sandbox={id}"), "subsystem=qemu", "reading guest console", "level=info"] {
+    for want in
+        ["name=containerd-shim-v2", &format!("sandbox={id}"), "subsystem=qemu", "reading guest console", "level=info"]
+    {
         assert!(kata.contains(want), "journalctl -t kata {sandbox} lacks {want:?}:\n{kata}");
     }
     let vfs_pid = kata
         .lines()
         .find_map(|l| l.split("Start logging virtiofsd (virtiofsdPid=").nth(1)?.split(')').next()?.parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no `Start logging virtiofsd (virtiofsdPid=N)` in journalctl -t kata {sandbox}:\n{kata}"));
+        .unwrap_or_else(|| {
+            panic!("no `Start logging virtiofsd (virtiofsdPid=N)` in journalctl -t kata {sandbox}:\n{kata}")
+        });
     let pid_match = format!("_PID={vfs_pid}");
     let vfs = journal.lines(&["-t", "virtiofsd", &pid_match], "\n");
     assert!(!vfs.trim().is_empty(), "journalctl -t virtiofsd {pid_match} shows nothing");

@@ -24,8 +24,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use podvisor_tests::cri::{
-    cri_log_lines, handler_is_kata, links_in_netns, proto, require_kata, ConfigMapVolume, CriContainerd,
-    LoopDevice, BUSYBOX_IMAGE, PAUSE_IMAGE, PAUSE_SCRIPT,
+    cri_log_lines, handler_is_kata, links_in_netns, proto, require_kata, ConfigMapVolume, CriContainerd, LoopDevice,
+    BUSYBOX_IMAGE, PAUSE_IMAGE, PAUSE_SCRIPT,
 };
 use podvisor_tests::image::sysv_shm_helper;
 use podvisor_tests::leaks;
@@ -143,7 +143,10 @@ fn shipped_runtime_configs_are_valid_toml_with_the_kata_handler() {
         assert_eq!(kata[key].as_str(), Some(want), "crio-50-kata.conf: {key}");
     }
     assert_eq!(kata["privileged_without_host_devices"].as_bool(), Some(true));
-    assert!(kata.get("allowed_annotations").is_none(), "CRI-O 1.36 rejects allowed_annotations = [\"io.katacontainers.*\"]");
+    assert!(
+        kata.get("allowed_annotations").is_none(),
+        "CRI-O 1.36 rejects allowed_annotations = [\"io.katacontainers.*\"]"
+    );
 
     let ctd = read("containerd-kata.toml");
     let kata = &ctd["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["kata"];
@@ -151,10 +154,7 @@ fn shipped_runtime_configs_are_valid_toml_with_the_kata_handler() {
     assert_eq!(kata["pod_annotations"].as_array().map(|a| a.len()), Some(1));
     assert_eq!(kata["pod_annotations"][0].as_str(), Some("io.katacontainers.*"));
     assert_eq!(kata["privileged_without_host_devices"].as_bool(), Some(true));
-    assert_eq!(
-        kata["options"]["ConfigPath"].as_str(),
-        Some("/usr/share/defaults/kata-containers/configuration.toml")
-    );
+    assert_eq!(kata["options"]["ConfigPath"].as_str(), Some("/usr/share/defaults/kata-containers/configuration.toml"));
 }
 
 /// Two containers of one pod share its network (B reaches A's server on localhost) and IPC
@@ -168,7 +168,11 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
     eprintln!("pod {} ip {} netns {:?} host veth {:?}", pod.id, pod.ip, pod.netns, pod.host_veth);
     if let Some(spec) = cri.bundle_spec(&pod.id) {
         describe_spec("sandbox", &spec);
-        assert_eq!(spec["process"]["args"], serde_json::json!(["/bin/sh", "-c", PAUSE_SCRIPT]), "the pause image's entrypoint");
+        assert_eq!(
+            spec["process"]["args"],
+            serde_json::json!(["/bin/sh", "-c", PAUSE_SCRIPT]),
+            "the pause image's entrypoint"
+        );
     }
     let server = cri.container_config(
         "server",
@@ -201,7 +205,11 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
     // 1.35's wget crashes with it (SIGSEGV, exit 139); ExecSync's timeout bounds the call.
     let body = poll(Duration::from_secs(30), "B reaching A on 127.0.0.1:8080", || {
         let r = cri.exec(&b, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"], 30);
-        if r.exit_code == 0 { Ok(r.stdout) } else { Err(format!("{r:?}")) }
+        if r.exit_code == 0 {
+            Ok(r.stdout)
+        } else {
+            Err(format!("{r:?}"))
+        }
     });
     assert_eq!(body, "pong-A\n");
 
@@ -215,19 +223,28 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
     cri.exec_ok(&a, &["sysv-shm", "write", "5059", "sysv-from-A"]);
     assert_eq!(cri.exec_ok(&b, &["sysv-shm", "read", "5059"]), "sysv-from-A");
     let sysv = cri.exec_ok(&b, &["cat", "/proc/sysvipc/shm"]);
-    assert!(sysv.lines().skip(1).any(|l| l.split_whitespace().next() == Some(&i32::from_str_radix("5059", 16).unwrap().to_string())),
-        "key 0x5059 not in B's /proc/sysvipc/shm:\n{sysv}");
+    assert!(
+        sysv.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().next() == Some(&i32::from_str_radix("5059", 16).unwrap().to_string())),
+        "key 0x5059 not in B's /proc/sysvipc/shm:\n{sysv}"
+    );
 
     // The pod's own settings.
     assert_eq!(cri.exec_ok(&b, &["hostname"]).trim(), "net");
     let resolv = cri.exec_ok(&b, &["cat", "/etc/resolv.conf"]);
-    for want in ["nameserver 127.0.0.53", "search podvisor-test.svc.cluster.local svc.cluster.local", "options ndots:5"] {
+    for want in ["nameserver 127.0.0.53", "search podvisor-test.svc.cluster.local svc.cluster.local", "options ndots:5"]
+    {
         assert!(resolv.contains(want), "/etc/resolv.conf lacks {want:?}:\n{resolv}");
     }
     let hosts = cri.exec_ok(&b, &["cat", "/etc/hosts"]);
     assert!(hosts.contains("localhost"), "/etc/hosts:\n{hosts}");
     let addrs = cri.exec_ok(&b, &["ip", "-4", "-o", "addr", "show"]);
-    assert!(addrs.contains(&format!("inet {}/", pod.ip)), "the pod IP {} is not on an interface in the pod:\n{addrs}", pod.ip);
+    assert!(
+        addrs.contains(&format!("inet {}/", pod.ip)),
+        "the pod IP {} is not on an interface in the pod:\n{addrs}",
+        pod.ip
+    );
 
     if let Some(netns) = &pod.netns {
         let links = links_in_netns(netns).unwrap_or_else(|e| panic!("{e}"));
@@ -279,7 +296,12 @@ fn host_path_volumes_read_write_and_read_only() {
     let mut config = cri.container_config("app", SLEEPER);
     config.mounts = vec![
         proto::Mount { container_path: "/rw".into(), host_path: rw.display().to_string(), ..Default::default() },
-        proto::Mount { container_path: "/ro".into(), host_path: ro.display().to_string(), readonly: true, ..Default::default() },
+        proto::Mount {
+            container_path: "/ro".into(),
+            host_path: ro.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
     ];
     let c = cri.run_container(&pod, &config);
     if let Some(spec) = cri.bundle_spec(&c) {
@@ -289,7 +311,11 @@ fn host_path_volumes_read_write_and_read_only() {
     assert_eq!(cri.exec_ok(&c, &["cat", "/ro/from-host"]), "host-ro\n");
 
     cri.exec_ok(&c, &["sh", "-c", "echo guest-rw > /rw/from-guest"]);
-    assert_eq!(fs::read_to_string(rw.join("from-guest")).unwrap(), "guest-rw\n", "the container's write is not on the host");
+    assert_eq!(
+        fs::read_to_string(rw.join("from-guest")).unwrap(),
+        "guest-rw\n",
+        "the container's write is not on the host"
+    );
 
     let r = cri.exec(&c, &["sh", "-c", "echo guest-ro > /ro/from-guest"], 30);
     assert_ne!(r.exit_code, 0, "writing to a read-only hostPath volume succeeded: {r:?}");
@@ -299,7 +325,11 @@ fn host_path_volumes_read_write_and_read_only() {
     fs::write(rw.join("later"), "host-later\n").unwrap();
     poll(Duration::from_secs(2), "a later host write visible in the container", || {
         let r = cri.exec(&c, &["cat", "/rw/later"], 30);
-        if r.stdout == "host-later\n" { Ok(()) } else { Err(format!("{r:?}")) }
+        if r.stdout == "host-later\n" {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
     });
     cri.remove_pod(&pod);
     fs::remove_dir_all(cri.ctd().dir().join("volumes")).unwrap();
@@ -315,7 +345,8 @@ fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod() {
     let pod = cri.run_pod(&cri.pod_config("emptydir"));
     let vol = cri.ctd().dir().join(format!("kubelet/pods/{}/volumes/kubernetes.io~empty-dir/cache", pod.uid()));
     fs::create_dir_all(&vol).unwrap();
-    nix::mount::mount(Some("tmpfs"), &vol, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).expect("mount the host tmpfs");
+    nix::mount::mount(Some("tmpfs"), &vol, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>)
+        .expect("mount the host tmpfs");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -323,7 +354,8 @@ fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod() {
         }
     }
     let _guard = Unmount(vol.clone());
-    let mount = proto::Mount { container_path: "/cache".into(), host_path: vol.display().to_string(), ..Default::default() };
+    let mount =
+        proto::Mount { container_path: "/cache".into(), host_path: vol.display().to_string(), ..Default::default() };
     let mut a = cri.container_config("a", SLEEPER);
     a.mounts = vec![mount.clone()];
     let mut b = cri.container_config("b", SLEEPER);
@@ -388,7 +420,11 @@ fn config_map_updates_are_visible_within_two_seconds() {
         }
         let max = latencies.iter().max().unwrap();
         let mean = latencies.iter().sum::<Duration>() / latencies.len() as u32;
-        eprintln!("{what} update visible after: max {:.3} s, mean {:.3} s (each poll is one ExecSync)", max.as_secs_f64(), mean.as_secs_f64());
+        eprintln!(
+            "{what} update visible after: max {:.3} s, mean {:.3} s (each poll is one ExecSync)",
+            max.as_secs_f64(),
+            mean.as_secs_f64()
+        );
     }
     cri.remove_pod(&pod);
     drop(vols);
@@ -421,17 +457,29 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     assert_eq!(cri.exec_ok(&c, &chmod), "allowed\n", "chmod in a container without a profile");
     // ExecSync's timeout: the call fails after it and the process is killed in the guest.
     let t = Instant::now();
-    let err = cri.block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2)).expect_err("ExecSync of sleep 4711 with timeout 2");
+    let err = cri
+        .block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2))
+        .expect_err("ExecSync of sleep 4711 with timeout 2");
     let took = t.elapsed();
     eprintln!("ExecSync timeout after {:.2} s: {err}", took.as_secs_f64());
     assert!(err.contains("timeout") && err.contains("exceeded"), "{err}");
     assert!(took < Duration::from_secs(20), "ExecSync with timeout 2 s took {took:?}");
     poll(Duration::from_secs(10), "the timed-out exec killed in the guest", || {
         let ps = cri.exec_ok(&c, &["ps", "-o", "args"]);
-        if ps.contains("sleep 4711") { Err(ps) } else { Ok(()) }
+        if ps.contains("sleep 4711") {
+            Err(ps)
+        } else {
+            Ok(())
+        }
     });
     let big = cri.exec(&c, &["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' b"], 30);
-    assert_eq!((big.exit_code, big.stdout.len()), (0, 200000), "ExecSync of 200000 bytes: exit {} stderr {:?}", big.exit_code, big.stderr);
+    assert_eq!(
+        (big.exit_code, big.stdout.len()),
+        (0, 200000),
+        "ExecSync of 200000 bytes: exit {} stderr {:?}",
+        big.exit_code,
+        big.stderr
+    );
 
     const N: usize = 2000;
     let long = "x".repeat(20000);
@@ -447,7 +495,11 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     let expected: Vec<String> = (1..=N).map(|i| format!("line-{i}")).chain([long]).collect();
     let lines = poll(Duration::from_secs(10), "the complete CRI log", || {
         let lines = cri_log_lines(&path, "stdout")?;
-        if lines.len() >= expected.len() { Ok(lines) } else { Err(format!("{} of {} lines", lines.len(), expected.len())) }
+        if lines.len() >= expected.len() {
+            Ok(lines)
+        } else {
+            Err(format!("{} of {} lines", lines.len(), expected.len()))
+        }
     });
     assert_eq!(lines.len(), expected.len(), "lines in {}", path.display());
     for (i, (got, want)) in lines.iter().zip(&expected).enumerate() {
@@ -465,11 +517,17 @@ fn pod_sharing_its_pid_namespace_lets_containers_see_each_other() {
     let cri = CriContainerd::start();
     let set_pid = |ns: Option<&mut proto::NamespaceOption>, mode| ns.expect("namespace options").pid = mode;
     let mut config = cri.pod_config("pidns");
-    set_pid(config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()), proto::NAMESPACE_POD);
+    set_pid(
+        config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()),
+        proto::NAMESPACE_POD,
+    );
     let pod = cri.run_pod(&config);
     let shared = |name: &str, args: &[&str]| {
         let mut c = cri.container_config(name, args);
-        set_pid(c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()), proto::NAMESPACE_POD);
+        set_pid(
+            c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()),
+            proto::NAMESPACE_POD,
+        );
         c
     };
     let _a = cri.run_container(&pod, &shared("a", &["sleep", "4242"]));
@@ -477,11 +535,17 @@ fn pod_sharing_its_pid_namespace_lets_containers_see_each_other() {
     let own = cri.run_container(&pod, &cri.container_config("own", SLEEPER));
 
     let seen_by_b = cri.exec_ok(&b, &["ps", "-o", "pid,args"]);
-    assert!(seen_by_b.contains("sleep 4242"), "b shares the pod's PID namespace but does not see a's process:\n{seen_by_b}");
+    assert!(
+        seen_by_b.contains("sleep 4242"),
+        "b shares the pod's PID namespace but does not see a's process:\n{seen_by_b}"
+    );
     let init = cri.exec_ok(&b, &["cat", "/proc/1/cmdline"]);
     assert!(init.contains(PAUSE_SCRIPT), "PID 1 of a shared namespace is the pause process: {init:?}");
     let seen_by_own = cri.exec_ok(&own, &["ps", "-o", "pid,args"]);
-    assert!(!seen_by_own.contains("sleep 4242"), "a container with its own PID namespace sees a's process:\n{seen_by_own}");
+    assert!(
+        !seen_by_own.contains("sleep 4242"),
+        "a container with its own PID namespace sees a's process:\n{seen_by_own}"
+    );
     cri.remove_pod(&pod);
 }
 
@@ -545,7 +609,11 @@ fn streaming_exec_with_tty_and_resize_and_attach() {
     poll(Duration::from_secs(10), "the attached input's answers in the CRI log", || {
         let out = cri_log_lines(&log, "stdout")?;
         let err = cri_log_lines(&log, "stderr")?;
-        if out == ["got hello"] && err == ["err hello"] { Ok(()) } else { Err(format!("stdout {out:?} stderr {err:?}")) }
+        if out == ["got hello"] && err == ["err hello"] {
+            Ok(())
+        } else {
+            Err(format!("stdout {out:?} stderr {err:?}"))
+        }
     });
 
     for id in [&console_id, &reader_id] {
@@ -595,7 +663,8 @@ fn container_over_its_memory_limit_is_oom_killed() {
     // The shell itself (the container's init) doubles a string up to 64 MiB (96 MiB live at
     // the last step); first it prints the limit its cgroup shows (v1 under runc; a guest's
     // cgroup v2 file when the container sees its own cgroup).
-    let script = "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; echo allocating; \
+    let script =
+        "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; echo allocating; \
                   x=0123456789abcdef; i=0; while [ $i -lt 22 ]; do x=\"$x$x\"; i=$((i+1)); done; echo survived ${#x}";
     let control = cri.container_config("control", &["sh", "-c", script]);
     let mut config = cri.container_config("hog", &["sh", "-c", script]);
@@ -613,13 +682,19 @@ fn container_over_its_memory_limit_is_oom_killed() {
     let spec = cri.cri_spec(&c);
     if let Some(spec) = &spec {
         describe_spec("container with a memory limit", spec);
-        assert_eq!(spec["linux"]["resources"]["memory"]["limit"].as_i64(), Some(LIMIT), "the CRI's spec lacks the limit");
+        assert_eq!(
+            spec["linux"]["resources"]["memory"]["limit"].as_i64(),
+            Some(LIMIT),
+            "the CRI's spec lacks the limit"
+        );
     }
     cri.start_container(&c);
     let status = cri.wait_exited(&c, EXIT_TIMEOUT);
     let log = cri_log_lines(&pod.log_path(&config), "stdout").unwrap_or_default();
-    eprintln!("hog: {status:?}
-log: {log:?}");
+    eprintln!(
+        "hog: {status:?}
+log: {log:?}"
+    );
     if !log.iter().any(|l| l == &LIMIT.to_string()) {
         eprintln!("note: the container does not show its {LIMIT}-byte limit in /sys/fs/cgroup (log {log:?})");
     }
@@ -655,7 +730,11 @@ fn raw_block_device_volume_is_written_through() {
         assert_eq!((dev["path"].as_str(), dev["type"].as_str()), (Some("/dev/xvda"), Some("b")), "{dev}");
     }
     cri.start_container(&c);
-    assert_eq!(cri.exec_ok(&c, &["sh", "-c", "test -b /dev/xvda && echo block"]), "block\n", "/dev/xvda is not a block device");
+    assert_eq!(
+        cri.exec_ok(&c, &["sh", "-c", "test -b /dev/xvda && echo block"]),
+        "block\n",
+        "/dev/xvda is not a block device"
+    );
     assert_eq!(cri.exec_ok(&c, &["blockdev", "--getsize64", "/dev/xvda"]).trim(), (16u64 << 20).to_string());
     let marker = format!("marker-{}", pod.uid());
     cri.exec_ok(&c, &["sh", "-c", &format!("echo {marker} | dd of=/dev/xvda conv=fsync 2>&1")]);
@@ -729,7 +808,11 @@ fn pod_sandbox_and_containers_run_in_one_vm() {
     assert!(!while_running.is_empty(), "the leak check sees nothing of a running container: it could not fail");
     cri.stop_container(&a, 10);
     let st = cri.container_status(&a);
-    assert_eq!((st.state, st.exit_code), (proto::CONTAINER_EXITED, 0), "a after StopContainer (it exits on SIGTERM): {st:?}");
+    assert_eq!(
+        (st.state, st.exit_code),
+        (proto::CONTAINER_EXITED, 0),
+        "a after StopContainer (it exits on SIGTERM): {st:?}"
+    );
     assert_eq!(cri.container_status(&b).state, proto::CONTAINER_RUNNING, "b after a was stopped");
     cri.remove_container(&a);
     assert!(!cri.list_containers(&pod).iter().any(|c| c.id == a), "a is still listed after RemoveContainer");

@@ -55,7 +55,14 @@ struct CrioPod {
 }
 
 impl CrioPod {
-    fn mount(&self, source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: nix::mount::MsFlags, data: Option<&str>) {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: nix::mount::MsFlags,
+        data: Option<&str>,
+    ) {
         nix::mount::mount(source, target, fstype, flags, data)
             .unwrap_or_else(|e| panic!("mount {target:?} ({fstype:?} {data:?}): {e}"));
         self.our_mounts.lock().unwrap().push(target.to_path_buf());
@@ -312,7 +319,9 @@ fn crio_start(shim: &Path, config: &Path, ctr: &Ctr) -> Result<String, String> {
     }
     let address = printed.trim().to_string();
     if !address.starts_with("unix:///") || address.contains(char::is_whitespace) {
-        return Err(format!("`start` must print exactly one unix:/// address (stdout and stderr together), printed {printed:?}"));
+        return Err(format!(
+            "`start` must print exactly one unix:/// address (stdout and stderr together), printed {printed:?}"
+        ));
     }
     let file = fs::read_to_string(ctr.bundle.join("address")).map_err(|e| format!("<bundle>/address: {e}"))?;
     if file.trim() != address {
@@ -373,7 +382,9 @@ async fn delete_and_shutdown(client: &ttrpc::asynchronous::Client, id: &str) -> 
 fn shim_daemons(id: &str) -> Vec<u32> {
     leaks::processes()
         .into_iter()
-        .filter(|p| p.argv0.contains("containerd-shim") && leaks::mentions(&p.cmdline, id) && !p.cmdline.ends_with(" start"))
+        .filter(|p| {
+            p.argv0.contains("containerd-shim") && leaks::mentions(&p.cmdline, id) && !p.cmdline.ends_with(" start")
+        })
         .map(|p| p.pid)
         .collect()
 }
@@ -415,7 +426,8 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
 
     let infra = Ctr::new(&pod, &pod_id, 1);
     fs::write(infra.bundle.join("hostname"), "crio-pod\n").unwrap();
-    fs::write(infra.bundle.join("resolv.conf"), "nameserver 127.0.0.53\nsearch podvisor-test.svc.cluster.local\n").unwrap();
+    fs::write(infra.bundle.join("resolv.conf"), "nameserver 127.0.0.53\nsearch podvisor-test.svc.cluster.local\n")
+        .unwrap();
     fs::create_dir_all(infra.bundle.join("shm")).unwrap();
     pod.mount(
         Some(Path::new("shm")),
@@ -468,7 +480,8 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
         // App: its own start (and connection, as CRI-O does), output, exit 0.
         let app_addr = crio_start(&shim, &config, &app)?;
         if app_addr != infra_addr {
-            kata_only.push(format!("app `start` printed {app_addr}, infra's printed {infra_addr}: not one shim per pod"));
+            kata_only
+                .push(format!("app `start` printed {app_addr}, infra's printed {infra_addr}: not one shim per pod"));
         }
         let app_client =
             ttrpc::asynchronous::Client::connect(&app_addr).await.map_err(|e| format!("connect {app_addr}: {e}"))?;
@@ -479,7 +492,12 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
         }
 
         // One shim daemon, one VM.
-        let daemons: Vec<u32> = [&pod_id, &app_id].iter().flat_map(|id| shim_daemons(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let daemons: Vec<u32> = [&pod_id, &app_id]
+            .iter()
+            .flat_map(|id| shim_daemons(id))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if daemons.len() != 1 {
             kata_only.push(format!("{} shim daemons serve the pod ({daemons:?}), not one", daemons.len()));
         }
@@ -501,7 +519,9 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
         create_and_start(&hog_client, &hog).await.map_err(|e| format!("hog: {e}"))?;
         let hog_exit = wait(&hog_client, &oom_id).await?;
         if hog_exit != 137 {
-            return Err(format!("the container over its {LIMIT}-byte memory limit exited {hog_exit}, not 137 (OOM kill)"));
+            return Err(format!(
+                "the container over its {LIMIT}-byte memory limit exited {hog_exit}, not 137 (OOM kill)"
+            ));
         }
         let oom_file = hog.bundle.join("oom");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -544,7 +564,13 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
     let _ = hog.stderr.take().map(FifoReader::finish);
     let logs: Vec<String> = [&infra, &app, &hog]
         .into_iter()
-        .map(|c| format!("--- shim log ({}) ---\n{}", &c.id[..12], c.log.as_ref().map(FifoReader::so_far).unwrap_or_default()))
+        .map(|c| {
+            format!(
+                "--- shim log ({}) ---\n{}",
+                &c.id[..12],
+                c.log.as_ref().map(FifoReader::so_far).unwrap_or_default()
+            )
+        })
         .collect();
     if let Err(e) = result {
         panic!("{e}\napp stdout: {app_out:?} stderr: {app_err:?}\nhog stdout: {hog_out:?}\n{}", logs.join("\n"));
@@ -556,7 +582,8 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
     // Nothing left: daemons, VM, mounts, run directories, sockets; then what CRI-O removes
     // itself (its mounts, the pinned namespaces, the cgroup parent).
     let ids: Vec<&str> = pod.ids.iter().map(String::as_str).collect();
-    let gone = leaks::settle(leaks::GRACE, || ids.iter().flat_map(|id| shim_daemons(id)).map(|p| p.to_string()).collect());
+    let gone =
+        leaks::settle(leaks::GRACE, || ids.iter().flat_map(|id| shim_daemons(id)).map(|p| p.to_string()).collect());
     assert!(gone.is_empty(), "shim daemons still running after Shutdown: {gone:?}\n{}", logs.join("\n"));
     pod.unmount_ours();
     let found = leaks::settle(leaks::GRACE, || {
@@ -576,7 +603,11 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
     assert!(
         kata_only.is_empty(),
         "the CRI-O pod {}:\n  {}",
-        if kata { "fails with the kata handler".to_string() } else { format!("needs the kata handler (PODVISOR_CRI_HANDLER={} only validates the harness)", handler()) },
+        if kata {
+            "fails with the kata handler".to_string()
+        } else {
+            format!("needs the kata handler (PODVISOR_CRI_HANDLER={} only validates the harness)", handler())
+        },
         kata_only.join("\n  ")
     );
 }

@@ -14,7 +14,12 @@ use podvisor_tests::*;
 /// Runs a command; panics with its stderr when it fails.
 fn run(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -51,7 +56,20 @@ impl Netns {
         run(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
         run(&["ip", "-n", pod, "link", "set", "lo", "up"]);
         run(&["ip", "-n", pod, "route", "add", "default", "via", &format!("10.200.{x}.1")]);
-        run(&["ip", "-n", pod, "neigh", "add", &format!("10.200.{x}.9"), "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "permanent"]);
+        run(&[
+            "ip",
+            "-n",
+            pod,
+            "neigh",
+            "add",
+            &format!("10.200.{x}.9"),
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
         ns
     }
 
@@ -61,7 +79,8 @@ impl Netns {
 
     /// The pod veth's MAC.
     fn mac(&self) -> String {
-        let json: serde_json::Value = serde_json::from_str(&run(&["ip", "-n", &self.pod, "-j", "link", "show", "dev", "eth0"])).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&run(&["ip", "-n", &self.pod, "-j", "link", "show", "dev", "eth0"])).unwrap();
         json[0]["address"].as_str().unwrap().to_string()
     }
 
@@ -117,7 +136,9 @@ async fn pod_network_reaches_the_guest_and_is_removed_after_stop() {
     let ns = Netns::new();
     let id = unique_id("net");
     let log = logger();
-    let sb = Sandbox::boot_pod_with_network(&id, &config(), &ns.shared, "nettest", Some(&ns.path()), &log).await.expect("boot");
+    let sb = Sandbox::boot_pod_with_network(&id, &config(), &ns.shared, "nettest", Some(&ns.path()), &log)
+        .await
+        .expect("boot");
     let pids = sb.vm().pids().await;
     let checked = check_pod_network(&sb, &ns, pids[0]).await;
     sb.shutdown().await.expect("shutdown");
@@ -133,7 +154,10 @@ async fn check_pod_network(sb: &Sandbox, ns: &Netns, qemu_pid: u32) -> Result<()
     ensure!(qemu_netns == ns_inode(&ns.path()), "QEMU does not run in the pod netns");
     let (links, qdiscs) = ns.links_and_qdiscs();
     ensure!(links.contains("tap0_kata"), "no tap0_kata in the pod netns:\n{links}");
-    ensure!(qdiscs.matches("qdisc ingress").count() == 2, "not one ingress qdisc on each of eth0 and tap0_kata:\n{qdiscs}");
+    ensure!(
+        qdiscs.matches("qdisc ingress").count() == 2,
+        "not one ingress qdisc on each of eth0 and tap0_kata:\n{qdiscs}"
+    );
 
     let (x, mac) = (ns.x, ns.mac());
     let interfaces = sb.agent().list_interfaces().await.map_err(|e| e.to_string())?;
@@ -145,8 +169,14 @@ async fn check_pod_network(sb: &Sandbox, ns: &Netns, qemu_pid: u32) -> Result<()
     ensure!(eth0.IPAddresses.iter().any(|a| a.address == want && a.mask == "24"), "{want}/24 missing: {eth0:?}");
     let routes = sb.agent().list_routes().await.map_err(|e| e.to_string())?;
     let gateway = format!("10.200.{x}.1");
-    ensure!(routes.iter().any(|r| r.dest.is_empty() && r.gateway == gateway && r.device == "eth0"), "no default route: {routes:?}");
-    ensure!(routes.iter().any(|r| r.dest == format!("10.200.{x}.0/24") && r.device == "eth0"), "no subnet route: {routes:?}");
+    ensure!(
+        routes.iter().any(|r| r.dest.is_empty() && r.gateway == gateway && r.device == "eth0"),
+        "no default route: {routes:?}"
+    );
+    ensure!(
+        routes.iter().any(|r| r.dest == format!("10.200.{x}.0/24") && r.device == "eth0"),
+        "no subnet route: {routes:?}"
+    );
 
     // iputils' ping when installed, else busybox's (busybox-static is a test dependency).
     let mut ping = vec!["ip", "netns", "exec", &ns.peer];
@@ -167,7 +197,9 @@ async fn killed_qemu_still_leaves_no_tap_or_filter() {
     let ns = Netns::new();
     let id = unique_id("netkill");
     let log = logger();
-    let sb = Sandbox::boot_pod_with_network(&id, &config(), &ns.shared, "nettest", Some(&ns.path()), &log).await.expect("boot");
+    let sb = Sandbox::boot_pod_with_network(&id, &config(), &ns.shared, "nettest", Some(&ns.path()), &log)
+        .await
+        .expect("boot");
     let pids = sb.vm().pids().await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     tokio::time::timeout(Duration::from_secs(10), sb.vm().wait_exit()).await.expect("exit reported");
@@ -184,7 +216,8 @@ async fn failed_boot_leaves_no_tap_or_filter() {
     let bogus = std::env::temp_dir().join(format!("{id}-not-a-kernel"));
     std::fs::write(&bogus, b"not a kernel").unwrap();
     config.hypervisor.kernel = bogus.clone();
-    let err = Sandbox::boot_pod_with_network(&id, &config, &ns.shared, "nettest", Some(&ns.path()), &logger()).await.err();
+    let err =
+        Sandbox::boot_pod_with_network(&id, &config, &ns.shared, "nettest", Some(&ns.path()), &logger()).await.err();
     std::fs::remove_file(&bogus).unwrap();
     let err = err.expect("must fail").to_string();
     assert!(err.contains("QEMU"), "{err}");
@@ -213,7 +246,8 @@ async fn missing_netns_is_named_and_nothing_is_left() {
     let shared = std::env::temp_dir().join(format!("{id}-share"));
     std::fs::create_dir_all(&shared).unwrap();
     let missing = format!("/var/run/netns/podvisor-nt-missing-{}", std::process::id());
-    let err = Sandbox::boot_pod_with_network(&id, &config(), &shared, "x", Some(Path::new(&missing)), &logger()).await.err();
+    let err =
+        Sandbox::boot_pod_with_network(&id, &config(), &shared, "x", Some(Path::new(&missing)), &logger()).await.err();
     std::fs::remove_dir_all(&shared).unwrap();
     let err = err.expect("must fail").to_string();
     assert!(err.contains(&missing) && err.contains("network namespace"), "{err}");

@@ -159,7 +159,8 @@ impl Cgroup {
 
         let mut blkio = pb::BlkioStats::new();
         for (major, minor, values) in self.read("io.stat").map(|t| parse_io_stat(&t)).unwrap_or_default() {
-            let entry = |op: &str, value: u64| pb::BlkioStatsEntry { major, minor, op: op.into(), value, ..Default::default() };
+            let entry =
+                |op: &str, value: u64| pb::BlkioStatsEntry { major, minor, op: op.into(), value, ..Default::default() };
             blkio.io_service_bytes_recursive.push(entry("Read", get(&values, "rbytes")));
             blkio.io_service_bytes_recursive.push(entry("Write", get(&values, "wbytes")));
             blkio.io_serviced_recursive.push(entry("Read", get(&values, "rios")));

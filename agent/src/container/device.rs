@@ -82,8 +82,12 @@ impl PciSysfs {
                 return Err(format!("no PCI device {address} ({})", dir.display()));
             }
             if i + 1 < slots.len() {
-                bus = secondary_bus(&dir)
-                    .ok_or_else(|| format!("PCI device {address} has no secondary bus ({}/pci_bus/ is empty: not a bridge?)", dir.display()))?;
+                bus = secondary_bus(&dir).ok_or_else(|| {
+                    format!(
+                        "PCI device {address} has no secondary bus ({}/pci_bus/ is empty: not a bridge?)",
+                        dir.display()
+                    )
+                })?;
             }
         }
         disk_under(&dir)
@@ -114,15 +118,19 @@ impl PciSysfs {
 
 /// The bus behind a bridge: the name of the entry of `<dev>/pci_bus/` (`0000:01`).
 fn secondary_bus(dev: &Path) -> Option<String> {
-    let mut buses: Vec<String> =
-        std::fs::read_dir(dev.join("pci_bus")).ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut buses: Vec<String> = std::fs::read_dir(dev.join("pci_bus"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     buses.sort();
     buses.into_iter().next()
 }
 
 /// The virtio block disk of a PCI device: `<dev>/virtio*/block/<name>/dev`.
 fn disk_under(dev: &Path) -> Result<BlockDevice, String> {
-    let missing = || format!("no virtio block disk under {} (virtio*/block/*/dev): is virtio_blk loaded?", dev.display());
+    let missing =
+        || format!("no virtio block disk under {} (virtio*/block/*/dev): is virtio_blk loaded?", dev.display());
     let rd = std::fs::read_dir(dev).map_err(|_| missing())?;
     let mut virtio: Vec<PathBuf> =
         rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("virtio")).map(|e| e.path()).collect();
@@ -134,7 +142,8 @@ fn disk_under(dev: &Path) -> Result<BlockDevice, String> {
         for d in disks {
             let file = d.join("dev");
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
-            let (major, minor) = parse_dev(&text).ok_or_else(|| format!("{}: {text:?} is not major:minor", file.display()))?;
+            let (major, minor) =
+                parse_dev(&text).ok_or_else(|| format!("{}: {text:?} is not major:minor", file.display()))?;
             let name = d.file_name().unwrap_or_default().to_string_lossy().into_owned();
             return Ok(BlockDevice { name, major, minor });
         }
@@ -191,7 +200,10 @@ pub fn add_to_spec(spec: &mut Value, container_path: &str, dev: &BlockDevice) {
     if !rules.is_array() {
         *rules = json!([]);
     }
-    rules.as_array_mut().unwrap().push(json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"}));
+    rules
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"}));
 }
 
 #[cfg(test)]
@@ -202,7 +214,11 @@ mod tests {
     /// (empty, bus 02), a disk on the root bus at 00:05.0, a NIC at 00:06.0; `bus/pci/devices`
     /// entries are symlinks into `devices/`, as in the real tree.
     fn fake() -> (PathBuf, PciSysfs) {
-        let root = std::env::temp_dir().join(format!("podvisor-agent-pci-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let root = std::env::temp_dir().join(format!(
+            "podvisor-agent-pci-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&root);
         let top = root.join("devices/pci0000:00");
         let links = root.join("bus/pci/devices");
@@ -286,7 +302,13 @@ mod tests {
 
     #[test]
     fn request_devices_are_checked() {
-        let d = |t: &str, vm: &str, cp: &str| pb::Device { id: "d1".into(), type_: t.into(), vm_path: vm.into(), container_path: cp.into(), ..Default::default() };
+        let d = |t: &str, vm: &str, cp: &str| pb::Device {
+            id: "d1".into(),
+            type_: t.into(),
+            vm_path: vm.into(),
+            container_path: cp.into(),
+            ..Default::default()
+        };
         assert!(check(&d("blk", "03/00", "/dev/xvda"), 0).is_ok());
         assert!(check(&d("vfio", "03/00", "/dev/x"), 1).unwrap_err().starts_with("devices[1] (id \"d1\"): type"));
         assert!(check(&d("blk", "", "/dev/x"), 0).unwrap_err().contains("vm_path"));

@@ -135,7 +135,9 @@ fn with_stdio(b: ContainerBuilder, stdio: bool) -> ContainerBuilder {
     }
     // SAFETY: the agent dup2'ed the stdio fds onto 3, 4 and 5 right before exec; nothing else
     // in this process owns them.
-    unsafe { b.with_stdin(OwnedFd::from_raw_fd(3)).with_stdout(OwnedFd::from_raw_fd(4)).with_stderr(OwnedFd::from_raw_fd(5)) }
+    unsafe {
+        b.with_stdin(OwnedFd::from_raw_fd(3)).with_stdout(OwnedFd::from_raw_fd(4)).with_stderr(OwnedFd::from_raw_fd(5))
+    }
 }
 
 fn load(root: &Path, id: &str) -> Result<Container, (Kind, String)> {
@@ -155,7 +157,8 @@ fn run(req: &Request) -> OpResult {
         Op::Create { bundle, console_socket } => {
             let b = with_stdio(builder()?.with_console_socket(console_socket.as_ref()), req.stdio);
             let no_pivot = root_is_initramfs(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
-            let c = b.as_init(bundle).with_systemd(false).with_detach(true).with_no_pivot(no_pivot).build().map_err(lc)?;
+            let c =
+                b.as_init(bundle).with_systemd(false).with_detach(true).with_no_pivot(no_pivot).build().map_err(lc)?;
             Ok(c.pid().map(|p| p.as_raw()))
         }
         Op::Start => load(&req.root, &id)?.start().map(|_| None).map_err(lc),

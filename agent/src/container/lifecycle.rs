@@ -53,7 +53,9 @@ impl Containers {
     pub async fn create_container(&self, req: &pb::CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
         if !spec::valid_id(id) {
-            return Err(Error::invalid(format!("container_id: {id:?} is not a valid id ([A-Za-z0-9_.-], at most 256)")));
+            return Err(Error::invalid(format!(
+                "container_id: {id:?} is not a valid id ([A-Za-z0-9_.-], at most 256)"
+            )));
         }
         if !req.exec_id.is_empty() && !spec::valid_id(&req.exec_id) {
             return Err(Error::invalid(format!("container {id}: exec_id {:?} is not a valid id", req.exec_id)));
@@ -65,18 +67,21 @@ impl Containers {
                 return Err(Error::new(Code::ALREADY_EXISTS, format!("container {id} already exists")));
             }
         }
-        let mut guard = CreateGuard { c: self, id: id.to_string(), storages: Vec::new(), bundle: None, cgroup: None, armed: true };
+        let mut guard =
+            CreateGuard { c: self, id: id.to_string(), storages: Vec::new(), bundle: None, cgroup: None, armed: true };
         for (i, d) in req.devices.iter().enumerate() {
             device::check(d, i).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         }
         let join = self.join_for(id, req.sandbox_pidns)?;
-        guard.storages = sandbox::mount_storages(&req.storages).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+        guard.storages =
+            sandbox::mount_storages(&req.storages).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
 
         let converted = convert::spec_from_grpc(oci).map_err(|e| Error::invalid(format!("container {id}: OCI.{e}")))?;
-        let mut json = serde_json::to_value(&converted).map_err(|e| Error::internal(format!("container {id}: encode spec: {e}")))?;
+        let mut json = serde_json::to_value(&converted)
+            .map_err(|e| Error::internal(format!("container {id}: encode spec: {e}")))?;
         let cgroup_rel = spec::cgroup_path(&self.sandbox_id(), id);
-        let facts =
-            spec::normalize(&mut json, &cgroup_rel, &join, &Self::path_exists).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+        let facts = spec::normalize(&mut json, &cgroup_rel, &join, &Self::path_exists)
+            .map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         for note in &facts.notes {
             info!(self.log, "spec adjusted for the guest"; "container_id" => id, "change" => note);
         }
@@ -103,7 +108,10 @@ impl Containers {
         let bundle_for_op = bundle.clone();
         let init_exec = if req.exec_id.is_empty() { id.to_string() } else { req.exec_id.clone() };
         let spawned = self
-            .spawn_process(id, &init_exec, facts.terminal, console, |console_socket| Op::Create { bundle: bundle_for_op, console_socket })
+            .spawn_process(id, &init_exec, facts.terminal, console, |console_socket| Op::Create {
+                bundle: bundle_for_op,
+                console_socket,
+            })
             .await;
         let init = match spawned {
             Ok(p) => p,
@@ -147,9 +155,14 @@ impl Containers {
             return Ok(());
         }
         for (key, value) in sysctls {
-            let file = spec::sysctl_file(key).map_err(|e| Error::invalid(format!("container {id}: OCI.Linux.Sysctl: {e}")))?;
-            std::fs::write(&file, value)
-                .map_err(|e| Error::invalid(format!("container {id}: OCI.Linux.Sysctl: {key}={value:?} for the pod's network ({}): {e}", file.display())))?;
+            let file =
+                spec::sysctl_file(key).map_err(|e| Error::invalid(format!("container {id}: OCI.Linux.Sysctl: {e}")))?;
+            std::fs::write(&file, value).map_err(|e| {
+                Error::invalid(format!(
+                    "container {id}: OCI.Linux.Sysctl: {key}={value:?} for the pod's network ({}): {e}",
+                    file.display()
+                ))
+            })?;
             info!(self.log, "net sysctl set for the pod"; "container_id" => id, "key" => key, "value" => value);
         }
         Ok(())
@@ -199,17 +212,30 @@ impl Containers {
         result
     }
 
-    async fn start_exec(&self, c: &Arc<Container>, exec_id: &str, what: &str, process: &agent_protocol::oci::Process) -> Result<()> {
+    async fn start_exec(
+        &self,
+        c: &Arc<Container>,
+        exec_id: &str,
+        what: &str,
+        process: &agent_protocol::oci::Process,
+    ) -> Result<()> {
         let id = c.id.as_str();
         let wrapper = agent_protocol::oci::Spec { Process: Some(process.clone()).into(), ..Default::default() };
         let converted = convert::spec_from_grpc(&wrapper).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
-        let mut pjson = serde_json::to_value(converted.process()).map_err(|e| Error::internal(format!("{what}: {e}")))?;
-        let terminal = spec::normalize_process(&mut pjson, &c.rootfs, "process").map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+        let mut pjson =
+            serde_json::to_value(converted.process()).map_err(|e| Error::internal(format!("{what}: {e}")))?;
+        let terminal = spec::normalize_process(&mut pjson, &c.rootfs, "process")
+            .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
         let file = c.bundle.join(format!("exec-{}.json", self.next()));
         write_json(&file, &pjson).map_err(|e| Error::internal(format!("{what}: {e}")))?;
         let console = console_size(&pjson);
         let op_file = file.clone();
-        let spawned = self.spawn_process(id, exec_id, terminal, console, |console_socket| Op::Exec { process: op_file, console_socket }).await;
+        let spawned = self
+            .spawn_process(id, exec_id, terminal, console, |console_socket| Op::Exec {
+                process: op_file,
+                console_socket,
+            })
+            .await;
         let _ = std::fs::remove_file(&file);
         // The helper's copy with capabilities raised for the seccomp install (exec_seccomp.rs).
         let _ = std::fs::remove_file(file.with_extension("seccomp.json"));
@@ -231,10 +257,17 @@ impl Containers {
     async fn freeze(&self, id: &str, pause: bool) -> Result<()> {
         let c = self.get(id)?;
         let _l = c.lifecycle.write().await;
-        let (from, to, op, verb) =
-            if pause { (State::Running, State::Paused, Op::Pause, "pause") } else { (State::Paused, State::Running, Op::Resume, "resume") };
+        let (from, to, op, verb) = if pause {
+            (State::Running, State::Paused, Op::Pause, "pause")
+        } else {
+            (State::Paused, State::Running, Op::Resume, "resume")
+        };
         if c.state() != from || c.init.exit_status().is_some() {
-            let now = if c.init.exit_status().is_some() { "stopped".to_string() } else { format!("{:?}", c.state()).to_lowercase() };
+            let now = if c.init.exit_status().is_some() {
+                "stopped".to_string()
+            } else {
+                format!("{:?}", c.state()).to_lowercase()
+            };
             return Err(Error::precondition(format!("cannot {verb} container {id}: it is {now}")));
         }
         self.runtime
@@ -270,7 +303,11 @@ impl Containers {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(Error::new(
                     Code::DEADLINE_EXCEEDED,
-                    format!("container {id}: processes still running {}s after SIGKILL: {:?}", timeout.as_secs(), c.cgroup.procs()),
+                    format!(
+                        "container {id}: processes still running {}s after SIGKILL: {:?}",
+                        timeout.as_secs(),
+                        c.cgroup.procs()
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -281,7 +318,8 @@ impl Containers {
             let _ = std::fs::remove_dir_all(self.runtime.root.join(id));
         }
         let cg = c.cgroup.clone();
-        let cgroup_error = tokio::task::spawn_blocking(move || cg.remove()).await.unwrap_or_else(|e| Err(e.to_string())).err();
+        let cgroup_error =
+            tokio::task::spawn_blocking(move || cg.remove()).await.unwrap_or_else(|e| Err(e.to_string())).err();
         c.init.shutdown();
         for p in c.execs.lock().unwrap().drain() {
             p.1.shutdown();
@@ -311,7 +349,8 @@ impl Containers {
     pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
         let c = self.get(id)?;
         let what = describe(id, exec_id);
-        let sig = Signal::try_from(signal as i32).map_err(|_| Error::invalid(format!("{what}: signal {signal} is not a valid signal")))?;
+        let sig = Signal::try_from(signal as i32)
+            .map_err(|_| Error::invalid(format!("{what}: signal {signal} is not a valid signal")))?;
         let p = match c.lookup(exec_id)? {
             Lookup::Live(p) => p,
             Lookup::Finished(_) => return Err(Error::not_found(format!("{what}: process already finished"))),

@@ -241,7 +241,13 @@ impl Containers {
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
-        self.inner.lock().unwrap().containers.get(id).cloned().ok_or_else(|| Error::not_found(format!("container {id} not found")))
+        self.inner
+            .lock()
+            .unwrap()
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("container {id} not found")))
     }
 
     fn sandbox_id(&self) -> String {
@@ -295,7 +301,8 @@ impl Containers {
         info!(self.log, "sandbox created"; "sandbox_id" => &req.sandbox_id, "hostname" => &req.hostname, "storages" => mounted.len(),
               "shm" => if own_shm { "tmpfs made by the agent" } else { "storage from the host" },
               "shared_namespaces" => sandbox::SHARED_NS_DIR, "sandbox_pidns" => req.sandbox_pidns);
-        inner.sandbox = Some(SandboxState { id: req.sandbox_id.clone(), storages: mounted, shared_ns, pidns: req.sandbox_pidns });
+        inner.sandbox =
+            Some(SandboxState { id: req.sandbox_id.clone(), storages: mounted, shared_ns, pidns: req.sandbox_pidns });
         Ok(())
     }
 
@@ -310,7 +317,8 @@ impl Containers {
             }
             return Ok(spec::Join::default());
         };
-        let mut join = spec::Join { ipc: Some(sb.shared_ns.ipc.clone()), uts: Some(sb.shared_ns.uts.clone()), pid: None };
+        let mut join =
+            spec::Join { ipc: Some(sb.shared_ns.ipc.clone()), uts: Some(sb.shared_ns.uts.clone()), pid: None };
         if (sandbox_pidns || sb.pidns) && sb.id != id {
             match inner.containers.get(&sb.id) {
                 Some(c) if c.init.exit_status().is_some() => {
@@ -379,11 +387,16 @@ impl Containers {
     pub fn update(&self, id: &str, resources: &agent_protocol::oci::LinuxResources) -> Result<()> {
         let c = self.get(id)?;
         let wrapper = agent_protocol::oci::Spec {
-            Linux: Some(agent_protocol::oci::Linux { Resources: Some(resources.clone()).into(), ..Default::default() }).into(),
+            Linux: Some(agent_protocol::oci::Linux { Resources: Some(resources.clone()).into(), ..Default::default() })
+                .into(),
             ..Default::default()
         };
-        let spec = agent_protocol::convert::spec_from_grpc(&wrapper)
-            .map_err(|e| Error::invalid(format!("UpdateContainer {id}: resources.{}", e.to_string().trim_start_matches("Linux.Resources."))))?;
+        let spec = agent_protocol::convert::spec_from_grpc(&wrapper).map_err(|e| {
+            Error::invalid(format!(
+                "UpdateContainer {id}: resources.{}",
+                e.to_string().trim_start_matches("Linux.Resources.")
+            ))
+        })?;
         let res = spec.linux().as_ref().and_then(|l| l.resources().clone()).unwrap_or_default();
         c.cgroup.update(&res).map_err(|e| Error::internal(format!("UpdateContainer {id}: {e}")))?;
         info!(self.log, "container resources updated"; "container_id" => id);

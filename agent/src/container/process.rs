@@ -102,7 +102,8 @@ impl Process {
     }
 
     pub fn resize(&self, what: &str, rows: u32, cols: u32) -> Result<()> {
-        let master = self.tty.as_ref().ok_or_else(|| Error::precondition(format!("{what}: the process has no terminal")))?;
+        let master =
+            self.tty.as_ref().ok_or_else(|| Error::precondition(format!("{what}: the process has no terminal")))?;
         stdio::set_winsize(master, rows, cols).map_err(|e| Error::internal(format!("{what}: TIOCSWINSZ: {e}")))
     }
 
@@ -147,7 +148,8 @@ impl Containers {
         let what = describe(cid, exec_id);
         let io = if terminal {
             let dir = self.console_dir();
-            std::fs::create_dir_all(&dir).map_err(|e| Error::internal(format!("{what}: mkdir {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::internal(format!("{what}: mkdir {}: {e}", dir.display())))?;
             let socket = dir.join(format!("{}.sock", self.next()));
             let _ = std::fs::remove_file(&socket);
             let listener = tokio::net::UnixListener::bind(&socket)

@@ -29,10 +29,16 @@ pub const HELPER_ARG: &str = "__runtime";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Create the container from `<bundle>/config.json`; its init waits for `Start`.
-    Create { bundle: PathBuf, console_socket: Option<PathBuf> },
+    Create {
+        bundle: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
     Start,
     /// Run the process of `process` (a process.json) in the running container.
-    Exec { process: PathBuf, console_socket: Option<PathBuf> },
+    Exec {
+        process: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
     Pause,
     Resume,
     /// Remove libcontainer's state and the container's cgroup (killing what is left).
@@ -107,13 +113,21 @@ impl Runtime {
     }
 
     /// Runs one helper and returns its reply. `stdio` fds become the helper's 3, 4, 5.
-    pub async fn call(&self, req: &Request, stdio: Option<[OwnedFd; 3]>, timeout: Duration) -> Result<Reply, HelperError> {
+    pub async fn call(
+        &self,
+        req: &Request,
+        stdio: Option<[OwnedFd; 3]>,
+        timeout: Duration,
+    ) -> Result<Reply, HelperError> {
         let internal = |message: String| HelperError { kind: Kind::Internal, message };
         let json = serde_json::to_string(req).map_err(|e| internal(format!("encode helper request: {e}")))?;
-        let argv = [CString::new("kata-agent").unwrap(), CString::new(HELPER_ARG).unwrap(), CString::new(json).unwrap()];
+        let argv =
+            [CString::new("kata-agent").unwrap(), CString::new(HELPER_ARG).unwrap(), CString::new(json).unwrap()];
         let exe = CString::new(std::path::Path::new("/proc/self/exe").as_os_str().as_bytes()).unwrap();
-        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal(format!("pipe: {e}")))?;
-        let null: OwnedFd = std::fs::File::open("/dev/null").map_err(|e| internal(format!("open /dev/null: {e}")))?.into();
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal(format!("pipe: {e}")))?;
+        let null: OwnedFd =
+            std::fs::File::open("/dev/null").map_err(|e| internal(format!("open /dev/null: {e}")))?.into();
         let reaper = self.reaper.clone();
         // The fds move into the blocking task and close there once the child has its copies
         // (the agent must not keep the child's ends, or it would never see end of file).
@@ -128,12 +142,16 @@ impl Runtime {
         .map_err(|e| internal(format!("start runtime helper: {e}")))?;
         let what = format!("{:?} of container {}", op_name(&req.op), req.id);
 
-        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r).map_err(|e| internal(format!("helper pipe: {e}")))?;
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)
+            .map_err(|e| internal(format!("helper pipe: {e}")))?;
         let mut line = String::new();
         let read = tokio::time::timeout(timeout, tokio::io::BufReader::new(rx).read_line(&mut line)).await;
         if read.is_err() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            return Err(internal(format!("runtime helper for {what} gave no answer within {}s; killed", timeout.as_secs())));
+            return Err(internal(format!(
+                "runtime helper for {what} gave no answer within {}s; killed",
+                timeout.as_secs()
+            )));
         }
         let status = match tokio::time::timeout(Duration::from_secs(10), exit).await {
             Ok(Ok(s)) => Some(s),
@@ -172,7 +190,13 @@ fn op_name(op: &Op) -> &'static str {
 
 /// Forks and executes the helper. Between fork and exec the child only calls async-signal-safe
 /// functions (fcntl, dup2, sigprocmask, signal, execv, write, _exit) on data prepared before.
-fn fork_exec(exe: &CString, argv: &[CString; 3], null: RawFd, stdout: RawFd, stdio: Option<[RawFd; 3]>) -> std::io::Result<i32> {
+fn fork_exec(
+    exe: &CString,
+    argv: &[CString; 3],
+    null: RawFd,
+    stdout: RawFd,
+    stdio: Option<[RawFd; 3]>,
+) -> std::io::Result<i32> {
     let argv_ptrs: [*const libc::c_char; 4] = [argv[0].as_ptr(), argv[1].as_ptr(), argv[2].as_ptr(), std::ptr::null()];
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut sources = [null, stdout, -1, -1, -1];

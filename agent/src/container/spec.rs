@@ -67,7 +67,12 @@ pub struct Join {
 
 /// Adjusts a runtime spec (as JSON) for libcontainer in the guest; see the module docs.
 /// `exists` answers whether a guest path exists (a parameter for tests). Errors name the field.
-pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dyn Fn(&Path) -> bool) -> Result<Facts, String> {
+pub fn normalize(
+    spec: &mut Value,
+    cgroups_path: &Path,
+    join: &Join,
+    exists: &dyn Fn(&Path) -> bool,
+) -> Result<Facts, String> {
     let mut facts = Facts::default();
     let obj = spec.as_object_mut().ok_or("OCI: not an object")?;
     if obj.get("ociVersion").and_then(Value::as_str).unwrap_or("").is_empty() {
@@ -89,7 +94,8 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dy
     for (i, m) in obj.get("mounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
         let opts: Vec<&str> =
             m.get("options").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-        let is_bind = m.get("type").and_then(Value::as_str) == Some("bind") || opts.iter().any(|o| *o == "bind" || *o == "rbind");
+        let is_bind =
+            m.get("type").and_then(Value::as_str) == Some("bind") || opts.iter().any(|o| *o == "bind" || *o == "rbind");
         let src = m.get("source").and_then(Value::as_str).unwrap_or("");
         if is_bind && !exists(Path::new(src)) {
             let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
@@ -136,7 +142,9 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dy
             }
             None => {
                 if let Some(p) = host_path.filter(|p| !exists(Path::new(p))) {
-                    facts.notes.push(format!("{kind} namespace path {p} does not exist in the guest: a new namespace is created"));
+                    facts.notes.push(format!(
+                        "{kind} namespace path {p} does not exist in the guest: a new namespace is created"
+                    ));
                     o.remove("path");
                 }
             }
@@ -162,7 +170,8 @@ pub fn normalize(spec: &mut Value, cgroups_path: &Path, join: &Join, exists: &dy
     }
     *ns = kept;
     if let Some(sysctl) = linux.get_mut("sysctl").and_then(Value::as_object_mut) {
-        let net: Vec<String> = sysctl.keys().filter(|k| k.starts_with("net.") || k.starts_with("net/")).cloned().collect();
+        let net: Vec<String> =
+            sysctl.keys().filter(|k| k.starts_with("net.") || k.starts_with("net/")).cloned().collect();
         for key in net {
             let value = sysctl.remove(&key).unwrap_or_default();
             let value = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
@@ -296,7 +305,10 @@ mod tests {
         assert_eq!(p["cwd"], "/");
         assert_eq!(p["env"], json!([DEFAULT_PATH, "HOME=/"]));
         let ns = s["linux"]["namespaces"].as_array().unwrap();
-        assert_eq!(ns, &vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"}), json!({"type": "cgroup"})]);
+        assert_eq!(
+            ns,
+            &vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"}), json!({"type": "cgroup"})]
+        );
         assert_eq!(s["linux"]["resources"]["memory"], json!({"limit": 1000000}));
         assert_eq!(s["linux"]["resources"]["cpu"], json!({"shares": 2}));
         assert!(facts.notes.iter().any(|n| n.contains("/proc/4242/ns/ipc")), "{:?}", facts.notes);
@@ -319,14 +331,18 @@ mod tests {
         assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Root.Path"));
         let mut s = base();
         s["process"]["args"] = json!([]);
-        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Process.Args"));
+        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest)
+            .unwrap_err()
+            .starts_with("OCI.Process.Args"));
         let mut s = base();
         s["mounts"][0]["source"] = json!("/host/only");
         let e = normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err();
         assert!(e.starts_with("OCI.Mounts[0].source") && e.contains("/etc/hosts"), "{e}");
         let mut s = base();
         s["process"]["cwd"] = json!("relative");
-        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Process.Cwd"));
+        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest)
+            .unwrap_err()
+            .starts_with("OCI.Process.Cwd"));
     }
 
     fn pod() -> Join {
@@ -388,9 +404,18 @@ mod tests {
         assert_eq!(s["linux"]["sysctl"], json!({"kernel.shm_rmid_forced": "1"}));
         let mut net = f.net_sysctls.clone();
         net.sort();
-        assert_eq!(net, vec![("net.ipv4.ip_unprivileged_port_start".into(), "0".into()), ("net.ipv4.ping_group_range".into(), "0 2147483647".into())]);
+        assert_eq!(
+            net,
+            vec![
+                ("net.ipv4.ip_unprivileged_port_start".into(), "0".into()),
+                ("net.ipv4.ping_group_range".into(), "0 2147483647".into())
+            ]
+        );
         assert_eq!(sysctl_file("net.ipv4.ping_group_range").unwrap(), Path::new("/proc/sys/net/ipv4/ping_group_range"));
-        assert_eq!(sysctl_file("net/ipv4/conf/all/forwarding").unwrap(), Path::new("/proc/sys/net/ipv4/conf/all/forwarding"));
+        assert_eq!(
+            sysctl_file("net/ipv4/conf/all/forwarding").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/all/forwarding")
+        );
         assert!(sysctl_file("net...x").is_err() && sysctl_file("").is_err() && sysctl_file("net/../x").is_err());
     }
 

@@ -138,10 +138,7 @@ impl VmSpec {
             AccelChoice::Tcg { .. } => push(&["-machine", &format!("{},accel=tcg", self.machine)]),
         }
         push(&["-smp", &format!("{},maxcpus={}", self.vcpus, self.max_vcpus)]);
-        push(&[
-            "-m",
-            &format!("{}M,slots={},maxmem={}M", self.memory_mib, self.memory_slots, self.max_memory_mib),
-        ]);
+        push(&["-m", &format!("{}M,slots={},maxmem={}M", self.memory_mib, self.memory_slots, self.max_memory_mib)]);
         // All guest RAM is shared memfd: vhost-user devices (vsock, virtio-fs) need it.
         push(&["-object", &format!("memory-backend-memfd,id=mem0,size={}M,share=on", self.memory_mib)]);
         push(&["-numa", "node,memdev=mem0"]);
@@ -166,7 +163,10 @@ impl VmSpec {
         }
         if let Some(socket) = &self.virtio_fs {
             push(&["-chardev", &format!("socket,id=vfschr,path={}", socket.display())]);
-            push(&["-device", &format!("vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag={VIRTIO_FS_TAG},queue-size=1024")]);
+            push(&[
+                "-device",
+                &format!("vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag={VIRTIO_FS_TAG},queue-size=1024"),
+            ]);
         }
         for (i, nic) in self.nics.iter().enumerate() {
             // Cold-plugged on the root bus (pcie.0 on q35, pci.0 on pc), so the hotplug root
@@ -178,7 +178,10 @@ impl VmSpec {
         if self.machine == "q35" {
             // One free root port per possible hot-plugged block device (pcie.0 has no hotplug).
             for i in 0..HOTPLUG_ROOT_PORTS {
-                push(&["-device", &format!("pcie-root-port,id=rp{i},bus=pcie.0,chassis={},slot={},port={}", i + 1, i + 1, i + 1)]);
+                push(&[
+                    "-device",
+                    &format!("pcie-root-port,id=rp{i},bus=pcie.0,chassis={},slot={},port={}", i + 1, i + 1, i + 1),
+                ]);
             }
         }
         a
@@ -219,7 +222,10 @@ mod tests {
 
     #[test]
     fn tcg_hybrid_vsock_golden() {
-        let s = spec(AccelChoice::Tcg { reason: "test".into() }, VsockDevice::VhostUser { socket: "/run/x/vhost.sock".into() });
+        let s = spec(
+            AccelChoice::Tcg { reason: "test".into() },
+            VsockDevice::VhostUser { socket: "/run/x/vhost.sock".into() },
+        );
         let want = format!(
             "-name sandbox-abc -nodefaults -no-user-config -nographic -no-reboot -machine q35,accel=tcg \
 -smp 1,maxcpus=2 -m 512M,slots=10,maxmem=4096M -object memory-backend-memfd,id=mem0,size=512M,share=on \
@@ -264,7 +270,10 @@ mod tests {
 
     #[test]
     fn nics_golden() {
-        let mut s = spec(AccelChoice::Tcg { reason: "test".into() }, VsockDevice::VhostUser { socket: "/run/x/vhost.sock".into() });
+        let mut s = spec(
+            AccelChoice::Tcg { reason: "test".into() },
+            VsockDevice::VhostUser { socket: "/run/x/vhost.sock".into() },
+        );
         s.virtio_fs = Some("/run/x/vfs.sock".into());
         s.nics = vec![
             NicDevice { fd: 4, mac: "02:42:0a:c8:01:02".into(), vhost: false },

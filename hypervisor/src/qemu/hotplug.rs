@@ -146,7 +146,8 @@ impl State {
             None
         };
         let node = format!("drive-{id}");
-        let driver = if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) { "host_device" } else { "file" };
+        let driver =
+            if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) { "host_device" } else { "file" };
         let result = async {
             qmp.execute(
                 "blockdev-add",
@@ -193,7 +194,10 @@ impl State {
         })
         .await;
         if !matches!(deleted, Ok(true)) {
-            return Err(Error::Timeout { what: format!("the guest to release device {id}"), after: Duration::from_secs(10) });
+            return Err(Error::Timeout {
+                what: format!("the guest to release device {id}"),
+                after: Duration::from_secs(10),
+            });
         }
         qmp.execute("blockdev-del", Some(json!({"node-name": format!("drive-{id}")}))).await?;
         self.devices.remove(id);
@@ -225,9 +229,14 @@ async fn wait_for_ost(events: &mut tokio::sync::broadcast::Receiver<crate::qmp::
     };
     match tokio::time::timeout(OST_TIMEOUT, wait).await {
         Ok(Ok(0)) => Ok(()),
-        Ok(Ok(status)) => Err(Error::VmFailed(format!("the guest rejected hot-plugged {id} (ACPI _OST status {status})"))),
+        Ok(Ok(status)) => {
+            Err(Error::VmFailed(format!("the guest rejected hot-plugged {id} (ACPI _OST status {status})")))
+        }
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::Timeout { what: format!("the guest to acknowledge hot-plugged {id} (ACPI_DEVICE_OST)"), after: OST_TIMEOUT }),
+        Err(_) => Err(Error::Timeout {
+            what: format!("the guest to acknowledge hot-plugged {id} (ACPI_DEVICE_OST)"),
+            after: OST_TIMEOUT,
+        }),
     }
 }
 

@@ -23,7 +23,9 @@ use crate::host::{self, AccelChoice, HostFacts};
 use crate::network::PodNetwork;
 use crate::process::{describe_status, wait_for_path, ChildProcess, Tail};
 use crate::qmp::Qmp;
-use crate::{io_err, AgentChannel, Capabilities, Device, DeviceAddress, Error, ExitInfo, Hypervisor, MemoryMiB, Result};
+use crate::{
+    io_err, AgentChannel, Capabilities, Device, DeviceAddress, Error, ExitInfo, Hypervisor, MemoryMiB, Result,
+};
 use cmdline::{NicDevice, VmSpec, VsockDevice};
 
 /// Default parent of the per-VM run directories.
@@ -242,7 +244,10 @@ impl Qemu {
         if let Some(net) = &self.network {
             let taps = net.taps();
             if taps.len() > MAX_NICS {
-                return Err(Error::InvalidRequest(format!("the pod has {} interfaces; at most {MAX_NICS} are supported", taps.len())));
+                return Err(Error::InvalidRequest(format!(
+                    "the pod has {} interfaces; at most {MAX_NICS} are supported",
+                    taps.len()
+                )));
             }
             let vhost = Path::new("/dev/vhost-net").exists();
             for (i, (fd, mac)) in taps.into_iter().enumerate() {
@@ -295,7 +300,9 @@ impl Qemu {
             let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
             loop {
                 match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
-                    Err(crate::qmp::QmpError::Disconnected(m)) if tokio::time::Instant::now() < deadline && m.contains("connect ") => {
+                    Err(crate::qmp::QmpError::Disconnected(m))
+                        if tokio::time::Instant::now() < deadline && m.contains("connect ") =>
+                    {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     r => return r,
@@ -449,13 +456,18 @@ impl Qemu {
         if let Some(qemu) = &inner.qemu {
             // The monitor publishes Exited; wait for it so that wait_exit callers see the end.
             let mut rx = self.state.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| matches!(s, VmState::Exited(_)))).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| matches!(s, VmState::Exited(_)))).await;
             if !matches!(*self.state.borrow(), VmState::Exited(_)) {
                 let status = qemu.wait().await;
                 self.state.send_replace(VmState::Exited(exit_info(qemu, status, &self.console)));
             }
         } else {
-            self.state.send_replace(VmState::Exited(ExitInfo { code: None, signal: None, message: "never started".into() }));
+            self.state.send_replace(VmState::Exited(ExitInfo {
+                code: None,
+                signal: None,
+                message: "never started".into(),
+            }));
         }
     }
 
@@ -564,8 +576,9 @@ fn open_vhost_vsock() -> Result<(OwnedFd, u32)> {
         .write(true)
         .open("/dev/vhost-vsock")
         .map_err(io_err("open /dev/vhost-vsock"))?;
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
-        ^ std::process::id();
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+            ^ std::process::id();
     for i in 0..1000u32 {
         let cid = 3 + (seed.wrapping_add(i.wrapping_mul(2_654_435_761)) % 0x7fff_0000) as u64;
         // SAFETY: the ioctl reads one u64 from the pointer, which lives across the call.
@@ -582,7 +595,8 @@ fn open_vhost_vsock() -> Result<(OwnedFd, u32)> {
 impl Hypervisor for Qemu {
     async fn prepare(&self) -> Result<()> {
         self.check_files()?;
-        std::fs::create_dir_all(&self.run_dir).map_err(io_err(format!("create run directory {}", self.run_dir.display())))?;
+        std::fs::create_dir_all(&self.run_dir)
+            .map_err(io_err(format!("create run directory {}", self.run_dir.display())))?;
         Ok(())
     }
 
@@ -673,7 +687,12 @@ impl Hypervisor for Qemu {
 
     async fn pids(&self) -> Vec<u32> {
         let inner = self.inner.lock().await;
-        inner.qemu.iter().map(|c| c.pid()).chain(inner.vsockd.iter().chain(inner.virtiofsd.iter()).map(|c| c.pid())).collect()
+        inner
+            .qemu
+            .iter()
+            .map(|c| c.pid())
+            .chain(inner.vsockd.iter().chain(inner.virtiofsd.iter()).map(|c| c.pid()))
+            .collect()
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -108,7 +108,8 @@ fn bench(runs: usize) -> Result<()> {
             let log = slog::Logger::root(slog::Discard, slog::o!());
             let vm: std::sync::Arc<dyn hypervisor::Hypervisor> =
                 std::sync::Arc::new(hypervisor::Qemu::new(&vm_id, qemu_config.clone(), log.clone()));
-            let sb = podvisor_shim::sandbox::Sandbox::boot_with(&vm_id, vm, std::time::Duration::from_secs(60), &log).await?;
+            let sb = podvisor_shim::sandbox::Sandbox::boot_with(&vm_id, vm, std::time::Duration::from_secs(60), &log)
+                .await?;
             sb.shutdown().await?;
             Ok::<_, anyhow::Error>(())
         })?;

@@ -99,7 +99,10 @@ async fn bench(runs: usize) -> Result<()> {
         let t1 = Instant::now();
         sb.shutdown().await?;
         let s = t1.elapsed().as_secs_f64();
-        println!("  run {}: (a) bare boot to exit {a:.3} s   (b) start to Health.Check {r:.3} s + stop {s:.3} s", i + 1);
+        println!(
+            "  run {}: (a) bare boot to exit {a:.3} s   (b) start to Health.Check {r:.3} s + stop {s:.3} s",
+            i + 1
+        );
         bare.push(a);
         ready.push(r);
         stop.push(s);

@@ -78,7 +78,9 @@ impl CriClient {
     /// `StopPodSandbox`.
     pub async fn stop_pod_sandbox(&self, id: &str) -> CriResult<()> {
         let req = proto::StopPodSandboxRequest { pod_sandbox_id: id.into() };
-        self.call::<_, proto::StopPodSandboxResponse>("/runtime.v1.RuntimeService/StopPodSandbox", req).await.map(|_| ())
+        self.call::<_, proto::StopPodSandboxResponse>("/runtime.v1.RuntimeService/StopPodSandbox", req)
+            .await
+            .map(|_| ())
     }
 
     /// `RemovePodSandbox`.
@@ -121,7 +123,9 @@ impl CriClient {
     /// `StartContainer`.
     pub async fn start_container(&self, id: &str) -> CriResult<()> {
         let req = proto::StartContainerRequest { container_id: id.into() };
-        self.call::<_, proto::StartContainerResponse>("/runtime.v1.RuntimeService/StartContainer", req).await.map(|_| ())
+        self.call::<_, proto::StartContainerResponse>("/runtime.v1.RuntimeService/StartContainer", req)
+            .await
+            .map(|_| ())
     }
 
     /// `StopContainer` (SIGTERM, SIGKILL after `timeout_s`; 0: SIGKILL at once).

@@ -27,8 +27,9 @@ impl LoopDevice {
         let f = fs::File::create(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         f.set_len(size).unwrap();
         drop(f);
-        let out = run_with_timeout(Command::new("losetup").args(["-f", "--show"]).arg(file), None, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("losetup: {e}"));
+        let out =
+            run_with_timeout(Command::new("losetup").args(["-f", "--show"]).arg(file), None, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("losetup: {e}"));
         assert!(out.status.success(), "losetup -f --show {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
         let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert!(printed.starts_with("/dev/loop"), "losetup -f --show printed {printed:?}");
@@ -42,7 +43,12 @@ impl LoopDevice {
     pub fn detach(&mut self) {
         if self.attached {
             let out = Command::new("losetup").arg("-d").arg(&self.device).output().expect("losetup -d");
-            assert!(out.status.success(), "losetup -d {}: {}", self.device.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "losetup -d {}: {}",
+                self.device.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             self.attached = false;
         }
     }
@@ -94,8 +100,14 @@ impl ConfigMapVolume {
         let dir = root.join("pods").join(pod_uid).join("volumes").join(plugin).join(name);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         if tmpfs {
-            nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("mode=0755,size=1m"))
-                .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", dir.display()));
+            nix::mount::mount(
+                Some("tmpfs"),
+                &dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("mode=0755,size=1m"),
+            )
+            .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", dir.display()));
         }
         let mut v = ConfigMapVolume { dir, generation: 0, current: None, tmpfs };
         v.update(data);
