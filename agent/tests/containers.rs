@@ -153,6 +153,41 @@ impl Drop for Agent {
     }
 }
 
+impl Agent {
+    /// Waits (10 s at most) for the agent to exit after DestroySandbox; it must exit 0.
+    async fn wait_exit_ok(&mut self) {
+        let mut child = self.child.take().expect("the agent process");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not exit after DestroySandbox:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "agent exit status {status}:\n{}", self.log());
+    }
+}
+
+/// The start of each test: root is required, a fresh `<tmp>/podvisor-agent-<name>-<pid>` with a
+/// busybox rootfs, and the agent running in its own mount namespace there.
+async fn setup(name: &str) -> (PathBuf, PathBuf, Agent) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)"
+    );
+    let dir = std::env::temp_dir().join(format!("podvisor-agent-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = make_rootfs(&dir);
+    let agent = start_agent(&dir).await;
+    (dir, rootfs, agent)
+}
+
 async fn start_agent(dir: &Path) -> Agent {
     let sock = dir.join("agent.sock");
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
@@ -328,15 +363,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_over_ttrpc() {
     let _serial = SERIAL.lock().await;
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)"
-    );
-    let dir = std::env::temp_dir().join(format!("podvisor-agent-it-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let rootfs = make_rootfs(&dir);
-    let agent = start_agent(&dir).await;
+    let (dir, rootfs, agent) = setup("it").await;
     let sandbox_id = format!("it{}", std::process::id());
 
     let controllers = std::fs::read_to_string(agent.ns_path("/sys/fs/cgroup/cgroup.controllers")).unwrap_or_default();
@@ -643,16 +670,7 @@ async fn containers_over_ttrpc() {
     // ---- DestroySandbox: the agent unmounts, cleans up and exits 0
     let mut agent = agent;
     agent.client.destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new()).await.expect("DestroySandbox");
-    let mut child = agent.child.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "agent did not exit after DestroySandbox:\n{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "agent exit status {status}:\n{}", agent.log());
+    agent.wait_exit_ok().await;
     assert!(!dir.join("run").exists(), "run directory left behind");
     assert!(!dir.join("agent.sock").exists(), "socket left behind");
     assert!(!agent.log().contains("\"level\":\"ERRO\""), "errors in the agent log:\n{}", agent.log());
@@ -780,17 +798,9 @@ fn pids_running(needle: &str) -> Vec<i32> {
 /// removed one by one while the pod lives; DestroySandbox leaves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_shares_namespaces_and_shm() {
-    let _serial = SERIAL.lock().await;
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "prerequisite missing: this test must run as root (namespaces, mounts, cgroups)"
-    );
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let dir = std::env::temp_dir().join(format!("podvisor-agent-pod-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let rootfs = make_rootfs(&dir);
-    let agent = start_agent(&dir).await;
+    let _serial = SERIAL.lock().await;
+    let (dir, rootfs, agent) = setup("pod").await;
     let witness = Witness::start(&agent);
     // The agent's mount namespace is a copy of the host's: kata mounts of the host (other tests'
     // VMs) may be listed, hidden under the private /run. Only new ones count.
@@ -945,16 +955,7 @@ async fn pod_shares_namespaces_and_shm() {
         .expect("GetOOMEvent still pending after DestroySandbox");
     let err = pending.unwrap().expect_err("GetOOMEvent after DestroySandbox");
     assert_eq!(code(&err).0, Code::UNAVAILABLE, "GetOOMEvent after DestroySandbox: {err:?}");
-    let mut child = agent.child.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "agent did not exit after DestroySandbox:\n{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "agent exit status {status}:\n{}", agent.log());
+    agent.wait_exit_ok().await;
     assert_eq!(kata_mounts(&witness), host_kata_mounts, "pod mounts left behind");
     assert!(!witness.path("/run/kata-containers").exists(), "/run/kata-containers left behind");
     assert!(!witness.path(&format!("/sys/fs/cgroup/podvisor/{pod}")).exists(), "cgroups left behind");

@@ -135,6 +135,9 @@ struct Vm {
     max_vcpus: u32,
     /// The container manager sized the VM (sandbox annotations): no per-container hotplug.
     sized_by_manager: bool,
+    /// Held while a Create grows the VM, so that concurrent Creates do not both read the same
+    /// `memory_mib` / `vcpus` and lose one container's share.
+    growing: tokio::sync::Mutex<()>,
     /// Hot-plugged devices so far (for unique ids).
     next_device: std::sync::atomic::AtomicU32,
 }
@@ -271,6 +274,7 @@ impl Pod {
             vcpus: Mutex::new(config.hypervisor.default_vcpus),
             max_vcpus: config.hypervisor.max_vcpus(hypervisor::host::host_cpus()),
             sized_by_manager: applied.sized_by_manager,
+            growing: tokio::sync::Mutex::new(()),
             next_device: std::sync::atomic::AtomicU32::new(0),
         });
         *guard = Some(vm.clone());
@@ -285,6 +289,7 @@ impl Pod {
         if vm.sized_by_manager {
             return Ok(());
         }
+        let _growing = vm.growing.lock().await;
         let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
         if let Some(cpus) = resources.and_then(|r| r.cpu().as_ref()).and_then(|c| cpu_limit(c.quota(), c.period())) {
             self.grow_vcpus(vm, cpus, id).await?;
@@ -314,6 +319,9 @@ impl Pod {
             return Ok(());
         }
         let total = vm.sandbox.grow_vcpus(current, want).await.map_err(|e| {
+            // Some vCPUs may have been added before the failure: never ask for fewer than `want`
+            // later, since a smaller count would unplug vCPUs other containers got.
+            *vm.vcpus.lock().unwrap() = want;
             TaskError::Internal(format!(
                 "cannot hot-plug {} vCPUs for container {id} (CPU limit {cpus}): {e}",
                 want - current

@@ -872,15 +872,21 @@ impl Drop for TestContainerd {
 /// The default configuration of a private containerd in `dir`: root, state, sockets and the
 /// opt plugin under it, the CRI plugin disabled, debug log level.
 pub fn default_containerd_config(dir: &Path) -> String {
+    containerd_base_config(dir, "Private containerd of podvisor-tests.", false)
+}
+
+/// What every private containerd of the tests shares: root, state, sockets and the opt plugin
+/// under `dir`, debug log level, unused snapshotters off, and the CRI plugin off unless `cri`.
+pub fn containerd_base_config(dir: &Path, comment: &str, cri: bool) -> String {
     let d = dir.display();
+    let cri_off = if cri { "" } else { "  \"io.containerd.grpc.v1.cri\",\n" };
     format!(
-        r#"# Private containerd of podvisor-tests.
+        r#"# {comment}
 version = 2
 root = "{d}/root"
 state = "{d}/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
+{cri_off}  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.zfs",

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::containerd::{kata_test_config, shim_binary, TestContainerd, DIR_PREFIX};
+use crate::containerd::{containerd_base_config, kata_test_config, shim_binary, TestContainerd, DIR_PREFIX};
 use crate::{image, leaks};
 
 /// The CRI messages the tests use, written after `runtime.v1`'s `api.proto` (same field
@@ -328,30 +328,9 @@ fn cni_conflist(net: &CniNetwork) -> String {
 /// test output.
 pub fn cri_containerd_config(dir: &Path, net: &CniNetwork, default_handler: &str) -> String {
     let d = dir.display();
+    let base = containerd_base_config(dir, "Private containerd of podvisor-tests with the CRI plugin (cri.rs).", true);
     format!(
-        r#"# Private containerd of podvisor-tests with the CRI plugin (cri.rs).
-version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  level = "debug"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
+        r#"{base}
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
   # No CAP_SYS_RESOURCE on the test hosts: runc cannot lower oom_score_adj to -998.
@@ -379,6 +358,17 @@ disabled_plugins = [
 "#,
         conf = net.conf_dir.display(),
     )
+}
+
+/// Namespaces as the kubelet asks for them for a pod without host namespaces: network and IPC
+/// per pod, PID per container.
+fn kubelet_namespaces() -> proto::NamespaceOption {
+    proto::NamespaceOption {
+        network: proto::NAMESPACE_POD,
+        pid: proto::NAMESPACE_CONTAINER,
+        ipc: proto::NAMESPACE_POD,
+        target_id: String::new(),
+    }
 }
 
 /// How long a [`CriContainerd`] took to come up.
@@ -764,12 +754,7 @@ impl CriContainerd {
             linux: Some(proto::LinuxPodSandboxConfig {
                 cgroup_parent: format!("{}/pod{uid}", self.cgroup_root),
                 security_context: Some(proto::LinuxSandboxSecurityContext {
-                    namespace_options: Some(proto::NamespaceOption {
-                        network: proto::NAMESPACE_POD,
-                        pid: proto::NAMESPACE_CONTAINER,
-                        ipc: proto::NAMESPACE_POD,
-                        target_id: String::new(),
-                    }),
+                    namespace_options: Some(kubelet_namespaces()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -789,12 +774,7 @@ impl CriContainerd {
             linux: Some(proto::LinuxContainerConfig {
                 resources: Some(proto::LinuxContainerResources::default()),
                 security_context: Some(proto::LinuxContainerSecurityContext {
-                    namespace_options: Some(proto::NamespaceOption {
-                        network: proto::NAMESPACE_POD,
-                        pid: proto::NAMESPACE_CONTAINER,
-                        ipc: proto::NAMESPACE_POD,
-                        target_id: String::new(),
-                    }),
+                    namespace_options: Some(kubelet_namespaces()),
                     ..Default::default()
                 }),
             }),
@@ -1370,6 +1350,13 @@ mod tests {
         };
         let text = cri_containerd_config(Path::new("/tmp/x"), &net, KATA_HANDLER);
         let v: toml::Table = text.parse().unwrap();
+        let disabled = |v: &toml::Table| {
+            v["disabled_plugins"].as_array().unwrap().iter().any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri"))
+        };
+        assert!(!disabled(&v), "the CRI plugin is disabled in the CRI harness's configuration");
+        let default: toml::Table = crate::containerd::default_containerd_config(Path::new("/tmp/x")).parse().unwrap();
+        assert!(disabled(&default), "the CRI plugin is enabled in the plain private containerd");
+        assert_eq!(default["grpc"]["address"].as_str(), v["grpc"]["address"].as_str());
         let cri = &v["plugins"]["io.containerd.grpc.v1.cri"];
         assert_eq!(cri["sandbox_image"].as_str(), Some(PAUSE_IMAGE));
         assert_eq!(cri["restrict_oom_score_adj"].as_bool(), Some(true));

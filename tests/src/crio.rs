@@ -4,8 +4,10 @@
 
 use std::fs;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +20,86 @@ pub const CRIO_ENV: &[(&str, &str)] = &[
     ("GRPC_ADDRESS", ""),
     ("NAMESPACE", "default"),
 ];
+
+/// The shim binary run the way both container managers run it: `cwd` (the bundle), `PATH`
+/// with `/usr/local/bin` (where the helper daemons are installed), `KATA_CONF_FILE`.
+pub fn shim_command(shim: &Path, cwd: &Path, config: &Path) -> Command {
+    let mut cmd = Command::new(shim);
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    if !path.split(':').any(|p| p == "/usr/local/bin") {
+        path = format!("/usr/local/bin:{path}");
+    }
+    cmd.current_dir(cwd).env("PATH", path).env("KATA_CONF_FILE", config);
+    cmd
+}
+
+/// `<shim> -namespace default -address "" -publish-binary /usr/bin/crio -id <id> start` with
+/// CRI-O's environment, cwd (the bundle) and stdin, stdout and stderr on one pipe read to EOF
+/// (Go's CombinedOutput). Returns the one `unix:///` address it must print, after checking that
+/// `<bundle>/address` holds the same.
+pub fn crio_start(shim: &Path, config: &Path, bundle: &Path, id: &str) -> Result<String, String> {
+    let (r, w) = crate::containerd::pipe();
+    let mut cmd = shim_command(shim, bundle, config);
+    cmd.args(["-namespace", "default", "-address", "", "-publish-binary", "/usr/bin/crio", "-id", id, "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w.try_clone().map_err(|e| format!("dup of the output pipe: {e}"))?))
+        .stderr(Stdio::from(w));
+    for (k, v) in CRIO_ENV {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("spawning {}: {e}", shim.display()))?;
+    drop(cmd);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| format!("waiting for `start`: {e}"))? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("`start` did not exit within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|e| format!("O_NONBLOCK on the output pipe: {e}"))?;
+    let mut r = fs::File::from(r);
+    let mut combined = Vec::new();
+    let eof_deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => combined.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > eof_deadline {
+                    return Err(format!(
+                        "`start` exited but its stdout/stderr stay open (the daemon inherited them): CRI-O's \
+                         CombinedOutput would hang; printed so far: {:?}",
+                        String::from_utf8_lossy(&combined)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("reading start's output: {e}")),
+        }
+    }
+    let printed = String::from_utf8_lossy(&combined).into_owned();
+    if !status.success() {
+        return Err(format!("`start` for {id} failed ({status}): {printed}"));
+    }
+    let address = printed.trim().to_string();
+    if !address.starts_with("unix:///") || address.contains(char::is_whitespace) {
+        return Err(format!(
+            "`start` must print exactly one unix:/// address (stdout and stderr together), printed {printed:?}"
+        ));
+    }
+    let file = fs::read_to_string(bundle.join("address")).map_err(|e| format!("<bundle>/address: {e}"))?;
+    if file.trim() != address {
+        return Err(format!("<bundle>/address holds {file:?}, start printed {address:?}"));
+    }
+    Ok(address)
+}
 
 /// The task service containerd 1.6 and CRI-O 1.36 call.
 pub const TASK_SERVICE: &str = "containerd.task.v2.Task";

@@ -18,17 +18,15 @@
 //! Run: `cargo test -p podvisor-tests --test containerd -- --test-threads=2`.
 
 use std::fs;
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use podvisor_tests::containerd::{
-    kata_test_config, pipe, qemu_section, require_kata, run_with_timeout, runtime_is_kata, shim_binary, TestContainerd,
+    kata_test_config, qemu_section, require_kata, run_with_timeout, runtime_is_kata, shim_binary, TestContainerd,
     KATA_RUNTIME,
 };
-use podvisor_tests::crio::{task_call, FifoReader, CRIO_ENV};
+use podvisor_tests::crio::{crio_start, shim_command, task_call, FifoReader};
 use podvisor_tests::{image, leaks, unique_id};
 
 /// How long a task may take to reach a state (a VM boots in a few seconds even under TCG).
@@ -359,17 +357,6 @@ fn killed_shim_is_cleaned_up_by_delete() {
 // ---------------------------------------------------------------------------------------------
 // CRI-O: the shim as CRI-O 1.36 calls it (docs: shared client-behaviour.md §2).
 
-/// CRI-O's environment additions for `start` (containerd 1.7 shim client).
-fn shim_command(shim: &Path, cwd: &Path, config: &Path) -> Command {
-    let mut cmd = Command::new(shim);
-    let mut path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| p == "/usr/local/bin") {
-        path = format!("/usr/local/bin:{path}");
-    }
-    cmd.current_dir(cwd).env("PATH", path).env("KATA_CONF_FILE", config);
-    cmd
-}
-
 #[test]
 fn crio_version_and_features_probes_answer_and_exit() {
     require_kata("CRI-O's probes of our shim");
@@ -471,59 +458,8 @@ fn crio_start_create_wait_state_delete_shutdown() {
     let stderr = FifoReader::open(&io.join(format!("{id}-stderr")));
 
     // start: CRI-O's argv (note the empty -address), environment, cwd and stdin; stdout and
-    // stderr on one pipe, read to EOF (Go's CombinedOutput).
-    let (r, w) = pipe();
-    let mut cmd = shim_command(&shim, &bundle, &config);
-    cmd.args(["-namespace", "default", "-address", "", "-publish-binary", "/usr/bin/crio", "-id", &id, "start"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(w.try_clone().unwrap()))
-        .stderr(Stdio::from(w));
-    for (k, v) in CRIO_ENV {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawning the shim");
-    drop(cmd);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("`start` did not exit within 60 s; log: {}", log.so_far());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
-    let mut r = fs::File::from(r);
-    let mut combined = Vec::new();
-    let eof_deadline = Instant::now() + Duration::from_secs(5);
-    let mut buf = [0u8; 4096];
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => combined.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(
-                    Instant::now() < eof_deadline,
-                    "`start` exited but its stdout/stderr stay open (the daemon inherited them): CRI-O's CombinedOutput \
-                     would hang; printed so far: {:?}",
-                    text(&combined)
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("reading start's output: {e}"),
-        }
-    }
-    let printed = text(&combined);
-    assert!(status.success(), "`start` failed ({status}): {printed}\nlog: {}", log.so_far());
-    let address = printed.trim().to_string();
-    assert!(
-        address.starts_with("unix:///") && !address.contains(char::is_whitespace),
-        "`start` must print exactly one unix:/// address (stdout and stderr together), printed {printed:?}"
-    );
-    let address_file = fs::read_to_string(bundle.join("address")).expect("<bundle>/address");
-    assert_eq!(address_file.trim(), address, "<bundle>/address");
+    // stderr on one pipe, read to EOF (Go's CombinedOutput); one address, also in the bundle.
+    let address = crio_start(&shim, &config, &bundle, &id).unwrap_or_else(|e| panic!("{e}\nlog: {}", log.so_far()));
     let daemons: Vec<u32> = leaks::processes()
         .into_iter()
         .filter(|p| p.argv0.contains("containerd-shim") && leaks::mentions(&p.cmdline, &id))

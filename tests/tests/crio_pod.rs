@@ -17,17 +17,15 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api;
-use podvisor_tests::containerd::{kata_test_config, pipe, shim_binary};
+use podvisor_tests::containerd::{kata_test_config, shim_binary};
 use podvisor_tests::cri::{handler, handler_is_kata, PAUSE_SCRIPT};
-use podvisor_tests::crio::{task_call, FifoReader, CRIO_ENV};
+use podvisor_tests::crio::{crio_start, task_call, FifoReader};
 use podvisor_tests::{image, leaks, unique_id};
 
 /// containerd's runc shim, for `PODVISOR_CRI_HANDLER=runc`.
@@ -260,76 +258,6 @@ fn crio_spec(
     spec
 }
 
-/// `<shim> -namespace default -address "" -publish-binary /usr/bin/crio -id <id> start` with
-/// CRI-O's environment and cwd (the bundle); returns the address printed on stdout+stderr.
-fn crio_start(shim: &Path, config: &Path, ctr: &Ctr) -> Result<String, String> {
-    let (r, w) = pipe();
-    let mut cmd = Command::new(shim);
-    let mut path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| p == "/usr/local/bin") {
-        path = format!("/usr/local/bin:{path}");
-    }
-    cmd.current_dir(&ctr.bundle)
-        .env("PATH", path)
-        .env("KATA_CONF_FILE", config)
-        .args(["-namespace", "default", "-address", "", "-publish-binary", "/usr/bin/crio", "-id", &ctr.id, "start"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(w.try_clone().unwrap()))
-        .stderr(Stdio::from(w));
-    for (k, v) in CRIO_ENV {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().map_err(|e| format!("spawning {}: {e}", shim.display()))?;
-    drop(cmd);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return Err("`start` did not exit within 60 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
-    let mut r = fs::File::from(r);
-    let mut combined = Vec::new();
-    let eof_deadline = Instant::now() + Duration::from_secs(5);
-    let mut buf = [0u8; 4096];
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => combined.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > eof_deadline {
-                    return Err(format!(
-                        "`start` exited but its stdout/stderr stay open (CRI-O's CombinedOutput would hang); printed {:?}",
-                        text(&combined)
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("reading start's output: {e}")),
-        }
-    }
-    let printed = text(&combined);
-    if !status.success() {
-        return Err(format!("`start` for {} failed ({status}): {printed}", ctr.id));
-    }
-    let address = printed.trim().to_string();
-    if !address.starts_with("unix:///") || address.contains(char::is_whitespace) {
-        return Err(format!(
-            "`start` must print exactly one unix:/// address (stdout and stderr together), printed {printed:?}"
-        ));
-    }
-    let file = fs::read_to_string(ctr.bundle.join("address")).map_err(|e| format!("<bundle>/address: {e}"))?;
-    if file.trim() != address {
-        return Err(format!("<bundle>/address holds {file:?}, start printed {address:?}"));
-    }
-    Ok(address)
-}
-
 const CALL: Option<Duration> = Some(Duration::from_secs(120));
 
 async fn create_and_start(client: &ttrpc::asynchronous::Client, ctr: &Ctr) -> Result<u32, String> {
@@ -466,7 +394,7 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let result: Result<(), String> = rt.block_on(async {
         // Infra: start, Create, State, Start, a held Wait.
-        let infra_addr = crio_start(&shim, &config, &infra)?;
+        let infra_addr = crio_start(&shim, &config, &infra.bundle, &infra.id)?;
         let infra_client = ttrpc::asynchronous::Client::connect(&infra_addr)
             .await
             .map_err(|e| format!("connect {infra_addr}: {e}"))?;
@@ -478,7 +406,7 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
         };
 
         // App: its own start (and connection, as CRI-O does), output, exit 0.
-        let app_addr = crio_start(&shim, &config, &app)?;
+        let app_addr = crio_start(&shim, &config, &app.bundle, &app.id)?;
         if app_addr != infra_addr {
             kata_only
                 .push(format!("app `start` printed {app_addr}, infra's printed {infra_addr}: not one shim per pod"));
@@ -510,7 +438,7 @@ fn crio_pod_infra_and_app_containers_share_one_shim_and_vm() {
         }
 
         // The OOM-killed app container: exit 137 and <bundle>/oom.
-        let hog_addr = crio_start(&shim, &config, &hog)?;
+        let hog_addr = crio_start(&shim, &config, &hog.bundle, &hog.id)?;
         if hog_addr != infra_addr {
             kata_only.push(format!("hog `start` printed {hog_addr}, infra's printed {infra_addr}"));
         }

@@ -176,34 +176,31 @@ pub fn check(d: &pb::Device, index: usize) -> Result<(), String> {
 /// Adds the block device node and its allow rule to the spec (as JSON). An existing
 /// `linux.devices` entry for the same container path is replaced.
 pub fn add_to_spec(spec: &mut Value, container_path: &str, dev: &BlockDevice) {
-    let Some(obj) = spec.as_object_mut() else { return };
-    let linux = obj.entry("linux").or_insert_with(|| json!({}));
-    if !linux.is_object() {
-        *linux = json!({});
+    if !spec.is_object() {
+        return;
     }
+    let linux = member(spec, "linux", json!({}));
     let node = json!({
         "path": container_path, "type": "b", "major": dev.major, "minor": dev.minor,
         "fileMode": 0o660, "uid": 0, "gid": 0,
     });
-    let devices = linux.as_object_mut().unwrap().entry("devices").or_insert_with(|| json!([]));
-    if !devices.is_array() {
-        *devices = json!([]);
-    }
-    let devices = devices.as_array_mut().unwrap();
+    let devices = member(linux, "devices", json!([])).as_array_mut().expect("made an array");
     devices.retain(|d| d.get("path").and_then(Value::as_str) != Some(container_path));
     devices.push(node);
-    let resources = linux.as_object_mut().unwrap().entry("resources").or_insert_with(|| json!({}));
-    if !resources.is_object() {
-        *resources = json!({});
+    let resources = member(linux, "resources", json!({}));
+    let rules = member(resources, "devices", json!([])).as_array_mut().expect("made an array");
+    rules.push(json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"}));
+}
+
+/// `object[key]`, set to `empty` first when it is missing or not of `empty`'s JSON type.
+/// `object` must be a JSON object.
+fn member<'a>(object: &'a mut Value, key: &str, empty: Value) -> &'a mut Value {
+    let same_type = |v: &Value| v.is_object() == empty.is_object() && v.is_array() == empty.is_array();
+    let entry = object.as_object_mut().expect("a JSON object").entry(key).or_insert_with(|| empty.clone());
+    if !same_type(entry) {
+        *entry = empty;
     }
-    let rules = resources.as_object_mut().unwrap().entry("devices").or_insert_with(|| json!([]));
-    if !rules.is_array() {
-        *rules = json!([]);
-    }
-    rules
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"}));
+    entry
 }
 
 #[cfg(test)]
@@ -336,5 +333,9 @@ mod tests {
         add_to_spec(&mut bare, "/dev/b", &BlockDevice { name: "vdb".into(), major: 254, minor: 0 });
         assert_eq!(bare["linux"]["devices"][0]["path"], "/dev/b");
         assert_eq!(bare["linux"]["resources"]["devices"][0]["allow"], true);
+        let mut odd = json!({"linux": {"devices": null, "resources": 3}});
+        add_to_spec(&mut odd, "/dev/c", &BlockDevice { name: "vdc".into(), major: 254, minor: 32 });
+        assert_eq!(odd["linux"]["devices"][0]["path"], "/dev/c", "a null devices list is replaced");
+        assert_eq!(odd["linux"]["resources"]["devices"][0]["minor"], 32, "a non-object resources is replaced");
     }
 }

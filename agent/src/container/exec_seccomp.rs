@@ -42,10 +42,16 @@ pub fn prepare(process_path: &Path, seccomp: LinuxSeccomp) -> Result<(PathBuf, S
     if let Some(caps) = raised {
         process.set_capabilities(Some(caps));
     }
-    let out = process_path.with_extension("seccomp.json");
+    let out = raised_copy(process_path);
     let json = serde_json::to_vec(&process).map_err(|e| format!("process with raised capabilities: {e}"))?;
     std::fs::write(&out, json).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok((out, SeccompExecutor { seccomp, drop_to }))
+}
+
+/// Where [`prepare`] writes the process it hands the tenant builder (the agent removes it with
+/// the process.json once the exec started).
+pub fn raised_copy(process_path: &Path) -> PathBuf {
+    process_path.with_extension("seccomp.json")
 }
 
 /// The raised capabilities to run with and the real ones to drop to afterwards; none when the

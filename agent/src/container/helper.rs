@@ -162,11 +162,10 @@ fn run(req: &Request) -> OpResult {
             Ok(c.pid().map(|p| p.as_raw()))
         }
         Op::Start => load(&req.root, &id)?.start().map(|_| None).map_err(lc),
-        Op::Exec { process, console_socket } => {
+        Op::Exec { bundle, process, console_socket } => {
             let mut b = with_stdio(builder()?.with_console_socket(console_socket.as_ref()), req.stdio);
             // The container's seccomp filter applies to the exec'd process too (see exec_seccomp).
-            let bundle = load(&req.root, &id)?.bundle().to_path_buf();
-            let filter = exec_seccomp::container_filter(&bundle).map_err(|e| (Kind::Internal, e))?;
+            let filter = exec_seccomp::container_filter(bundle).map_err(|e| (Kind::Internal, e))?;
             let mut process = process.clone();
             if let Some(filter) = filter {
                 let (path, executor) = exec_seccomp::prepare(&process, filter).map_err(|e| (Kind::Internal, e))?;

@@ -232,13 +232,13 @@ impl Containers {
         let op_file = file.clone();
         let spawned = self
             .spawn_process(id, exec_id, terminal, console, |console_socket| Op::Exec {
+                bundle: c.bundle.clone(),
                 process: op_file,
                 console_socket,
             })
             .await;
         let _ = std::fs::remove_file(&file);
-        // The helper's copy with capabilities raised for the seccomp install (exec_seccomp.rs).
-        let _ = std::fs::remove_file(file.with_extension("seccomp.json"));
+        let _ = std::fs::remove_file(super::exec_seccomp::raised_copy(&file));
         let p = spawned?;
         c.finished.lock().unwrap().0.remove(exec_id);
         info!(self.log, "process started"; "container_id" => id, "exec_id" => exec_id, "pid" => p.pid);

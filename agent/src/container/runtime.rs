@@ -34,8 +34,10 @@ pub enum Op {
         console_socket: Option<PathBuf>,
     },
     Start,
-    /// Run the process of `process` (a process.json) in the running container.
+    /// Run the process of `process` (a process.json) in the running container whose bundle
+    /// (`config.json`, for its seccomp filter) is `bundle`.
     Exec {
+        bundle: PathBuf,
         process: PathBuf,
         console_socket: Option<PathBuf>,
     },
