@@ -68,6 +68,18 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
+    /// The path names the node's own network namespace (a `hostNetwork` pod): its interfaces
+    /// must never be redirected into a VM.
+    #[error(
+        "pod network namespace {path} is the node's own network namespace ({what}): a VM cannot be attached \
+         to the host's interfaces (a hostNetwork pod cannot run in a VM); nothing was changed"
+    )]
+    HostNamespace {
+        /// The netns path.
+        path: PathBuf,
+        /// Which namespace it is the same as.
+        what: &'static str,
+    },
     /// A netlink request (or tap ioctl) failed.
     #[error("{what} in network namespace {path}: {source}")]
     Op {
@@ -260,12 +272,36 @@ impl Ops {
     }
 }
 
-/// Runs `f` in a new OS thread that has entered `netns` (never in a tokio worker).
+/// `(device, inode)` of a namespace file: what makes two namespaces the same one.
+fn ns_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Refuses the node's own network namespace: the one this process runs in (the container
+/// manager's, which is the host's) or, when readable, PID 1's. Compared by identity, never by
+/// name: CRI-O hands a hostNetwork pod a pinned bind mount of the host's namespace.
+fn refuse_host_netns(netns: &File, path: &Path) -> Result<(), NetworkError> {
+    let target =
+        netns.metadata().map_err(|source| NetworkError::Netns { path: path.to_path_buf(), what: "fstat", source })?;
+    for (own, what) in [("/proc/self/ns/net", "the shim's"), ("/proc/1/ns/net", "PID 1's")] {
+        if let Ok(meta) = std::fs::metadata(own) {
+            if ns_identity(&meta) == ns_identity(&target) {
+                return Err(NetworkError::HostNamespace { path: path.to_path_buf(), what });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` in a new OS thread that has entered `netns` (never in a tokio worker); never in the
+/// node's own network namespace.
 fn in_netns<T: Send>(
     netns: &File,
     path: &Path,
     f: impl FnOnce(&mut Ops) -> Result<T, NetworkError> + Send,
 ) -> Result<T, NetworkError> {
+    refuse_host_netns(netns, path)?;
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
@@ -731,6 +767,22 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_own_netns_is_refused_by_identity() {
+        // A bind mount of our own netns, as CRI-O pins the host's for a hostNetwork pod.
+        let dir = std::env::temp_dir().join(format!("podvisor-hostns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pinned = dir.join("netns");
+        std::fs::write(&pinned, b"").unwrap();
+        nix::mount::mount(Some("/proc/self/ns/net"), &pinned, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+            .unwrap();
+        let result = PodNetwork::attach(&pinned);
+        nix::mount::umount(&pinned).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains("node's own network namespace") && e.contains(&pinned.display().to_string()), "{e}");
+    }
+
+    #[test]
     fn missing_netns_is_named() {
         let e = PodNetwork::attach(Path::new("/nonexistent/netns/x")).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/netns/x") && e.contains("open"), "{e}");
@@ -742,11 +794,17 @@ mod tests {
         assert!(e.contains("/proc/self/status") && e.contains("setns"), "{e}");
     }
 
-    /// Discovery in the test's own netns: lo is never a pod interface.
+    /// Discovery in a fresh netns (the test's own is the host's, which is refused): lo is never
+    /// a pod interface.
     #[test]
-    fn own_netns_discovery_skips_lo() {
-        let netns = File::open("/proc/self/ns/net").unwrap();
-        let g = in_netns(&netns, Path::new("/proc/self/ns/net"), discover).unwrap();
+    fn discovery_skips_lo() {
+        let netns = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        let g = in_netns(&netns, Path::new("/proc/thread-self/ns/net"), discover).unwrap();
         assert!(g.interfaces.iter().all(|i| i.name != "lo"), "{g:?}");
     }
 }
