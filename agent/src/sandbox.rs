@@ -146,6 +146,24 @@ pub fn unmount_all(mounted: &[Mounted]) -> Vec<String> {
     errors
 }
 
+/// Makes `path` a shared mount, bound onto itself first when it is not a mount point yet (a
+/// virtio-fs submount of the share is mounted on first access, which the `stat` makes happen):
+/// mounts made below it in one container (CRI Bidirectional) then reach the guest and the pod's
+/// other containers bound to it (Bidirectional or HostToContainer).
+pub fn make_shared_mount(path: &Path) -> Result<(), String> {
+    std::fs::metadata(path).map_err(|e| format!("propagated mount source {}: {e}", path.display()))?;
+    let listed = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*path.to_string_lossy()));
+    if !listed {
+        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| format!("bind {} onto itself: {e}", path.display()))?;
+    }
+    mount(None::<&str>, path, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .map_err(|e| format!("make {} a shared mount: {e}", path.display()))
+}
+
 /// Whether `path` is a mount point (its device differs from its parent's).
 fn is_mount_point(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;

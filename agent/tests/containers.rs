@@ -422,6 +422,10 @@ async fn containers_over_ttrpc() {
     let sig = pb::SignalProcessRequest { container_id: "c1".into(), signal: 15, ..Default::default() };
     let (c, m) = code(&agent.client.signal_process(ctx(), &sig).await.unwrap_err());
     assert_eq!((c, m.contains("process already finished")), (Code::NOT_FOUND, true), "{m}");
+    // Signal 0 (kill(2)'s "does it exist?", CRI-O's liveness check): no longer.
+    let alive = pb::SignalProcessRequest { container_id: "c1".into(), signal: 0, ..Default::default() };
+    let (c, m) = code(&agent.client.signal_process(ctx(), &alive).await.unwrap_err());
+    assert_eq!((c, m.contains("process already finished")), (Code::NOT_FOUND, true), "signal 0 to an exited init: {m}");
     remove(&agent, "c1").await.expect("remove c1");
     assert!(!agent.ns_path(&cg1).exists(), "cgroup of c1 left behind");
 
@@ -430,6 +434,9 @@ async fn containers_over_ttrpc() {
     start(&agent, "c2").await;
     let r = pb::ReadStreamRequest { container_id: "c2".into(), len: 100, ..Default::default() };
     assert_eq!(agent.client.read_stdout(ctx(), &r).await.unwrap().data, b"up\n");
+    // Signal 0 to a running init: it exists, and nothing is delivered.
+    let alive = pb::SignalProcessRequest { container_id: "c2".into(), signal: 0, ..Default::default() };
+    agent.client.signal_process(ctx(), &alive).await.expect("signal 0 to a running init");
 
     exec(&agent, "c2", "cat", process(&["/bin/cat"], false)).await.expect("exec cat");
     let w = pb::WriteStreamRequest {

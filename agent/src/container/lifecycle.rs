@@ -85,6 +85,9 @@ impl Containers {
         for note in &facts.notes {
             info!(self.log, "spec adjusted for the guest"; "container_id" => id, "change" => note);
         }
+        for source in &facts.propagated_sources {
+            sandbox::make_shared_mount(source).map_err(|e| Error::internal(format!("container {id}: {e}")))?;
+        }
         self.apply_net_sysctls(id, &facts.net_sysctls)?;
         for d in &req.devices {
             let what = format!("container {id}: device {:?}", d.id);
@@ -345,18 +348,24 @@ impl Containers {
     // ------------------------------------------------------------------------ processes
 
     /// SignalProcess. exec_id empty or the container id: the init process (for SIGKILL
-    /// without a pid namespace of its own, everything in the container's cgroup too).
+    /// without a pid namespace of its own, everything in the container's cgroup too). Signal 0
+    /// sends nothing and checks that the process exists, as kill(2) does.
     pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
         let c = self.get(id)?;
         let what = describe(id, exec_id);
-        let sig = Signal::try_from(signal as i32)
-            .map_err(|_| Error::invalid(format!("{what}: signal {signal} is not a valid signal")))?;
+        let sig = match signal {
+            0 => None,
+            n => Some(
+                Signal::try_from(n as i32)
+                    .map_err(|_| Error::invalid(format!("{what}: signal {signal} is not a valid signal")))?,
+            ),
+        };
         let p = match c.lookup(exec_id)? {
             Lookup::Live(p) => p,
             Lookup::Finished(_) => return Err(Error::not_found(format!("{what}: process already finished"))),
         };
         p.signal(&what, sig)?;
-        if Arc::ptr_eq(&p, &c.init) && sig == Signal::SIGKILL && !c.own_pid_ns {
+        if Arc::ptr_eq(&p, &c.init) && sig == Some(Signal::SIGKILL) && !c.own_pid_ns {
             c.cgroup.kill_all();
         }
         Ok(())

@@ -61,8 +61,9 @@ impl Process {
         (self.waited.load(Ordering::Relaxed) && self.stdout.eof_read() && self.stderr.eof_read()).then_some(s)
     }
 
-    /// Sends a signal. A process already reaped (or gone) is NOT_FOUND "process already finished".
-    pub fn signal(&self, what: &str, sig: Signal) -> Result<()> {
+    /// Sends `sig` (None: only checks that the process exists, kill(2)'s signal 0). A process
+    /// already reaped (or gone) is NOT_FOUND "process already finished".
+    pub fn signal(&self, what: &str, sig: Option<Signal>) -> Result<()> {
         let finished = || Error::not_found(format!("{what}: process already finished"));
         if self.exit_status().is_some() {
             return Err(finished());
@@ -70,7 +71,9 @@ impl Process {
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::ESRCH) => Err(finished()),
-            Err(e) => Err(Error::internal(format!("{what}: kill({}, {sig}): {e}", self.pid))),
+            Err(e) => {
+                Err(Error::internal(format!("{what}: kill({}, {}): {e}", self.pid, sig.map_or("0", |s| s.as_str()))))
+            }
         }
     }
 

@@ -52,6 +52,9 @@ pub struct Facts {
     pub notes: Vec<String>,
     /// `net.*` sysctls taken out of the spec, for the guest's network namespace.
     pub net_sysctls: Vec<(String, String)>,
+    /// Guest sources of bind mounts with shared or slave propagation: they must be shared
+    /// mounts in the guest, so that the pod's containers bound to one see each other's mounts.
+    pub propagated_sources: Vec<PathBuf>,
 }
 
 /// The namespaces a container joins instead of creating them (guest paths).
@@ -101,6 +104,10 @@ pub fn normalize(
             let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
             return Err(format!("OCI.Mounts[{i}].source: bind source {src:?} (for {dst}) does not exist in the guest"));
         }
+        let propagates = opts.iter().any(|o| matches!(*o, "rshared" | "shared" | "rslave" | "slave"));
+        if is_bind && propagates && !facts.propagated_sources.iter().any(|p| p == Path::new(src)) {
+            facts.propagated_sources.push(PathBuf::from(src));
+        }
     }
     let process = obj.get_mut("process").ok_or("OCI.Process: missing")?;
     facts.terminal = normalize_process(process, Path::new(&root), "OCI.Process")?;
@@ -108,6 +115,28 @@ pub fn normalize(
     let linux = obj.entry("linux").or_insert_with(|| json!({}));
     let linux = linux.as_object_mut().ok_or("OCI.Linux: not an object")?;
     linux.insert("cgroupsPath".into(), json!(cgroups_path.to_string_lossy()));
+    // runc's `rshared`/`rslave`/`rprivate`/`runbindable` (what CRI sets for propagated mounts);
+    // libcontainer 0.7 knows them without the `r` and applies them recursively anyway.
+    if let Some(p) = linux.get("rootfsPropagation").and_then(Value::as_str).map(str::to_string) {
+        let plain = match p.as_str() {
+            "rshared" | "shared" => "shared",
+            "rslave" | "slave" => "slave",
+            "rprivate" | "private" => "private",
+            "runbindable" | "unbindable" => "unbindable",
+            "" => "",
+            other => {
+                return Err(format!(
+                    "OCI.Linux.RootfsPropagation: {other:?} is not one of shared, slave, private, unbindable \
+                     (with or without the leading r)"
+                ))
+            }
+        };
+        if plain.is_empty() {
+            linux.remove("rootfsPropagation");
+        } else {
+            linux.insert("rootfsPropagation".into(), json!(plain));
+        }
+    }
     for key in ["mountLabel", "intelRdt"] {
         linux.remove(key);
     }
@@ -312,6 +341,30 @@ mod tests {
         assert_eq!(s["linux"]["resources"]["memory"], json!({"limit": 1000000}));
         assert_eq!(s["linux"]["resources"]["cpu"], json!({"shares": 2}));
         assert!(facts.notes.iter().any(|n| n.contains("/proc/4242/ns/ipc")), "{:?}", facts.notes);
+    }
+
+    /// CRI's propagation (`rootfsPropagation` rshared/rslave, mount options) in libcontainer's
+    /// words, and the propagated sources listed once.
+    #[test]
+    fn mount_propagation_is_kept_in_libcontainers_words() {
+        let prop = "/run/kata-containers/shared/containers/propagated/ab-vol";
+        for (cri, libcontainer) in [("rshared", "shared"), ("rslave", "slave"), ("rprivate", "private")] {
+            let mut s = base();
+            s["linux"]["rootfsPropagation"] = json!(cri);
+            s["mounts"] = json!([
+                {"destination": "/a", "type": "bind", "source": prop, "options": ["rbind", "rshared", "rw"]},
+                {"destination": "/b", "type": "bind", "source": prop, "options": ["rbind", "rslave", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/run/kata-containers/shared/containers/h",
+                 "options": ["rbind", "rprivate", "ro"]}
+            ]);
+            let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
+            assert_eq!(s["linux"]["rootfsPropagation"], libcontainer);
+            assert_eq!(facts.propagated_sources, vec![PathBuf::from(prop)], "once, and not the private one");
+        }
+        let mut s = base();
+        s["linux"]["rootfsPropagation"] = json!("sideways");
+        let e = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap_err();
+        assert!(e.contains("RootfsPropagation") && e.contains("sideways"), "{e}");
     }
 
     #[test]
