@@ -1,7 +1,8 @@
 //! `delete` after a shim is gone: containerd runs `<shim> -id <id> -bundle <bundle> delete`
 //! after every task shutdown, and after a shim crash. When the pod's daemon no longer answers,
-//! whatever it owned is torn down here: the VM and its helper processes, the shared directory
-//! with every bind mount in it, the rootfs mount in the bundle, the run directory.
+//! whatever it owned is torn down here: the VM and its helper processes, the host cgroup, the
+//! shared directory with every bind mount in it, the rootfs mount in the bundle, the run
+//! directory.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -24,7 +25,15 @@ pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log:
             Ok(_) => {}
             Err(e) => warn!(log, "cleanup of the VM run directory failed"; "sandbox" => group, "error" => %e),
         }
-        if let Err(e) = SharedDir::new(group).destroy() {
+        let shared = SharedDir::new(group);
+        match crate::host_cgroup::remove_recorded(shared.sandbox_dir()) {
+            Ok(removed) if !removed.is_empty() => {
+                info!(log, "removed the host cgroup a dead shim left"; "sandbox" => group, "dirs" => removed.len())
+            }
+            Ok(_) => {}
+            Err(e) => warn!(log, "cleanup of the host cgroup failed"; "sandbox" => group, "error" => %e),
+        }
+        if let Err(e) = shared.destroy() {
             warn!(log, "cleanup of the shared directory failed"; "sandbox" => group, "error" => %e);
         }
         let rootfs = bundle.join("rootfs");

@@ -58,12 +58,23 @@ impl Default for AgentConfig {
 }
 
 /// `[runtime]`.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeConfig {
     /// `enable_debug`: debug-level shim logs.
     pub enable_debug: bool,
     /// `internetworking_model`: how the VM is joined to the pod network (`tcfilter`, `none`).
     pub internetworking_model: hypervisor::InternetworkingModel,
+    /// `sandbox_cgroup_only`: the shim, QEMU and its helper daemons run in a host cgroup at the
+    /// sandbox's `linux.cgroupsPath`, below the pod cgroup (default true; false: they stay
+    /// where the container manager started the shim, and the node does not charge them to the
+    /// pod).
+    pub sandbox_cgroup_only: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { enable_debug: false, internetworking_model: Default::default(), sandbox_cgroup_only: true }
+    }
 }
 
 /// A loaded configuration.
@@ -176,7 +187,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     for (key, value) in runtime_table {
         match (key.as_str(), value) {
             ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
-            ("enable_debug", v) => {
+            ("sandbox_cgroup_only", Value::Boolean(b)) => runtime.sandbox_cgroup_only = *b,
+            ("enable_debug" | "sandbox_cgroup_only", v) => {
                 return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into())
             }
             ("internetworking_model", Value::String(m)) => {
@@ -223,6 +235,7 @@ mod tests {
         assert_eq!(c.hypervisor.default_memory, 512);
         assert_eq!(c.agent, AgentConfig { dial_timeout: Duration::from_secs(7), enable_debug: true });
         assert!(c.runtime.enable_debug);
+        assert!(c.runtime.sandbox_cgroup_only, "on by default, as Kata's shipped configuration has it");
     }
 
     #[test]
@@ -250,7 +263,7 @@ mod tests {
     #[test]
     fn unknown_things_warn() {
         let c = parse(
-            "[hypervisor.clh]\n[agent.kata]\nfoo = 1\n[runtime]\nsandbox_cgroup_only = true\n[bogus]\n",
+            "[hypervisor.clh]\n[agent.kata]\nfoo = 1\n[runtime]\nsandbox_bind_mounts = []\n[bogus]\n",
             Path::new("/c.toml"),
         )
         .unwrap();

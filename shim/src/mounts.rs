@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+pub use crate::spec::ReadOnly;
+
 /// Parent of the per-sandbox shared directories.
 pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
 
@@ -102,6 +104,38 @@ fn remount_readonly(target: &Path, bind: bool) -> Result<(), MountError> {
         .map_err(err(format!("remount {} read-only", target.display())))
 }
 
+/// Makes the mount at `target` and every mount below it read-only (`mount_setattr` with
+/// `AT_RECURSIVE`, Linux 5.12+), as runc does for `rro`.
+fn set_recursive_readonly(target: &Path) -> Result<(), MountError> {
+    let what = || format!("make {} and the mounts below it read-only (mount_setattr)", target.display());
+    let c_path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| MountError {
+        what: what(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"),
+    })?;
+    let attr = libc::mount_attr { attr_set: libc::MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr reads a NUL-terminated path and a mount_attr of the given size, both
+    // alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(MountError { what: what(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Whether the mount at `path` is read-only.
+fn is_read_only(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path).is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
 /// Whether `path` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mount_point(path: &Path) -> bool {
     mount_points_under(path).iter().any(|p| p == path)
@@ -169,6 +203,12 @@ impl SharedDir {
         &self.root
     }
 
+    /// The sandbox's host state directory (`<SHARED_ROOT>/<sandbox>/`, parent of the export):
+    /// records the shim keeps for the `delete` of a dead shim live here, outside the export.
+    pub fn sandbox_dir(&self) -> &Path {
+        &self.sandbox_dir
+    }
+
     /// Creates the directory as a shared self bind mount.
     pub fn create(&self) -> Result<(), MountError> {
         std::fs::create_dir_all(&self.root).map_err(io_err(format!("create {}", self.root.display())))?;
@@ -181,9 +221,11 @@ impl SharedDir {
         Ok(())
     }
 
-    /// Bind-mounts `source` (a directory or a file) at `<root>/<name>`, read-only if asked, and
-    /// returns the path the guest sees.
-    pub fn share(&self, name: &str, source: &Path, read_only: bool) -> Result<String, MountError> {
+    /// Bind-mounts `source` (a directory or a file) at `<root>/<name>` with the mounts below it
+    /// (`rbind`), read-only as asked, and returns the path the guest sees. `ro` makes the bind
+    /// itself read-only and leaves the mounts below it as they are; `rro` makes them read-only
+    /// too. The host enforces it: virtiofsd's writes fail with EROFS, whatever the guest does.
+    pub fn share(&self, name: &str, source: &Path, read_only: ReadOnly) -> Result<String, MountError> {
         let target = self.root.join(name);
         let meta = std::fs::metadata(source).map_err(io_err(format!("bind source {}", source.display())))?;
         if let Some(parent) = target.parent() {
@@ -196,8 +238,36 @@ impl SharedDir {
         }
         mount(Some(source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
             .map_err(err(format!("bind {} on {}", source.display(), target.display())))?;
-        if read_only {
-            remount_readonly(&target, true)?;
+        let made_read_only = match read_only {
+            ReadOnly::No => Ok(()),
+            ReadOnly::Top => remount_readonly(&target, true),
+            ReadOnly::Recursive => set_recursive_readonly(&target),
+        };
+        if let Err(e) = made_read_only {
+            let _ = umount2(&target, MntFlags::MNT_DETACH);
+            return Err(e);
+        }
+        Ok(format!("{GUEST_SHARED}/{name}"))
+    }
+
+    /// [`Self::share`] for a source whose mounts propagate (CRI Bidirectional / HostToContainer):
+    /// one entry per host source for the whole pod, `propagated/<hash>-<name>`, so that the
+    /// pod's containers all bind the same guest mount and see each other's mounts. It is
+    /// read-only on the host only while every container using it asked for read-only (the VM is
+    /// one trust domain: a writable use anywhere makes it writable); it stays until the VM stops.
+    pub fn share_for_pod(&self, source: &Path, read_only: ReadOnly) -> Result<String, MountError> {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(source.as_os_str().as_encoded_bytes());
+        let hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let base = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+        let name = format!("propagated/{hex}-{base}");
+        let target = self.root.join(&name);
+        if !is_mount_point(&target) {
+            return self.share(&name, source, read_only);
+        }
+        if read_only == ReadOnly::No && is_read_only(&target) {
+            mount(None::<&str>, &target, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND, None::<&str>)
+                .map_err(err(format!("remount {} writable", target.display())))?;
         }
         Ok(format!("{GUEST_SHARED}/{name}"))
     }
@@ -241,6 +311,39 @@ mod tests {
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 
+    /// A read-only share of a directory with a writable tmpfs below it: `ro` leaves the tmpfs
+    /// writable, `rro` does not; a propagated source is shared once for the pod and becomes
+    /// writable when one use of it is.
+    #[test]
+    fn ro_is_not_recursive_and_rro_is() {
+        let id = format!("podvisor-unit-rro-{}", std::process::id());
+        let src = std::env::temp_dir().join(format!("{id}-src"));
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        mount(Some("tmpfs"), &src.join("sub"), Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        let shared = SharedDir::new(&id);
+        shared.create().unwrap();
+        shared.share("c/ro", &src, ReadOnly::Top).unwrap();
+        shared.share("c/rro", &src, ReadOnly::Recursive).unwrap();
+        let write = |p: &str| std::fs::write(shared.root().join(p), b"x");
+        let ro_top = write("c/ro/top");
+        let ro_sub = write("c/ro/sub/from-ro");
+        let rro_sub = write("c/rro/sub/from-rro");
+        let first = shared.share_for_pod(&src, ReadOnly::Top).unwrap();
+        let ro_before = is_read_only(&shared.root().join(first.trim_start_matches(&format!("{GUEST_SHARED}/"))));
+        let second = shared.share_for_pod(&src, ReadOnly::No).unwrap();
+        let rel = second.trim_start_matches(&format!("{GUEST_SHARED}/")).to_string();
+        let ro_after = is_read_only(&shared.root().join(&rel));
+        shared.destroy().unwrap();
+        umount2(&src.join("sub"), MntFlags::MNT_DETACH).unwrap();
+        std::fs::remove_dir_all(&src).unwrap();
+        assert!(ro_top.is_err(), "ro: the bind itself is read-only");
+        assert!(ro_sub.is_ok(), "ro: the tmpfs below it stays writable: {ro_sub:?}");
+        assert_eq!(rro_sub.unwrap_err().raw_os_error(), Some(libc::EROFS), "rro: the tmpfs below it too");
+        assert_eq!(first, second, "one guest path per source for the pod");
+        assert!(rel.starts_with("propagated/"), "{rel}");
+        assert!(ro_before && !ro_after, "read-only until a writable use");
+    }
+
     /// Real mounts (the tests run as root): share a directory and a file read-only, see that
     /// they are visible and read-only, then remove everything.
     #[test]
@@ -251,9 +354,9 @@ mod tests {
         std::fs::write(src.join("f"), b"x").unwrap();
         let shared = SharedDir::new(&id);
         shared.create().unwrap();
-        let guest = shared.share("c1/rootfs", &src.join("d"), false).unwrap();
+        let guest = shared.share("c1/rootfs", &src.join("d"), ReadOnly::No).unwrap();
         assert_eq!(guest, format!("{GUEST_SHARED}/c1/rootfs"));
-        shared.share("c1-mounts/0-f", &src.join("f"), true).unwrap();
+        shared.share("c1-mounts/0-f", &src.join("f"), ReadOnly::Top).unwrap();
         assert_eq!(std::fs::read(shared.root().join("c1-mounts/0-f")).unwrap(), b"x");
         assert!(std::fs::write(shared.root().join("c1-mounts/0-f"), b"y").is_err(), "read-only bind");
         std::fs::write(shared.root().join("c1/rootfs/new"), b"z").unwrap();

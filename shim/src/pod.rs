@@ -45,14 +45,6 @@ pub enum TaskError {
     Internal(String),
 }
 
-/// The CPUs a container's CFS limit allows, rounded up (`quota / period`); none when unlimited.
-fn cpu_limit(quota: Option<i64>, period: Option<u64>) -> Option<u32> {
-    match (quota, period) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p).min(u32::MAX as u64) as u32),
-        _ => None,
-    }
-}
-
 impl From<crate::agent::AgentError> for TaskError {
     fn from(e: crate::agent::AgentError) -> Self {
         use crate::agent::AgentError;
@@ -107,6 +99,8 @@ pub struct Container {
     crio: bool,
     /// Ids of block devices hot-plugged for this container.
     devices: Vec<String>,
+    /// What the VM was grown by for this container's limits so far (the highest asked).
+    reserved: Mutex<crate::limits::Limits>,
 }
 
 impl Container {
@@ -127,6 +121,8 @@ impl Container {
 struct Vm {
     sandbox: Sandbox,
     shared: SharedDir,
+    /// The pod's host cgroup the shim and the VM's processes run in (`sandbox_cgroup_only`).
+    cgroup: Mutex<Option<crate::host_cgroup::SandboxCgroup>>,
     /// Boot memory (MiB) plus what was hot-plugged for containers.
     memory_mib: Mutex<u64>,
     /// Boot vCPUs plus those hot-plugged for containers' CPU limits.
@@ -218,6 +214,19 @@ impl Pod {
         if let Some(vm) = guard.as_ref() {
             return Ok(vm.clone());
         }
+        let shared_with_node = spec::host_namespaces(oci);
+        if !shared_with_node.is_empty() {
+            let options: Vec<&str> = shared_with_node.iter().map(|h| h.option).collect();
+            let evidence: Vec<&str> = shared_with_node.iter().map(|h| h.evidence.as_str()).collect();
+            return Err(TaskError::InvalidArgument(format!(
+                "the pod asks for {} ({}): a pod in a VM has its own kernel, network stack, IPC and process \
+                 table and cannot share the node's; remove {} from the pod spec, or run the pod with a runc \
+                 RuntimeClass",
+                options.join(", "),
+                evidence.join("; "),
+                options.iter().map(|o| format!("{o}: true")).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let mut config = self.load_config(req.config_path.as_deref())?;
         let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor)
             .map_err(TaskError::InvalidArgument)?;
@@ -232,8 +241,10 @@ impl Pod {
         let hostname = oci.hostname().clone().unwrap_or_default();
         let netns = spec::netns_path(oci);
         let shared = SharedDir::new(&self.sandbox_id);
+        let mut cgroup = None;
         let booted = async {
             shared.create().map_err(|e| TaskError::Internal(e.to_string()))?;
+            cgroup = self.enter_sandbox_cgroup(&config, oci, &shared)?;
             let netns = netns
                 .as_deref()
                 .filter(|_| config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter);
@@ -245,6 +256,9 @@ impl Pod {
         let sandbox = match booted {
             Ok(s) => s,
             Err(e) => {
+                if let Some(Err(c)) = cgroup.take().map(crate::host_cgroup::SandboxCgroup::remove) {
+                    warn!(self.log, "cleanup of the host cgroup failed"; "error" => %c);
+                }
                 if let Err(c) = shared.destroy() {
                     warn!(self.log, "cleanup of the shared directory failed"; "error" => %c);
                 }
@@ -256,6 +270,9 @@ impl Pod {
             if let Err(e) = sandbox.agent().set_policy(policy).await {
                 if let Err(c) = sandbox.shutdown().await {
                     warn!(self.log, "stopping the VM after a refused agent policy failed"; "error" => %c);
+                }
+                if let Some(Err(c)) = cgroup.take().map(crate::host_cgroup::SandboxCgroup::remove) {
+                    warn!(self.log, "cleanup of the host cgroup failed"; "error" => %c);
                 }
                 if let Err(c) = shared.destroy() {
                     warn!(self.log, "cleanup of the shared directory failed"; "error" => %c);
@@ -270,6 +287,7 @@ impl Pod {
         let vm = Arc::new(Vm {
             sandbox,
             shared,
+            cgroup: Mutex::new(cgroup),
             memory_mib: Mutex::new(config.hypervisor.default_memory),
             vcpus: Mutex::new(config.hypervisor.default_vcpus),
             max_vcpus: config.hypervisor.max_vcpus(hypervisor::host::host_cpus()),
@@ -282,23 +300,64 @@ impl Pod {
         Ok(vm)
     }
 
-    /// Hot-plugs the container's memory limit and CPU limit into the VM (unless the container
-    /// manager sized the VM for the whole pod), so the guest can hold and run what the container
-    /// may use. Like Kata, what was added stays until the VM stops.
-    async fn grow_for(&self, vm: &Vm, oci: &oci_spec::runtime::Spec, id: &str) -> TaskResult<()> {
+    /// Makes the pod's host cgroup at the sandbox's `linux.cgroupsPath` and moves the shim into
+    /// it, so that QEMU and its helpers start there (`[runtime] sandbox_cgroup_only`).
+    fn enter_sandbox_cgroup(
+        &self,
+        config: &Config,
+        oci: &oci_spec::runtime::Spec,
+        shared: &SharedDir,
+    ) -> TaskResult<Option<crate::host_cgroup::SandboxCgroup>> {
+        if !config.runtime.sandbox_cgroup_only {
+            return Ok(None);
+        }
+        let value = oci.linux().as_ref().and_then(|l| l.cgroups_path().clone()).unwrap_or_default();
+        let value = value.to_string_lossy();
+        let Some(rel) =
+            crate::host_cgroup::relative_path(&value).map_err(|e| TaskError::InvalidArgument(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let mut cgroup = crate::host_cgroup::SandboxCgroup::create(&rel, shared.sandbox_dir()).map_err(|e| {
+            TaskError::Internal(format!("{e} (set [runtime] sandbox_cgroup_only = false to run without)"))
+        })?;
+        cgroup.enter().map_err(|e| TaskError::Internal(e.to_string()))?;
+        info!(self.log, "the shim and the VM run in the pod's host cgroup"; "cgroup" => %rel.display());
+        Ok(Some(cgroup))
+    }
+
+    /// Grows the VM by what a container's limits go beyond what was reserved for it so far:
+    /// its CPU limit as vCPUs, its memory limit as hot-plugged memory, so that the guest can
+    /// hold and run what the container may use (unless the container manager sized the VM for
+    /// the whole pod). Like Kata, what was added stays until the VM stops.
+    async fn grow_for(
+        &self,
+        vm: &Vm,
+        id: &str,
+        reserved: &crate::limits::Limits,
+        wanted: &crate::limits::Limits,
+    ) -> TaskResult<()> {
         if vm.sized_by_manager {
             return Ok(());
         }
+        let (cpus, bytes) = reserved.growth_to(wanted);
+        if cpus == 0 && bytes == 0 {
+            return Ok(());
+        }
         let _growing = vm.growing.lock().await;
-        let resources = oci.linux().as_ref().and_then(|l| l.resources().as_ref());
-        if let Some(cpus) = resources.and_then(|r| r.cpu().as_ref()).and_then(|c| cpu_limit(c.quota(), c.period())) {
+        if cpus > 0 {
             self.grow_vcpus(vm, cpus, id).await?;
         }
-        let limit = resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()).filter(|l| *l > 0);
-        let Some(limit) = limit else { return Ok(()) };
-        let want = *vm.memory_mib.lock().unwrap() + (limit as u64).div_ceil(1 << 20);
+        if bytes == 0 {
+            return Ok(());
+        }
+        let want = *vm.memory_mib.lock().unwrap() + bytes.div_ceil(1 << 20);
         let total = vm.sandbox.resize_memory(hypervisor::MemoryMiB(want)).await.map_err(|e| {
-            TaskError::Internal(format!("cannot hot-plug memory for container {id} (limit {limit} bytes): {e}"))
+            TaskError::Internal(format!(
+                "cannot hot-plug {} MiB of memory for container {id} (limit {} bytes): {e}",
+                bytes.div_ceil(1 << 20),
+                wanted.memory.unwrap_or(0)
+            ))
         })?;
         *vm.memory_mib.lock().unwrap() = total.0;
         info!(self.log, "guest memory grown for a container"; "container" => id, "total_mib" => total.0);
@@ -403,13 +462,18 @@ impl Pod {
         let sandbox_pidns = kind == "container" && spec::joins_pid_namespace(&oci);
         let vm = self.ensure_vm(req, &oci).await?;
         let id = &req.id;
+        let limits = crate::limits::Limits::of(oci.linux().as_ref().and_then(|l| l.resources().as_ref()));
         if kind == "container" {
-            self.grow_for(&vm, &oci, id).await?;
+            self.grow_for(&vm, id, &Default::default(), &limits).await?;
         }
         let shared = async {
-            let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, false)?;
+            let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, mounts::ReadOnly::No)?;
             let mut sources = Vec::new();
             for b in binds {
+                if b.propagated {
+                    sources.push(vm.shared.share_for_pod(&b.source, b.read_only)?);
+                    continue;
+                }
                 let base =
                     b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
                 sources.push(vm.shared.share(&format!("{id}-mounts/{}-{base}", b.index), &b.source, b.read_only)?);
@@ -483,6 +547,7 @@ impl Pod {
             mounted_rootfs: None,
             crio,
             devices: plugged,
+            reserved: Mutex::new(if kind == "container" { limits } else { Default::default() }),
         })
     }
 
@@ -667,15 +732,22 @@ impl Pod {
     }
 
     /// `Kill`: a signal to a process (`all`: the container's init takes its pid namespace down).
+    /// Signal 0 asks "does it exist?", as kill(2) does: yes while it was created or runs, no
+    /// (NotFound) once it exited; the guest answers for a running one.
     pub async fn kill(&self, id: &str, exec_id: &str, signal: u32) -> TaskResult<()> {
-        let p = self.process(id, exec_id)?;
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        let finished = || {
+            TaskError::NotFound(format!("process {} of container {id}: process already finished", p.agent_exec_id()))
+        };
         match p.status() {
-            Status::Stopped => {
-                return Err(TaskError::NotFound(format!(
-                    "process {} of container {id}: process already finished",
-                    p.agent_exec_id()
-                )))
-            }
+            Status::Stopped if signal == 0 => return Err(finished()),
+            // CRI-O fails StopContainer on any Kill error, containerd tolerates NotFound: to
+            // CRI-O a signal to a process that already exited is delivered to nobody, as runc
+            // treats it.
+            Status::Stopped if c.crio => return Ok(()),
+            Status::Stopped => return Err(finished()),
+            Status::Created if signal == 0 => return Ok(()),
             Status::Created if exec_id.is_empty() => {
                 // Never started: there is nothing to signal; the container ends here.
                 let agent = self.agent().await?;
@@ -692,8 +764,53 @@ impl Pod {
         let agent = self.agent().await?;
         match agent.signal_process(id, p.agent_exec_id(), signal).await {
             Ok(()) => Ok(()),
+            Err(_) if p.exit().is_some() && c.crio && signal != 0 => Ok(()),
             Err(e) if p.exit().is_some() => Err(TaskError::NotFound(format!("{e}: process already finished"))),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `Update` (in-place resize): a raised CPU or memory limit first grows the VM by what goes
+    /// beyond what was reserved for the container, then the guest cgroup takes the new limits;
+    /// a lowered one only lowers the guest cgroup's.
+    pub async fn update(&self, id: &str, resources: &oci_spec::runtime::LinuxResources) -> TaskResult<()> {
+        let c = self.container(id)?;
+        let vm = self.running_vm().await?;
+        let wanted = crate::limits::Limits::of(Some(resources));
+        let reserved = *c.reserved.lock().unwrap();
+        if id != self.sandbox_id {
+            self.grow_for(&vm, id, &reserved, &wanted).await?;
+            *c.reserved.lock().unwrap() = reserved.max(&wanted);
+        }
+        let mut linux = oci_spec::runtime::Linux::default();
+        linux.set_resources(Some(resources.clone()));
+        let mut spec = oci_spec::runtime::Spec::default();
+        spec.set_linux(Some(linux));
+        let grpc = agent_protocol::convert::spec_to_grpc(&spec).Linux.take().unwrap_or_default().Resources;
+        let req = pb::UpdateContainerRequest { container_id: id.into(), resources: grpc, ..Default::default() };
+        vm.sandbox.agent().update_container(req).await?;
+        info!(self.log, "container resources updated"; "container" => id,
+            "memory_limit" => wanted.memory.unwrap_or(0), "cpu_limit" => wanted.cpus.unwrap_or(0));
+        Ok(())
+    }
+
+    /// `Stats`: the container's guest cgroup statistics. A container whose init exited has
+    /// nothing left to measure: its statistics are empty (CRI-O's stats loop cannot take an
+    /// error for a container it still lists).
+    pub async fn stats(&self, id: &str) -> TaskResult<pb::StatsContainerResponse> {
+        let c = self.container(id)?;
+        let agent = self.agent().await;
+        let answer = match agent {
+            Ok(agent) => agent.stats_container(id).await.map_err(TaskError::from),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(stats) => Ok(stats),
+            Err(e) if c.init.status() == Status::Stopped => {
+                info!(self.log, "no statistics of an exited container"; "container" => id, "error" => %e);
+                Ok(pb::StatsContainerResponse::new())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -773,6 +890,10 @@ impl Pod {
         if let Err(e) = vm.sandbox.shutdown().await {
             error!(self.log, "stopping the VM failed"; "error" => %e);
         }
+        let cgroup = vm.cgroup.lock().unwrap().take();
+        if let Some(Err(e)) = cgroup.map(crate::host_cgroup::SandboxCgroup::remove) {
+            error!(self.log, "removing the host cgroup failed"; "error" => %e);
+        }
         if let Err(e) = vm.shared.destroy() {
             error!(self.log, "removing the shared directory failed"; "error" => %e);
         }
@@ -815,20 +936,5 @@ impl Pod {
     /// Ids of the containers (for `delete` and diagnostics).
     pub fn container_ids(&self) -> Vec<String> {
         self.containers.lock().unwrap().keys().cloned().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cpu_limit;
-
-    #[test]
-    fn cpu_limits_round_up_and_unlimited_is_none() {
-        assert_eq!(cpu_limit(Some(100_000), Some(100_000)), Some(1));
-        assert_eq!(cpu_limit(Some(150_000), Some(100_000)), Some(2));
-        assert_eq!(cpu_limit(Some(10_000), Some(100_000)), Some(1), "any limit needs one CPU");
-        assert_eq!(cpu_limit(Some(-1), Some(100_000)), None, "-1: unlimited");
-        assert_eq!(cpu_limit(Some(100_000), Some(0)), None);
-        assert_eq!(cpu_limit(None, Some(100_000)), None);
     }
 }

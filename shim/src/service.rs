@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim_protos::api;
-use containerd_shim_protos::cgroups::metrics as cg;
 use containerd_shim_protos::shim_async::Task;
 use protobuf::well_known_types::{any::Any, empty::Empty, timestamp::Timestamp};
-use protobuf::{Message, MessageField};
+use protobuf::MessageField;
 use slog::{info, Logger};
 use ttrpc::asynchronous::TtrpcContext;
 
@@ -73,51 +72,6 @@ fn exec_process(any: &Any) -> Result<agent_protocol::oci::Process, TaskError> {
     let mut spec = oci_spec::runtime::Spec::default();
     spec.set_process(Some(process));
     Ok(agent_protocol::convert::spec_to_grpc(&spec).Process.take().unwrap_or_default())
-}
-
-/// The guest's cgroup statistics as containerd's cgroup v1 `Metrics`, which `ctr task metrics`
-/// and the CRI plugin decode.
-pub fn metrics_from(stats: &agent_protocol::agent::StatsContainerResponse) -> cg::Metrics {
-    let mut m = cg::Metrics::new();
-    if let Some(c) = stats.cgroup_stats.as_ref() {
-        if let Some(p) = c.pids_stats.as_ref() {
-            m.pids = MessageField::some(cg::PidsStat { current: p.current, limit: p.limit, ..Default::default() });
-        }
-        if let Some(u) = c.cpu_stats.as_ref().and_then(|s| s.cpu_usage.as_ref()) {
-            let usage = cg::CPUUsage {
-                total: u.total_usage,
-                kernel: u.usage_in_kernelmode,
-                user: u.usage_in_usermode,
-                per_cpu: u.percpu_usage.clone(),
-                ..Default::default()
-            };
-            m.cpu = MessageField::some(cg::CPUStat { usage: MessageField::some(usage), ..Default::default() });
-        }
-        if let Some(mem) = c.memory_stats.as_ref() {
-            let mut ms = cg::MemoryStat { cache: mem.cache, ..Default::default() };
-            if let Some(u) = mem.usage.as_ref() {
-                ms.usage = MessageField::some(cg::MemoryEntry {
-                    usage: u.usage,
-                    max: u.max_usage,
-                    limit: u.limit,
-                    failcnt: u.failcnt,
-                    ..Default::default()
-                });
-            }
-            let get = |k: &str| mem.stats.get(k).copied().unwrap_or(0);
-            ms.rss = get("anon");
-            ms.total_rss = get("anon");
-            ms.mapped_file = get("file_mapped");
-            ms.active_anon = get("active_anon");
-            ms.inactive_anon = get("inactive_anon");
-            ms.active_file = get("active_file");
-            ms.inactive_file = get("inactive_file");
-            ms.pg_fault = get("pgfault");
-            ms.pg_maj_fault = get("pgmajfault");
-            m.memory = MessageField::some(ms);
-        }
-    }
-    m
 }
 
 #[async_trait::async_trait]
@@ -236,7 +190,6 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> R<Empty> {
-        self.pod.container(&req.id).map_err(status_of)?;
         let any = req
             .resources
             .as_ref()
@@ -247,15 +200,8 @@ impl Task for TaskService {
                 any.type_url
             )))
         })?;
-        let mut linux = oci_spec::runtime::Linux::default();
-        linux.set_resources(Some(res));
-        let mut spec = oci_spec::runtime::Spec::default();
-        spec.set_linux(Some(linux));
-        let resources = agent_protocol::convert::spec_to_grpc(&spec).Linux.take().unwrap_or_default().Resources;
-        let agent = self.pod.agent().await.map_err(status_of)?;
-        let ureq =
-            agent_protocol::agent::UpdateContainerRequest { container_id: req.id, resources, ..Default::default() };
-        agent.update_container(ureq).await.map_err(|e| status_of(e.into()))?;
+        info!(self.log, "Update"; "container" => &req.id);
+        self.pod.update(&req.id, &res).await.map_err(status_of)?;
         Ok(Empty::new())
     }
 
@@ -270,15 +216,10 @@ impl Task for TaskService {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> R<api::StatsResponse> {
-        self.pod.container(&req.id).map_err(status_of)?;
-        let agent = self.pod.agent().await.map_err(status_of)?;
-        let stats = agent.stats_container(&req.id).await.map_err(|e| status_of(e.into()))?;
-        let metrics = metrics_from(&stats);
-        let any = Any {
-            type_url: "io.containerd.cgroups.v1.Metrics".into(),
-            value: metrics.write_to_bytes().map_err(|e| status_of(TaskError::Internal(e.to_string())))?,
-            ..Default::default()
-        };
+        let stats = self.pod.stats(&req.id).await.map_err(status_of)?;
+        let (type_url, value) = crate::metrics::encode(&stats, crate::metrics::Flavor::of_host())
+            .map_err(|e| status_of(TaskError::Internal(e)))?;
+        let any = Any { type_url: type_url.into(), value, ..Default::default() };
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
@@ -340,25 +281,5 @@ mod tests {
             message: "blocked".into(),
         };
         assert_eq!(code(TaskError::from(refused)), ttrpc::Code::PERMISSION_DENIED, "an agent policy refusal");
-    }
-
-    #[test]
-    fn guest_stats_become_v1_metrics() {
-        use agent_protocol::agent as pb;
-        let mut mem = pb::MemoryStats::new();
-        mem.usage = MessageField::some(pb::MemoryData { usage: 4096, limit: 8192, ..Default::default() });
-        mem.stats.insert("anon".into(), 1000);
-        let stats = pb::StatsContainerResponse {
-            cgroup_stats: MessageField::some(pb::CgroupStats {
-                memory_stats: MessageField::some(mem),
-                pids_stats: MessageField::some(pb::PidsStats { current: 2, limit: 10, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let m = metrics_from(&stats);
-        assert_eq!(m.memory.usage.usage, 4096);
-        assert_eq!(m.memory.rss, 1000);
-        assert_eq!((m.pids.current, m.pids.limit), (2, 10));
     }
 }

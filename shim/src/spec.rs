@@ -56,6 +56,17 @@ pub fn host_rootfs(spec: &Spec, bundle: &Path, has_mounts: bool) -> Result<PathB
     Ok(path)
 }
 
+/// How read-only a shared bind mount is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOnly {
+    /// Writable.
+    No,
+    /// `ro`: the mount itself; mounts below it keep their own flags (as runc does).
+    Top,
+    /// `rro` (CRI `recursive_read_only`): the mount and every mount below it.
+    Recursive,
+}
+
 /// A host path a mount needs shared into the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostBind {
@@ -63,8 +74,30 @@ pub struct HostBind {
     pub index: usize,
     /// Host source.
     pub source: PathBuf,
-    /// Read-only.
-    pub read_only: bool,
+    /// Read-only, and how far down.
+    pub read_only: ReadOnly,
+    /// Mount propagation (`rshared`/`rslave`, CRI Bidirectional / HostToContainer): the pod's
+    /// containers must see one guest mount of this source, so it is shared once per pod.
+    pub propagated: bool,
+    /// Mounts below the source on the host (relative path, read-only): for a plain `ro` bind
+    /// they become mounts of their own in the container, keeping their own flag (see
+    /// [`for_guest`]).
+    pub submounts: Vec<(PathBuf, bool)>,
+}
+
+/// The mounts below `source` on the host, parents first, with whether each is read-only.
+fn submounts_of(source: &Path) -> Vec<(PathBuf, bool)> {
+    let mut below: Vec<PathBuf> =
+        crate::mounts::mount_points_under(source).into_iter().filter(|p| p != source).collect();
+    below.sort_by_key(|p| p.components().count());
+    below
+        .into_iter()
+        .filter_map(|p| {
+            let ro =
+                nix::sys::statvfs::statvfs(&p).is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+            Some((p.strip_prefix(source).ok()?.to_path_buf(), ro))
+        })
+        .collect()
 }
 
 /// Where the guest keeps the pod's `/dev/shm` (a tmpfs the agent makes at `CreateSandbox`).
@@ -82,6 +115,61 @@ fn namespace_path(spec: &Spec, typ: oci_spec::runtime::LinuxNamespaceType) -> Op
 /// The pod's network namespace (the `network` entry's path), if the pod has one.
 pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
     namespace_path(spec, oci_spec::runtime::LinuxNamespaceType::Network)
+}
+
+/// A namespace of the node that a sandbox spec asks to share, by its Kubernetes pod option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNamespace {
+    /// `hostNetwork`, `hostIPC` or `hostPID`.
+    pub option: &'static str,
+    /// How the spec says so.
+    pub evidence: String,
+}
+
+/// The node's namespaces a sandbox spec asks to share: a `network`, `ipc` or `pid` entry that
+/// is missing (containerd removes it for hostNetwork / hostIPC / hostPID, CRI-O for hostPID), or
+/// whose path is the same namespace as this process's (CRI-O pins the host's own namespace and
+/// passes its path), compared by identity (device and inode), never by name; and CRI-O's
+/// `io.kubernetes.cri-o.HostNetwork` annotation. A VM has its own kernel: it can share none of
+/// them.
+pub fn host_namespaces(spec: &Spec) -> Vec<HostNamespace> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let entries: Vec<oci_spec::runtime::LinuxNamespace> =
+        spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    let identity = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let mut out = Vec::new();
+    for (typ, option, own) in
+        [(T::Network, "hostNetwork", "net"), (T::Ipc, "hostIPC", "ipc"), (T::Pid, "hostPID", "pid")]
+    {
+        let kind = own;
+        match entries.iter().find(|n| n.typ() == typ) {
+            None => out.push(HostNamespace {
+                option,
+                evidence: format!("the sandbox's OCI spec has no {kind} namespace, so it would run in the node's"),
+            }),
+            Some(n) => {
+                let Some(path) = n.path() else { continue };
+                let mine = identity(&Path::new("/proc/self/ns").join(own));
+                if mine.is_some() && identity(path) == mine {
+                    out.push(HostNamespace {
+                        option,
+                        evidence: format!("the sandbox's {kind} namespace {} is the node's own", path.display()),
+                    });
+                }
+            }
+        }
+    }
+    let crio_host_network = annotations(spec).get("io.kubernetes.cri-o.HostNetwork").is_some_and(|v| v == "true");
+    if crio_host_network && !out.iter().any(|h| h.option == "hostNetwork") {
+        out.push(HostNamespace {
+            option: "hostNetwork",
+            evidence: "the annotation io.kubernetes.cri-o.HostNetwork is \"true\"".into(),
+        });
+    }
+    out
 }
 
 /// Whether the container joins an existing PID namespace (the pod shares one).
@@ -193,8 +281,17 @@ pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
                 ),
             });
         }
-        let read_only = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
-        out.push(HostBind { index, source, read_only });
+        let has = |opt: &str| m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == opt));
+        let read_only = if has("rro") {
+            ReadOnly::Recursive
+        } else if has("ro") {
+            ReadOnly::Top
+        } else {
+            ReadOnly::No
+        };
+        let propagated = ["rshared", "shared", "rslave", "slave"].iter().any(|p| has(p));
+        let submounts = if read_only == ReadOnly::Top && source.is_dir() { submounts_of(&source) } else { Vec::new() };
+        out.push(HostBind { index, source, read_only, propagated, submounts });
     }
     Ok(out)
 }
@@ -215,6 +312,36 @@ pub fn for_guest(
         for (b, src) in binds.iter().zip(guest_sources) {
             if let Some(m) = mounts.get_mut(b.index) {
                 m.set_source(Some(PathBuf::from(src)));
+            }
+        }
+        // A plain read-only bind leaves the mounts below it as they are (runc's `ro`). In the
+        // guest those are virtio-fs submounts, mounted on first access, and a mount made that
+        // way takes the flags of the mount it appears in: read-only. So each becomes a bind of
+        // its own, after its parent, with its own flag.
+        for (b, src) in binds.iter().zip(guest_sources).rev() {
+            let Some(parent) = mounts.get(b.index).cloned() else { continue };
+            let extra: Vec<Mount> = b
+                .submounts
+                .iter()
+                .map(|(rel, ro)| {
+                    let mut options: Vec<String> = parent
+                        .options()
+                        .clone()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|o| !matches!(o.as_str(), "ro" | "rw" | "bind" | "rbind"))
+                        .collect();
+                    options.push("rbind".into());
+                    options.push(if *ro { "ro" } else { "rw" }.into());
+                    let mut m = parent.clone();
+                    m.set_destination(parent.destination().join(rel));
+                    m.set_source(Some(Path::new(src).join(rel)));
+                    m.set_options(Some(options));
+                    m
+                })
+                .collect();
+            for (k, m) in extra.into_iter().enumerate() {
+                mounts.insert(b.index + 1 + k, m);
             }
         }
         for m in mounts.iter_mut() {
@@ -280,16 +407,21 @@ mod tests {
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/data", "type": "bind", "source": dir, "options": ["rbind", "ro"]},
-                {"destination": "/etc/x", "source": dir, "options": ["bind"]}
+                {"destination": "/etc/x", "source": dir, "options": ["bind"]},
+                {"destination": "/rro", "type": "bind", "source": dir, "options": ["rbind", "rro"]},
+                {"destination": "/prop", "type": "bind", "source": dir, "options": ["rbind", "rshared", "rw"]}
             ],
             "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/x"}, {"type": "pid"}]},
             "hooks": {"prestart": [{"path": "/bin/true"}]}
         }));
         let binds = host_binds(&s).unwrap();
-        assert_eq!(binds.len(), 2);
-        assert_eq!((binds[0].index, binds[0].read_only), (1, true));
-        assert_eq!((binds[1].index, binds[1].read_only), (2, false));
-        let (g, warnings) = for_guest(s, "/run/g/c1/rootfs", &binds, &["/run/g/m1".into(), "/run/g/m2".into()]);
+        assert_eq!(binds.len(), 4);
+        assert_eq!((binds[2].read_only, binds[2].propagated), (ReadOnly::Recursive, false));
+        assert_eq!((binds[3].read_only, binds[3].propagated), (ReadOnly::No, true));
+        assert_eq!((binds[0].index, binds[0].read_only, binds[0].propagated), (1, ReadOnly::Top, false));
+        assert_eq!((binds[1].index, binds[1].read_only), (2, ReadOnly::No));
+        let sources = ["/run/g/m1", "/run/g/m2", "/run/g/m3", "/run/g/m4"].map(String::from);
+        let (g, warnings) = for_guest(s, "/run/g/c1/rootfs", &binds, &sources);
         assert_eq!(g.root().as_ref().unwrap().path(), Path::new("/run/g/c1/rootfs"));
         let m = g.mounts().as_ref().unwrap();
         assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
@@ -299,6 +431,42 @@ mod tests {
         assert!(g.hooks().is_none());
         assert!(g.process().as_ref().unwrap().env().as_ref().unwrap().contains(&DEFAULT_PATH.to_string()));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
+    }
+
+    /// A plain read-only bind with a writable tmpfs below it on the host: the tmpfs becomes a
+    /// writable bind of its own right after it; a recursive one gets nothing extra.
+    #[test]
+    fn mounts_below_a_read_only_bind_keep_their_own_flag() {
+        let dir = std::env::temp_dir().join(format!("podvisor-submounts-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("scratch")).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir.join("scratch"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/ro", "type": "bind", "source": dir, "options": ["rbind", "ro", "nosuid"]},
+                {"destination": "/rro", "type": "bind", "source": dir, "options": ["rbind", "rro"]},
+                {"destination": "/proc", "type": "proc", "source": "proc"}
+            ]
+        }));
+        let binds = host_binds(&s);
+        nix::mount::umount(&dir.join("scratch")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let binds = binds.unwrap();
+        assert_eq!(binds[0].submounts, vec![(PathBuf::from("scratch"), false)]);
+        assert!(binds[1].submounts.is_empty(), "rro makes everything below read-only anyway");
+        let (g, _) = for_guest(s, "/r", &binds, &["/g/ro".into(), "/g/rro".into()]);
+        let m = g.mounts().as_ref().unwrap();
+        let dests: Vec<&Path> = m.iter().map(|m| m.destination().as_path()).collect();
+        assert_eq!(dests, [Path::new("/ro"), Path::new("/ro/scratch"), Path::new("/rro"), Path::new("/proc")]);
+        assert_eq!(m[1].source().as_deref(), Some(Path::new("/g/ro/scratch")));
+        assert_eq!(m[1].options().as_ref().unwrap(), &["nosuid", "rbind", "rw"]);
     }
 
     #[test]
@@ -322,6 +490,34 @@ mod tests {
         assert_eq!(s.linux().as_ref().unwrap().devices().as_ref().unwrap().len(), 1);
         let (g, _) = for_guest(s, "/r", &[], &[]);
         assert_eq!(g.mounts().as_ref().unwrap()[0].source().as_deref(), Some(Path::new(GUEST_SHM)));
+    }
+
+    #[test]
+    fn host_namespaces_are_found_missing_or_by_identity() {
+        let dir = std::env::temp_dir().join(format!("podvisor-hostns-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pinned bind of our own (the node's) IPC namespace, as CRI-O makes for hostIPC.
+        let pinned = dir.join("ipcns");
+        std::fs::write(&pinned, b"").unwrap();
+        nix::mount::mount(Some("/proc/self/ns/ipc"), &pinned, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+            .unwrap();
+        let own_pod = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}]}
+        }));
+        let host = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"io.kubernetes.cri-o.HostNetwork": "true"},
+            "linux": {"namespaces": [{"type": "ipc", "path": pinned}, {"type": "network", "path": "/proc/self/ns/net"}]}
+        }));
+        let found = host_namespaces(&host);
+        nix::mount::umount(&pinned).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(host_namespaces(&own_pod).is_empty());
+        let options: Vec<&str> = found.iter().map(|h| h.option).collect();
+        assert_eq!(options, ["hostNetwork", "hostIPC", "hostPID"], "{found:?}");
+        assert!(found[1].evidence.contains("ipcns") && found[1].evidence.contains("node's own"), "{found:?}");
+        assert!(found[2].evidence.contains("no pid namespace"), "{found:?}");
     }
 
     #[test]

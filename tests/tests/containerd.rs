@@ -378,6 +378,11 @@ fn crio_version_and_features_probes_answer_and_exit() {
     let features: serde_json::Value =
         serde_json::from_slice(&f.stdout).unwrap_or_else(|e| panic!("features is not JSON ({e}): {}", text(&f.stdout)));
     assert!(features.is_object(), "features: {features}");
+    // CRI-O refuses a CRI recursive_read_only mount unless the handler lists `rro`.
+    let options = features["mountOptions"].as_array().unwrap_or_else(|| panic!("no mountOptions: {features}"));
+    for want in ["rro", "rbind", "ro", "rshared", "rslave"] {
+        assert!(options.iter().any(|o| o == want), "mountOptions lacks {want}: {features}");
+    }
     assert!(started.elapsed() < Duration::from_secs(5), "the probes took {:?}", started.elapsed());
 }
 

@@ -337,6 +337,12 @@ impl Qemu {
         let mut cmd = tokio::process::Command::new(&daemon);
         cmd.arg("--socket-path").arg(&socket).arg("--shared-dir").arg(dir);
         cmd.arg("--cache").arg(&self.config.virtio_fs_cache);
+        // Mounts below a shared directory (a hostPath with a tmpfs in it, a propagated mount)
+        // are separate mounts in the guest too: they keep their own read-only flag, and
+        // inode numbers of two file systems never collide.
+        if !self.config.virtio_fs_extra_args.iter().any(|a| a == "--announce-submounts") {
+            cmd.arg("--announce-submounts");
+        }
         // Its own log lines go to the journal as identifier `virtiofsd` (when there is one);
         // stderr is relayed into our log as well.
         cmd.arg("--syslog");
