@@ -536,32 +536,7 @@ impl TestContainerd {
     /// The last `n` lines of containerd's log, for assertion messages, preceded by its last
     /// warnings and errors (a debug log buries them quickly).
     pub fn logs_tail(&self, n: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_else(|e| format!("({}: {e})", self.log.display()));
-        let clip = |l: &str| {
-            let mut end = l.len().min(2000);
-            while !l.is_char_boundary(end) {
-                end -= 1;
-            }
-            if end < l.len() {
-                format!("{}...", &l[..end])
-            } else {
-                l.to_string()
-            }
-        };
-        let lines: Vec<&str> = text.lines().collect();
-        let start = lines.len().saturating_sub(n);
-        let important: Vec<String> = lines[..start]
-            .iter()
-            .filter(|l| ["level=warning", "level=error", "level=fatal", "level=panic"].iter().any(|k| l.contains(k)))
-            .map(|l| clip(l))
-            .collect();
-        let important = &important[important.len().saturating_sub(15)..];
-        let tail: Vec<String> = lines[start..].iter().map(|l| clip(l)).collect();
-        let mut out = String::new();
-        if !important.is_empty() {
-            out += &format!("--- last warnings and errors in {} ---\n{}\n", self.log.display(), important.join("\n"));
-        }
-        out + &format!("--- last {} lines of {} ---\n{}\n---", tail.len(), self.log.display(), tail.join("\n"))
+        log_tail(&self.log, n)
     }
 
     fn ctr_command(&self, args: &[&str]) -> Command {
@@ -867,6 +842,39 @@ impl Drop for TestContainerd {
             }
         }
     }
+}
+
+/// The last `n` lines of a container manager's log file, for assertion messages, preceded by its
+/// last warnings and errors (a debug log buries them quickly); long lines are clipped.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_else(|e| format!("({}: {e})", log.display()));
+    let clip = |l: &str| {
+        let mut end = l.len().min(2000);
+        while !l.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end < l.len() {
+            format!("{}...", &l[..end])
+        } else {
+            l.to_string()
+        }
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let important: Vec<String> = lines[..start]
+        .iter()
+        .filter(|l| {
+            ["level=warning", "level=error", "level=fatal", "level=panic", "panic:"].iter().any(|k| l.contains(k))
+        })
+        .map(|l| clip(l))
+        .collect();
+    let important = &important[important.len().saturating_sub(15)..];
+    let tail: Vec<String> = lines[start..].iter().map(|l| clip(l)).collect();
+    let mut out = String::new();
+    if !important.is_empty() {
+        out += &format!("--- last warnings and errors in {} ---\n{}\n", log.display(), important.join("\n"));
+    }
+    out + &format!("--- last {} lines of {} ---\n{}\n---", tail.len(), log.display(), tail.join("\n"))
 }
 
 /// The default configuration of a private containerd in `dir`: root, state, sockets and the

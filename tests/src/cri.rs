@@ -1,19 +1,19 @@
-//! Kubernetes pods through containerd's CRI plugin, for end-to-end tests: a private containerd
-//! with the CRI plugin enabled ([`CriContainerd`]), a CNI bridge network of its own, a locally
-//! built pause image and the busybox test image imported into `k8s.io`, and a small CRI
-//! (`runtime.v1`) client ([`CriClient`]) speaking gRPC to it the way the kubelet does.
+//! Kubernetes pods through a real container manager's CRI, for end-to-end tests: a private
+//! containerd 1.6 with its CRI plugin, or a private CRI-O 1.36 ([`Manager`]), each with a CNI
+//! bridge network of its own, a locally built pause image and the busybox test image, and a small
+//! CRI (`runtime.v1`) client ([`CriClient`]) speaking gRPC to it the way the kubelet does. The
+//! same [`Cri`] harness drives both, so every pod scenario runs on both managers.
 //!
-//! The runtime handler is `kata` (`io.containerd.kata.v2`, our shim) unless
-//! `PODVISOR_CRI_HANDLER=runc` selects containerd's runc shim, which validates the harness;
-//! assertions that only make sense in a VM then fail with "needs the kata handler"
-//! ([`require_kata`]), they never pass silently.
+//! The runtime handler is `kata` (our shim) unless `PODVISOR_CRI_HANDLER=runc` selects runc,
+//! which validates the harness; assertions that only make sense in a VM then fail with "needs
+//! the kata handler" ([`require_kata`]), they never pass silently.
 //!
 //! Everything a pod leaves on the host is checked after `RemovePodSandbox`
-//! ([`CriContainerd::remove_pod`]): processes, mounts, `/run/kata-containers` entries, cgroups,
-//! the pod's network namespace (and with it any tap device and tc qdisc in it), the host side
-//! veth, CNI results and IPAM leases, task bundles, CRI state directories and the shim socket.
-//! Dropping the [`CriContainerd`] removes pods still there, the bridge, the pod cgroups and then
-//! the whole private containerd ([`TestContainerd`]).
+//! ([`Cri::remove_pod`]): processes, mounts, `/run/kata-containers` entries, cgroups, the pod's
+//! network namespace (and with it any tap device and tc qdisc in it), the host side veth, CNI
+//! results and IPAM leases, the manager's bundles and state directories and the shim socket.
+//! Dropping the [`Cri`] removes pods still there, the bridge, the pod cgroups and then the whole
+//! private manager ([`TestContainerd`], [`TestCrio`]).
 //!
 //! The CRI client uses tonic with hand-written prost messages ([`proto`]): the subset of
 //! `k8s.io/cri-api/pkg/apis/runtime/v1/api.proto` the tests use, same names, field numbers and
@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::containerd::{containerd_base_config, kata_test_config, shim_binary, TestContainerd, DIR_PREFIX};
+use crate::containerd::{containerd_base_config, kata_test_config, shim_binary, TestContainerd};
+use crate::crio_server::{ArchiveImage, CrioSetup, TestCrio};
 use crate::{image, leaks};
 
 /// The CRI messages the tests use, written after `runtime.v1`'s `api.proto` (same field
@@ -70,6 +71,73 @@ pub fn require_kata(what: &str) {
         "{what} needs the kata handler; PODVISOR_CRI_HANDLER={} only validates the harness",
         handler()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container manager under test.
+
+/// The container manager whose CRI the harness drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    /// Debian's containerd 1.6 with its CRI plugin (handler `kata` -> `io.containerd.kata.v2`).
+    Containerd,
+    /// CRI-O 1.36 (handler `kata`, `runtime_type = "vm"`), from `../shared/tools/cri-o/`.
+    Crio,
+}
+
+impl Manager {
+    /// Both, in the order the tests run them.
+    pub const ALL: [Manager; 2] = [Manager::Containerd, Manager::Crio];
+
+    /// `runtime_name` of the CRI `Version` answer.
+    pub fn runtime_name(self) -> &'static str {
+        match self {
+            Manager::Containerd => "containerd",
+            Manager::Crio => "cri-o",
+        }
+    }
+
+    /// Whether the manager can run here: containerd always (a missing binary is a failure later,
+    /// naming the package); CRI-O only where its binaries are (`Err` says so in one line).
+    pub fn available(self) -> Result<(), String> {
+        match self {
+            Manager::Containerd => Ok(()),
+            Manager::Crio => crate::crio_server::tools_dir().map(|_| ()),
+        }
+    }
+}
+
+impl std::fmt::Display for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Manager::Containerd => "containerd",
+            Manager::Crio => "CRI-O",
+        })
+    }
+}
+
+/// Defines one `#[test]` per manager, each running `$body(Manager)`:
+/// `on_both_managers!(name_containerd, name_crio, body);`. Where CRI-O's binaries are missing
+/// (a clone outside this workspace) the CRI-O test says so in one line and returns; everywhere
+/// else (CI included) it runs.
+#[macro_export]
+macro_rules! on_both_managers {
+    ($(#[$meta:meta])* $containerd:ident, $crio:ident, $body:path) => {
+        $(#[$meta])*
+        #[test]
+        fn $containerd() {
+            $body($crate::cri::Manager::Containerd)
+        }
+        $(#[$meta])*
+        #[test]
+        fn $crio() {
+            if let Err(why) = $crate::cri::Manager::Crio.available() {
+                eprintln!("{}: not run: {why}", stringify!($crio));
+                return;
+            }
+            $body($crate::cri::Manager::Crio)
+        }
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,7 +331,7 @@ pub fn cri_log_lines(path: &Path, stream: &str) -> Result<Vec<String>, String> {
 // ---------------------------------------------------------------------------------------------
 // The private containerd with the CRI plugin.
 
-/// The CNI network of one [`CriContainerd`]: a bridge with a gateway address on the host and a
+/// The CNI network of one [`Cri`]: a bridge with a gateway address on the host and a
 /// /24 of its own, host-local IPAM with a private data directory, then loopback.
 #[derive(Debug, Clone)]
 pub struct CniNetwork {
@@ -371,14 +439,16 @@ fn kubelet_namespaces() -> proto::NamespaceOption {
     }
 }
 
-/// How long a [`CriContainerd`] took to come up.
+/// How long a [`Cri`] took to come up.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CriStartup {
-    /// From spawning containerd to its socket accepting connections.
-    pub containerd: Duration,
-    /// From spawning containerd to the CRI `Status` reporting RuntimeReady and NetworkReady.
+    /// From spawning the manager to its socket accepting connections (for CRI-O after the
+    /// images were copied into its storage).
+    pub manager: Duration,
+    /// From spawning the manager to the CRI `Status` reporting RuntimeReady and NetworkReady.
     pub cri_ready: Duration,
-    /// Importing the pause and busybox images into `k8s.io` until the CRI lists both.
+    /// Getting the pause and busybox images in (containerd: import into `k8s.io`; CRI-O: copy
+    /// into its storage before it starts) until the CRI lists both.
     pub images: Duration,
 }
 
@@ -399,7 +469,7 @@ pub struct Pod {
     /// The kubelet-style pod cgroup (`/podvisor-cri-<pid>-<n>/pod<uid>`), relative to each
     /// hierarchy.
     pub cgroup_parent: String,
-    /// containerd's verbose sandbox information (`info["info"]` of `PodSandboxStatus`).
+    /// The manager's verbose sandbox information (`info["info"]` of `PodSandboxStatus`).
     pub info: serde_json::Value,
 }
 
@@ -431,18 +501,26 @@ pub struct ExecResult {
     pub stderr: String,
 }
 
-/// A private containerd with the CRI plugin (see the module documentation).
-pub struct CriContainerd {
+/// The private container manager behind a [`Cri`].
+enum Backend {
+    Containerd(TestContainerd),
+    Crio(TestCrio),
+}
+
+/// A private container manager with its CRI, on its own CNI bridge (see the module
+/// documentation).
+pub struct Cri {
     rt: tokio::runtime::Runtime,
     client: CriClient,
     net: CniNetwork,
+    manager: Manager,
     handler: &'static str,
     cgroup_root: String,
     startup: CriStartup,
     /// Pod sandbox id -> container ids created in it.
     tracked: Mutex<Vec<(String, Vec<String>)>>,
     // Last: dropped after `Drop::drop` removed the pods, the bridge and the cgroups.
-    ctd: TestContainerd,
+    backend: Backend,
 }
 
 /// Records under a private containerd's directory naming host objects that outlive the
@@ -494,13 +572,14 @@ fn remove_host_object(kind: &str, value: &str) -> Option<String> {
     }
 }
 
-/// Removes host objects recorded by CRI containerds whose test process died.
+/// Removes host objects recorded by CRI harnesses whose test process died.
 fn reap_stale_host_objects() {
     let Ok(entries) = fs::read_dir("/tmp") else { return };
-    let prefix = DIR_PREFIX.trim_start_matches("/tmp/");
+    let prefixes =
+        [crate::containerd::DIR_PREFIX, crate::crio_server::DIR_PREFIX].map(|p| p.trim_start_matches("/tmp/"));
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(prefix) else { continue };
+        let Some(rest) = prefixes.iter().find_map(|p| name.strip_prefix(p)) else { continue };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if pid == std::process::id() || crate::alive(pid) {
             continue;
@@ -574,17 +653,18 @@ pub fn links_in_netns(netns: &Path) -> Result<Vec<String>, String> {
         .collect())
 }
 
-impl CriContainerd {
-    /// Starts one for [`handler`] (panics with containerd's log on failure).
-    pub fn start() -> Self {
-        Self::try_start().unwrap_or_else(|e| panic!("{e}"))
+impl Cri {
+    /// Starts `manager` with its CRI for [`handler`] (panics with the manager's log on failure).
+    pub fn start(manager: Manager) -> Self {
+        Self::try_start(manager).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Starts one for [`handler`]: checks the prerequisites, writes the CNI configuration,
-    /// starts containerd, waits for the CRI to be ready and imports the images.
-    pub fn try_start() -> Result<Self, String> {
+    /// Starts `manager` with its CRI for [`handler`]: checks the prerequisites, writes the CNI
+    /// configuration, starts the manager, waits for the CRI to be ready and for both images.
+    pub fn try_start(manager: Manager) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let handler = handler();
+        manager.available()?;
         for (p, pkg) in [
             ("/usr/lib/cni/bridge", "containernetworking-plugins"),
             ("/usr/lib/cni/host-local", "containernetworking-plugins"),
@@ -604,45 +684,92 @@ impl CriContainerd {
         let x = choose_subnet(pid.wrapping_mul(7).wrapping_add(n * 13))?;
         let kata_config =
             if handler == KATA_HANDLER { kata_test_config(|_| {}) } else { "# unused: runc handler\n".into() };
-        let shim = if handler == KATA_HANDLER { Some(shim_binary()) } else { None };
-        // The network's directories live in containerd's directory, which exists only once
-        // TestContainerd created it: the configuration closure writes them.
+        // The network's directories live in the manager's directory, which exists only once the
+        // manager's harness created it: its setup closure writes them.
         let net_cell: Mutex<Option<CniNetwork>> = Mutex::new(None);
-        let started = Instant::now();
-        let make_config = |dir: &Path| -> String {
+        let make_net = |dir: &Path, conf_dir: PathBuf| -> Result<CniNetwork, String> {
             let net = CniNetwork {
                 name: format!("podvisor-{pid}-{n}"),
                 bridge: format!("pvcri{pid}n{n}"),
                 subnet: format!("10.213.{x}.0/24"),
                 gateway: format!("10.213.{x}.1"),
-                conf_dir: dir.join("cni/net.d"),
-                ipam_dir: dir.join("cni/ipam"),
+                conf_dir,
+                ipam_dir: dir.join("cni-ipam"),
             };
             assert!(net.bridge.len() <= 15, "bridge name {} is too long", net.bridge);
-            let _ = fs::create_dir_all(&net.conf_dir);
-            let _ = fs::create_dir_all(&net.ipam_dir);
-            let _ = fs::write(net.conf_dir.join("10-podvisor.conflist"), cni_conflist(&net));
+            let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+            fs::create_dir_all(&net.conf_dir).map_err(|e| io(&net.conf_dir, e))?;
+            fs::create_dir_all(&net.ipam_dir).map_err(|e| io(&net.ipam_dir, e))?;
+            let conf = net.conf_dir.join("10-podvisor.conflist");
+            fs::write(&conf, cni_conflist(&net)).map_err(|e| io(&conf, e))?;
             record_host_object(dir, "bridge", &net.bridge);
-            let config = cri_containerd_config(dir, &net, handler);
-            *net_cell.lock().unwrap() = Some(net);
-            config
+            *net_cell.lock().unwrap() = Some(net.clone());
+            Ok(net)
         };
-        let ctd = TestContainerd::try_start_custom(&kata_config, shim.as_deref(), &make_config)?;
-        let net = net_cell.lock().unwrap().take().ok_or("the containerd configuration was not written")?;
+        let started = Instant::now();
+        let mut images = Duration::ZERO;
+        let backend = match manager {
+            Manager::Containerd => {
+                let shim = if handler == KATA_HANDLER { Some(shim_binary()) } else { None };
+                let make_config = |dir: &Path| -> String {
+                    match make_net(dir, dir.join("cni/net.d")) {
+                        Ok(net) => cri_containerd_config(dir, &net, handler),
+                        Err(e) => format!("# the CNI configuration could not be written: {e}\n"),
+                    }
+                };
+                Backend::Containerd(TestContainerd::try_start_custom(&kata_config, shim.as_deref(), &make_config)?)
+            }
+            Manager::Crio => {
+                // runc pods need no shim; the kata handler must still name an executable.
+                let shim = shim_binary();
+                let write_cni =
+                    |conf_dir: &Path| make_net(conf_dir.parent().unwrap(), conf_dir.to_path_buf()).map(|_| ());
+                let archives = [
+                    ArchiveImage { archive: pause.clone(), reference: PAUSE_IMAGE.into() },
+                    ArchiveImage { archive: busybox.clone(), reference: BUSYBOX_IMAGE.into() },
+                ];
+                let setup = CrioSetup {
+                    kata_config: &kata_config,
+                    shim: &shim,
+                    images: &archives,
+                    pause_image: PAUSE_IMAGE,
+                    write_cni: &write_cni,
+                };
+                let crio = TestCrio::try_start(&setup)?;
+                images = crio.images_time();
+                Backend::Crio(crio)
+            }
+        };
+        let net = net_cell.lock().unwrap().take().ok_or("the CNI configuration was not written")?;
         let socket_up = started.elapsed();
         let cgroup_root = format!("/podvisor-cri-{pid}-{n}");
-        record_host_object(ctd.dir(), "cgroup", &cgroup_root);
+        let (dir, socket) = match &backend {
+            Backend::Containerd(c) => (c.dir().to_path_buf(), c.socket().to_path_buf()),
+            Backend::Crio(c) => (c.dir().to_path_buf(), c.socket().to_path_buf()),
+        };
+        record_host_object(&dir, "cgroup", &cgroup_root);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| format!("tokio runtime: {e}"))?;
-        let client = rt.block_on(CriClient::connect(ctd.socket()))?;
-        // The CRI answers once its plugin is initialized; Status says when the runtime and
-        // the network (CNI configuration loaded) are ready.
+        let client = rt.block_on(CriClient::connect(&socket))?;
+        let me = Cri {
+            rt,
+            client,
+            net,
+            manager,
+            handler,
+            cgroup_root,
+            startup: CriStartup::default(),
+            tracked: Mutex::new(Vec::new()),
+            backend,
+        };
+        // The CRI answers once it is initialized; Status says when the runtime and the network
+        // (CNI configuration loaded) are ready.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let status = rt.block_on(client.status());
+            let status = me.rt.block_on(me.client.status());
             let ready = status.as_ref().map(|s| {
                 let conds = s.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
                 ["RuntimeReady", "NetworkReady"].iter().all(|t| conds.iter().any(|c| c.r#type == *t && c.status))
@@ -651,49 +778,108 @@ impl CriContainerd {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("the CRI was not ready within 60 s: {status:?}\n{}", ctd.logs_tail(40)));
+                return Err(format!("the CRI was not ready within 60 s: {status:?}\n{}", me.logs()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let cri_ready = started.elapsed();
         let t = Instant::now();
-        for archive in [&pause, &busybox] {
-            let out = ctd.ctr(&["-n", CRI_NAMESPACE, "image", "import", &archive.display().to_string()]);
-            if !out.status.success() {
-                return Err(format!("importing {} into {CRI_NAMESPACE}: {}", archive.display(), ctd.explain(&out)));
+        if let Backend::Containerd(ctd) = &me.backend {
+            for archive in [&pause, &busybox] {
+                let out = ctd.ctr(&["-n", CRI_NAMESPACE, "image", "import", &archive.display().to_string()]);
+                if !out.status.success() {
+                    return Err(format!("importing {} into {CRI_NAMESPACE}: {}", archive.display(), ctd.explain(&out)));
+                }
             }
         }
-        // The CRI learns about imported images from containerd's events.
+        // containerd's CRI learns about imported images from its events.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let images = rt.block_on(client.list_images())?;
-            let has = |r: &str| images.iter().any(|i| i.repo_tags.iter().any(|t| t == r));
+            let listed = me.rt.block_on(me.client.list_images())?;
+            let has = |r: &str| listed.iter().any(|i| i.repo_tags.iter().any(|t| t == r));
             if has(PAUSE_IMAGE) && has(BUSYBOX_IMAGE) {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the CRI does not list {PAUSE_IMAGE} and {BUSYBOX_IMAGE} after import: {images:?}"
-                ));
+                return Err(format!("the CRI does not list {PAUSE_IMAGE} and {BUSYBOX_IMAGE}: {listed:?}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let images = t.elapsed();
-        Ok(CriContainerd {
-            rt,
-            client,
-            net,
-            handler,
-            cgroup_root,
-            startup: CriStartup { containerd: socket_up, cri_ready, images },
-            tracked: Mutex::new(Vec::new()),
-            ctd,
-        })
+        images += t.elapsed();
+        let mut me = me;
+        me.startup = CriStartup { manager: socket_up, cri_ready, images };
+        Ok(me)
     }
 
-    /// The underlying private containerd (`ctr`, logs, directory).
-    pub fn ctd(&self) -> &TestContainerd {
-        &self.ctd
+    /// The container manager under test.
+    pub fn manager(&self) -> Manager {
+        self.manager
+    }
+
+    /// The private containerd, when that is the manager (`ctr`, its log).
+    pub fn containerd(&self) -> Option<&TestContainerd> {
+        match &self.backend {
+            Backend::Containerd(c) => Some(c),
+            Backend::Crio(_) => None,
+        }
+    }
+
+    /// The private CRI-O, when that is the manager.
+    pub fn crio(&self) -> Option<&TestCrio> {
+        match &self.backend {
+            Backend::Crio(c) => Some(c),
+            Backend::Containerd(_) => None,
+        }
+    }
+
+    /// The manager's private directory (scratch space for a test lives under it too).
+    pub fn dir(&self) -> &Path {
+        match &self.backend {
+            Backend::Containerd(c) => c.dir(),
+            Backend::Crio(c) => c.dir(),
+        }
+    }
+
+    /// The shim configuration the `kata` handler uses (rewrite it before `RunPodSandbox` to
+    /// change the next pod's VM).
+    pub fn kata_config(&self) -> &Path {
+        match &self.backend {
+            Backend::Containerd(c) => c.kata_config(),
+            Backend::Crio(c) => c.kata_config(),
+        }
+    }
+
+    /// Makes the manager's teardown clean up after `id` too.
+    pub fn track_id(&self, id: &str) {
+        match &self.backend {
+            Backend::Containerd(c) => c.track_id(id),
+            Backend::Crio(c) => c.track_id(id),
+        }
+    }
+
+    /// The bundle the manager gives the shim for container or sandbox `id` (`config.json`).
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        match &self.backend {
+            Backend::Containerd(c) => c.dir().join("state/io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(id),
+            Backend::Crio(c) => c.bundle(id),
+        }
+    }
+
+    /// The directory holding one bundle per task id.
+    fn bundles_dir(&self) -> PathBuf {
+        match &self.backend {
+            Backend::Containerd(_) => self.bundle("x").parent().unwrap().to_path_buf(),
+            Backend::Crio(c) => c.bundles_dir(),
+        }
+    }
+
+    /// The shim socket of the pod `sandbox_id` (containerd-style, from the address the manager
+    /// passes to `start`: containerd's socket and `k8s.io`, or `""` and `default` for CRI-O).
+    pub fn shim_socket(&self, sandbox_id: &str) -> PathBuf {
+        match &self.backend {
+            Backend::Containerd(c) => leaks::shim_socket(&c.socket().to_string_lossy(), CRI_NAMESPACE, sandbox_id),
+            Backend::Crio(_) => leaks::shim_socket("", "default", sandbox_id),
+        }
     }
 
     /// The async CRI client.
@@ -721,9 +907,13 @@ impl CriContainerd {
         self.startup
     }
 
-    /// containerd's log tail for assertion messages.
+    /// The manager's log tail for assertion messages (the shim's log is in it, unless a
+    /// journal runs).
     pub fn logs(&self) -> String {
-        self.ctd.logs_tail(40)
+        match &self.backend {
+            Backend::Containerd(c) => c.logs_tail(40),
+            Backend::Crio(c) => c.logs_tail(40),
+        }
     }
 
     fn ok<T>(&self, what: &str, r: CriResult<T>) -> T {
@@ -737,7 +927,7 @@ impl CriContainerd {
     pub fn pod_config(&self, name: &str) -> proto::PodSandboxConfig {
         let uid = crate::unique_id(&format!("pod-{name}"));
         let namespace = "podvisor-test".to_string();
-        let log_directory = self.ctd.dir().join("pods").join(format!("{namespace}_{name}_{uid}"));
+        let log_directory = self.dir().join("pods").join(format!("{namespace}_{name}_{uid}"));
         proto::PodSandboxConfig {
             metadata: Some(proto::PodSandboxMetadata { name: name.into(), uid: uid.clone(), namespace, attempt: 0 }),
             hostname: name.into(),
@@ -767,7 +957,11 @@ impl CriContainerd {
     pub fn container_config(&self, name: &str, args: &[&str]) -> proto::ContainerConfig {
         proto::ContainerConfig {
             metadata: Some(proto::ContainerMetadata { name: name.into(), attempt: 0 }),
-            image: Some(proto::ImageSpec { image: BUSYBOX_IMAGE.into(), ..Default::default() }),
+            image: Some(proto::ImageSpec {
+                image: BUSYBOX_IMAGE.into(),
+                user_specified_image: BUSYBOX_IMAGE.into(),
+                ..Default::default()
+            }),
             command: args.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}/0.log"),
             labels: HashMap::from([("podvisor.test/container".into(), name.into())]),
@@ -782,15 +976,48 @@ impl CriContainerd {
         }
     }
 
-    /// `RunPodSandbox` with the handler under test; then `PodSandboxStatus` for the pod IP and
-    /// the network namespace. The sandbox id is tracked for teardown.
-    pub fn run_pod(&self, config: &proto::PodSandboxConfig) -> Pod {
+    /// What the kubelet does before `RunPodSandbox`: the pod's log directory and, for a
+    /// cgroupfs-style `cgroup_parent`, the pod cgroup in every hierarchy (a systemd slice is
+    /// systemd's to make). Both go in [`Self::remove_pod`].
+    pub fn prepare_pod(&self, config: &proto::PodSandboxConfig) {
         fs::create_dir_all(&config.log_directory).unwrap_or_else(|e| panic!("{}: {e}", config.log_directory));
+        let parent = config.linux.as_ref().map(|l| l.cgroup_parent.as_str()).unwrap_or("");
+        if parent.is_empty() || parent.ends_with(".slice") {
+            return;
+        }
+        for h in cgroup_hierarchies() {
+            let mut dir = h.clone();
+            for part in Path::new(parent.trim_start_matches('/')).components() {
+                let up = dir.clone();
+                dir.push(part);
+                if dir.is_dir() {
+                    continue;
+                }
+                fs::create_dir(&dir).unwrap_or_else(|e| panic!("pod cgroup {}: {e}", dir.display()));
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    if let Ok(v) = fs::read_to_string(up.join(file)) {
+                        let _ = fs::write(dir.join(file), v.trim());
+                    }
+                }
+            }
+        }
+    }
+
+    /// `RunPodSandbox` with the handler under test (after [`Self::prepare_pod`]); then
+    /// `PodSandboxStatus` for the pod IP and the network namespace. The sandbox id is tracked
+    /// for teardown.
+    pub fn run_pod(&self, config: &proto::PodSandboxConfig) -> Pod {
+        self.run_pod_with_handler(config, self.handler)
+    }
+
+    /// [`Self::run_pod`] with another runtime handler (`runc` next to `kata` in benchmarks).
+    pub fn run_pod_with_handler(&self, config: &proto::PodSandboxConfig, handler: &str) -> Pod {
+        self.prepare_pod(config);
         let before = bridge_ports(&self.net.bridge);
         let started = Instant::now();
-        let id = self.ok("RunPodSandbox", self.block_on(self.client.run_pod_sandbox(config, self.handler)));
-        eprintln!("RunPodSandbox ({}) took {:.2} s: {id}", self.handler, started.elapsed().as_secs_f64());
-        self.ctd.track_id(&id);
+        let id = self.ok("RunPodSandbox", self.block_on(self.client.run_pod_sandbox(config, handler)));
+        eprintln!("RunPodSandbox ({handler}) took {:.2} s: {id}", started.elapsed().as_secs_f64());
+        self.track_id(&id);
         self.tracked.lock().unwrap().push((id.clone(), Vec::new()));
         let st = self.ok("PodSandboxStatus", self.block_on(self.client.pod_sandbox_status(&id, true)));
         let status = st.status.clone().unwrap_or_default();
@@ -805,7 +1032,7 @@ impl CriContainerd {
             .and_then(|n| n["path"].as_str())
             .map(PathBuf::from);
         if let Some(p) = &netns {
-            record_host_object(self.ctd.dir(), "netns", &p.display().to_string());
+            record_host_object(self.dir(), "netns", &p.display().to_string());
         }
         let after = bridge_ports(&self.net.bridge);
         let host_veth = after.into_iter().find(|p| !before.contains(p));
@@ -815,8 +1042,13 @@ impl CriContainerd {
 
     /// `CreateContainer` in `pod` (tracked for teardown); returns the container id.
     pub fn create_container(&self, pod: &Pod, config: &proto::ContainerConfig) -> String {
+        // The kubelet makes the container's log directory (`<pod log dir>/<name>/`); CRI-O does
+        // not, containerd does.
+        if let Some(dir) = pod.log_path(config).parent() {
+            fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        }
         let id = self.ok("CreateContainer", self.block_on(self.client.create_container(&pod.id, config, &pod.config)));
-        self.ctd.track_id(&id);
+        self.track_id(&id);
         if let Some(p) = self.tracked.lock().unwrap().iter_mut().find(|p| p.0 == pod.id) {
             p.1.push(id.clone());
         }
@@ -931,7 +1163,7 @@ impl CriContainerd {
     /// The OCI spec containerd wrote for task `id` (`<state>/io.containerd.runtime.v2.task/k8s.io/<id>/config.json`),
     /// i.e. exactly what the shim gets; `None` once the bundle is gone.
     pub fn bundle_spec(&self, id: &str) -> Option<serde_json::Value> {
-        let p = self.task_bundle(id).join("config.json");
+        let p = self.bundle(id).join("config.json");
         fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
     }
 
@@ -947,8 +1179,8 @@ impl CriContainerd {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         }
-        fs::create_dir_all(&config.log_directory).unwrap();
-        let bundles = self.task_bundle("x").parent().unwrap().to_path_buf();
+        self.prepare_pod(config);
+        let bundles = self.bundles_dir();
         let before = entries(&bundles);
         let done = AtomicBool::new(false);
         let seen = Mutex::new(HashSet::new());
@@ -973,6 +1205,9 @@ impl CriContainerd {
         assert_eq!(ids.len(), 1, "sandbox bundles seen during the failed RunPodSandbox: {ids:?}");
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         leaks::assert_no_leaks(&ids, None);
+        let parent = config.linux.as_ref().map(|l| l.cgroup_parent.as_str()).unwrap_or("");
+        let left = remove_cgroup_parent(parent);
+        assert!(left.is_empty(), "the failed pod's cgroup is busy: {left:?}");
         let name = config.metadata.as_ref().unwrap().name.clone();
         let pods = self.block_on(self.client.list_pod_sandbox()).unwrap();
         assert!(
@@ -980,11 +1215,6 @@ impl CriContainerd {
             "the failed pod is listed: {pods:?}"
         );
         err
-    }
-
-    /// The task bundle directory of `id`.
-    pub fn task_bundle(&self, id: &str) -> PathBuf {
-        self.ctd.dir().join("state/io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(id)
     }
 
     /// Asserts that the host can reach `ip` only through this harness's bridge (so that test
@@ -1007,6 +1237,16 @@ impl CriContainerd {
     /// `StopPodSandbox` + `RemovePodSandbox`, then removes the pod cgroup as the kubelet does,
     /// and asserts that nothing of the pod is left ([`Self::assert_pod_gone`]).
     pub fn remove_pod(&self, pod: &Pod) {
+        // The kubelet stops each container with its grace period before the sandbox; CRI-O's
+        // StopPodSandbox would otherwise wait its own timeout for a PID 1 that ignores SIGTERM.
+        for id in self.containers_of(pod) {
+            let running = self
+                .block_on(self.client.container_status(&id, false))
+                .is_ok_and(|r| r.status.is_some_and(|s| s.state == proto::CONTAINER_RUNNING));
+            if running {
+                self.stop_container(&id, 2);
+            }
+        }
         let t = Instant::now();
         self.stop_pod(pod);
         let stopped = t.elapsed();
@@ -1041,22 +1281,31 @@ impl CriContainerd {
                 found.push(format!("the CRI still lists container {}", c.id));
             }
         }
-        let d = self.ctd.dir();
-        for id in &ids {
-            for base in ["state", "root"] {
-                let bundle = d.join(base).join("io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(id);
-                if bundle.exists() {
-                    found.push(format!("task bundle {}", bundle.display()));
-                }
-                for kind in ["sandboxes", "containers"] {
-                    let p = d.join(base).join("io.containerd.grpc.v1.cri").join(kind).join(id);
-                    if p.exists() {
-                        found.push(format!("CRI directory {}", p.display()));
+        match &self.backend {
+            Backend::Containerd(c) => {
+                let d = c.dir();
+                for id in &ids {
+                    for base in ["state", "root"] {
+                        let bundle = d.join(base).join("io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(id);
+                        if bundle.exists() {
+                            found.push(format!("task bundle {}", bundle.display()));
+                        }
+                        for kind in ["sandboxes", "containers"] {
+                            let p = d.join(base).join("io.containerd.grpc.v1.cri").join(kind).join(id);
+                            if p.exists() {
+                                found.push(format!("CRI directory {}", p.display()));
+                            }
+                        }
                     }
                 }
             }
+            Backend::Crio(c) => {
+                for id in &ids {
+                    found.extend(c.leftovers_of(id));
+                }
+            }
         }
-        let sock = leaks::shim_socket(&self.ctd.socket().to_string_lossy(), CRI_NAMESPACE, &pod.id);
+        let sock = self.shim_socket(&pod.id);
         if sock.exists() {
             found.push(format!("shim socket {}", sock.display()));
         }
@@ -1109,22 +1358,30 @@ impl CriContainerd {
     /// Removes the pod cgroup (the kubelet's job after `RemovePodSandbox`); fails if
     /// processes are still in it.
     fn remove_pod_cgroup(&self, pod: &Pod) -> Vec<String> {
-        let mut errors = Vec::new();
-        if pod.cgroup_parent.is_empty() {
-            return errors;
-        }
-        for h in cgroup_hierarchies() {
-            let p = h.join(pod.cgroup_parent.trim_start_matches('/'));
-            if p.is_dir() {
-                if let Err(e) = remove_cgroup_tree(&p) {
-                    let procs = fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
-                    errors.push(format!("pod cgroup {}: {e} (processes: {})", p.display(), procs.trim()));
-                }
+        remove_cgroup_parent(&pod.cgroup_parent)
+    }
+}
+
+/// Removes a pod cgroup (`cgroup_parent`) in every hierarchy, as the kubelet does once the pod
+/// is gone; what could not be removed, with the processes still in it.
+fn remove_cgroup_parent(parent: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if parent.is_empty() {
+        return errors;
+    }
+    for h in cgroup_hierarchies() {
+        let p = h.join(parent.trim_start_matches('/'));
+        if p.is_dir() {
+            if let Err(e) = remove_cgroup_tree(&p) {
+                let procs = fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
+                errors.push(format!("pod cgroup {}: {e} (processes: {})", p.display(), procs.trim()));
             }
         }
-        errors
     }
+    errors
+}
 
+impl Cri {
     /// Asserts (polling up to [`leaks::GRACE`]) that nothing of a removed pod is left:
     /// processes (shim, QEMU, virtiofsd, ...), mounts, `/run/kata-containers` entries and
     /// cgroups naming the sandbox or a container id; the CRI's and containerd's records, task
@@ -1181,7 +1438,7 @@ impl CriContainerd {
             }
             Err(e) => left.push(format!("ListPodSandbox: {e}")),
         }
-        let recorded = fs::read_to_string(self.ctd.dir().join(LEFTOVERS_FILE)).unwrap_or_default();
+        let recorded = fs::read_to_string(self.dir().join(LEFTOVERS_FILE)).unwrap_or_default();
         for l in recorded.lines() {
             if let Some((kind, value)) = l.split_once(' ') {
                 let done = remove_host_object(kind, value);
@@ -1195,13 +1452,14 @@ impl CriContainerd {
     }
 }
 
-impl Drop for CriContainerd {
+impl Drop for Cri {
     fn drop(&mut self) {
         let left = self.cleanup();
         if !left.is_empty() {
             let msg = format!(
-                "CRI containerd {} had to clean up after the test:\n  {}",
-                self.ctd.dir().display(),
+                "CRI {} {} had to clean up after the test:\n  {}",
+                self.manager,
+                self.dir().display(),
                 left.join("\n  ")
             );
             if std::thread::panicking() {
@@ -1239,7 +1497,7 @@ pub fn host_veth_of(net: &CniNetwork, sandbox_id: &str, info: &serde_json::Value
     })
 }
 
-impl CriContainerd {
+impl Cri {
     /// Records sandbox `id`, started with `config` through [`Self::client`] directly (for
     /// example by several threads at once, or to time the bare CRI calls), the way
     /// [`Self::run_pod`] records its pods: tracked for teardown and leak checks, its network
@@ -1248,7 +1506,7 @@ impl CriContainerd {
     /// race with other pods starting at the same time. The caller creates
     /// `config.log_directory` before `RunPodSandbox`, as `run_pod` does.
     pub fn adopt_pod(&self, id: &str, config: &proto::PodSandboxConfig) -> Result<Pod, String> {
-        self.ctd.track_id(id);
+        self.track_id(id);
         {
             let mut tracked = self.tracked.lock().unwrap();
             if !tracked.iter().any(|p| p.0 == id) {
@@ -1273,7 +1531,7 @@ impl CriContainerd {
             .and_then(|n| n["path"].as_str())
             .map(PathBuf::from);
         if let Some(p) = &netns {
-            record_host_object(self.ctd.dir(), "netns", &p.display().to_string());
+            record_host_object(self.dir(), "netns", &p.display().to_string());
         }
         let host_veth = host_veth_of(&self.net, id, &info);
         let cgroup_parent = config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
@@ -1283,7 +1541,7 @@ impl CriContainerd {
     /// Records container `id`, created in sandbox `pod_id` through [`Self::client`] directly,
     /// for teardown and leak checks (as [`Self::create_container`] does).
     pub fn adopt_container(&self, pod_id: &str, id: &str) {
-        self.ctd.track_id(id);
+        self.track_id(id);
         let mut tracked = self.tracked.lock().unwrap();
         match tracked.iter_mut().find(|p| p.0 == pod_id) {
             Some(p) if !p.1.iter().any(|c| c == id) => p.1.push(id.to_string()),

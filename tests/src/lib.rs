@@ -11,6 +11,7 @@ use hypervisor::QemuConfig;
 pub mod containerd;
 pub mod cri;
 pub mod crio;
+pub mod crio_server;
 pub mod image;
 pub mod leaks;
 pub mod stream;

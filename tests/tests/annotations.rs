@@ -1,5 +1,5 @@
-//! End-to-end: Kata's `io.katacontainers.config.*` pod annotations through containerd's CRI
-//! (`tests/src/cri.rs`): the VM follows `default_vcpus`, `default_memory` and `kernel_params`
+//! End-to-end: Kata's `io.katacontainers.config.*` pod annotations through the CRI of containerd
+//! and of CRI-O (`tests/src/cri.rs`): the VM follows `default_vcpus`, `default_memory` and `kernel_params`
 //! when `enable_annotations` allows them; a key that is not enabled, a key podvisor does not
 //! know, and a bad value each fail RunPodSandbox with an error naming the annotation and the
 //! fix, and leave nothing behind.
@@ -12,14 +12,15 @@
 use std::fs;
 
 use podvisor_tests::containerd::{kata_test_config, qemu_section};
-use podvisor_tests::cri::{proto, require_kata, CriContainerd};
+use podvisor_tests::cri::{proto, require_kata, Cri, Manager};
+use podvisor_tests::on_both_managers;
 
 const HV: &str = "io.katacontainers.config.hypervisor.";
 
 /// `sleep` that exits on SIGTERM.
 const SLEEPER: &[&str] = &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"];
 
-fn pod(cri: &CriContainerd, name: &str, annotations: &[(&str, &str)]) -> proto::PodSandboxConfig {
+fn pod(cri: &Cri, name: &str, annotations: &[(&str, &str)]) -> proto::PodSandboxConfig {
     let mut config = cri.pod_config(name);
     config.annotations.extend(annotations.iter().map(|(k, v)| (format!("{HV}{k}"), v.to_string())));
     config
@@ -31,15 +32,19 @@ fn meminfo_kib(text: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/meminfo:\n{text}"))
 }
 
-#[test]
-fn enabled_annotations_size_the_vm_and_others_are_rejected_by_name() {
+on_both_managers!(
+    enabled_annotations_size_the_vm_and_others_are_rejected_by_name_containerd,
+    enabled_annotations_size_the_vm_and_others_are_rejected_by_name_crio,
+    enabled_annotations_size_the_vm_and_others_are_rejected_by_name
+);
+fn enabled_annotations_size_the_vm_and_others_are_rejected_by_name(m: Manager) {
     require_kata("the annotations shape the pod's VM");
-    let cri = CriContainerd::start();
+    let cri = Cri::start(m);
     let text = kata_test_config(|t| {
         let enabled = ["default_vcpus", "default_memory", "kernel_params"].map(toml::Value::from);
         qemu_section(t).insert("enable_annotations".into(), toml::Value::Array(enabled.to_vec()));
     });
-    fs::write(cri.ctd().kata_config(), text).unwrap();
+    fs::write(cri.kata_config(), text).unwrap();
 
     // Enabled: the guest has 2 vCPUs, about 1 GiB and the extra kernel parameter.
     let config = pod(

@@ -1,18 +1,22 @@
-//! End-to-end: Kubernetes pods through containerd 1.6's CRI plugin (a private containerd per
-//! test, `tests/src/cri.rs`), driven with a CRI client the way the kubelet drives it: a pod
-//! sandbox and its busybox containers, networking over a CNI bridge, volumes (hostPath,
-//! configMap, raw block device), exec, logs, OOM. Every pod ends with StopPodSandbox and
-//! RemovePodSandbox and a check that nothing of it is left on the host.
+//! End-to-end: Kubernetes pods through a real container manager's CRI, on both managers: a
+//! private containerd 1.6 with its CRI plugin and a private CRI-O 1.36 per test
+//! (`tests/src/cri.rs`, `tests/src/crio_server.rs`), driven with a CRI client the way the kubelet
+//! drives them: a pod sandbox and its busybox containers, networking over a CNI bridge, volumes
+//! (hostPath, configMap, raw block device), exec, logs, OOM. Each scenario is one test per manager
+//! (`<name>_containerd`, `<name>_crio`). Every pod ends with StopPodSandbox and RemovePodSandbox
+//! and a check that nothing of it is left on the host.
 //!
 //! Environment:
 //! - `PODVISOR_CRI_HANDLER` (default `kata`): the CRI runtime handler. `runc` validates the
-//!   harness with containerd's runc shim; tests and assertions that only make sense in a VM then
-//!   FAIL with "needs the kata handler", they never pass silently.
+//!   harness with runc; tests and assertions that only make sense in a VM then FAIL with "needs
+//!   the kata handler", they never pass silently.
 //! - `PODVISOR_SHIM`: the shim binary to test instead of `target/{release,debug}/containerd-shim-kata-v2`.
+//! - `PODVISOR_CRIO_DIR`: CRI-O 1.36's `crio`, `pinns` and `crictl` (default: the workspace's
+//!   `../shared/tools/cri-o`). Where they are missing, each `_crio` test says so in one line.
 //!
 //! Prerequisites (a missing one is a failure, never a skip): `scripts/deps.sh` (containerd,
-//! runc, busybox-static, containernetworking-plugins, iproute2, util-linux), and for `kata`
-//! `make guest-image` and `cargo build -p podvisor-shim`.
+//! runc, conmon, skopeo, busybox-static, containernetworking-plugins, iproute2, util-linux), and
+//! for `kata` `make guest-image` and `cargo build -p podvisor-shim`.
 //!
 //! Run: `cargo test -p podvisor-tests --test cri -- --test-threads=2`.
 
@@ -24,11 +28,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use podvisor_tests::cri::{
-    cri_log_lines, handler_is_kata, links_in_netns, proto, require_kata, ConfigMapVolume, CriContainerd, LoopDevice,
+    cri_log_lines, handler_is_kata, links_in_netns, proto, require_kata, ConfigMapVolume, Cri, LoopDevice, Manager,
     BUSYBOX_IMAGE, PAUSE_IMAGE, PAUSE_SCRIPT,
 };
 use podvisor_tests::image::sysv_shm_helper;
 use podvisor_tests::leaks;
+use podvisor_tests::on_both_managers;
 
 /// How long a container may take to exit or an update to show.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,7 +43,7 @@ fn host_kernel() -> String {
 }
 
 /// Kernel checks that fit the handler: a VM's own kernel under kata, the host's under runc.
-fn assert_kernel(cri: &CriContainerd, container: &str) {
+fn assert_kernel(cri: &Cri, container: &str) {
     let guest = cri.exec_ok(container, &["uname", "-r"]).trim().to_string();
     if handler_is_kata() {
         assert_ne!(guest, host_kernel(), "the container saw the host's kernel: it does not run in a VM");
@@ -97,25 +102,30 @@ fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<T, S
     }
 }
 
-fn print_startup(cri: &CriContainerd) {
+fn print_startup(cri: &Cri) {
     let s = cri.startup();
     eprintln!(
-        "CRI containerd ({} handler): socket after {:.3} s, CRI ready after {:.3} s, images imported in {:.3} s",
+        "CRI {} ({} handler): socket after {:.3} s, CRI ready after {:.3} s, images in {:.3} s",
+        cri.manager(),
         cri.handler(),
-        s.containerd.as_secs_f64(),
+        s.manager.as_secs_f64(),
         s.cri_ready.as_secs_f64(),
         s.images.as_secs_f64()
     );
 }
 
+on_both_managers!(
+    cri_plugin_starts_and_lists_the_local_images_containerd,
+    cri_plugin_starts_and_lists_the_local_images_crio,
+    cri_plugin_starts_and_lists_the_local_images
+);
 /// The CRI plugin runs with this host's limits (cgroup v1 hybrid, no systemd, no
 /// CAP_SYS_RESOURCE), reports ready, and sees both imported images.
-#[test]
-fn cri_plugin_starts_and_lists_the_local_images() {
-    let cri = CriContainerd::start();
+fn cri_plugin_starts_and_lists_the_local_images(m: Manager) {
+    let cri = Cri::start(m);
     print_startup(&cri);
     let v = cri.block_on(cri.client().version()).unwrap();
-    assert_eq!(v.runtime_name, "containerd", "{v:?}");
+    assert_eq!(v.runtime_name, m.runtime_name(), "{v:?}");
     assert_eq!(v.runtime_api_version, "v1", "{v:?}");
     let images = cri.block_on(cri.client().list_images()).unwrap();
     for want in [PAUSE_IMAGE, BUSYBOX_IMAGE] {
@@ -157,12 +167,16 @@ fn shipped_runtime_configs_are_valid_toml_with_the_kata_handler() {
     assert_eq!(kata["options"]["ConfigPath"].as_str(), Some("/usr/share/defaults/kata-containers/configuration.toml"));
 }
 
+on_both_managers!(
+    pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers_containerd,
+    pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers_crio,
+    pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers
+);
 /// Two containers of one pod share its network (B reaches A's server on localhost) and IPC
 /// (a /dev/shm file written in A is visible in B, same IPC namespace); the pod IP answers ping
 /// and TCP from the host; hostname, DNS settings and /etc/hosts reach the containers.
-#[test]
-fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
-    let cri = CriContainerd::start();
+fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers(m: Manager) {
+    let cri = Cri::start(m);
     print_startup(&cri);
     let pod = cri.run_pod(&cri.pod_config("net"));
     eprintln!("pod {} ip {} netns {:?} host veth {:?}", pod.id, pod.ip, pod.netns, pod.host_veth);
@@ -281,14 +295,18 @@ fn pod_containers_share_localhost_and_ipc_and_the_pod_ip_answers() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    host_path_volumes_read_write_and_read_only_containerd,
+    host_path_volumes_read_write_and_read_only_crio,
+    host_path_volumes_read_write_and_read_only
+);
 /// hostPath volumes: read-write (the container's write shows on the host, the host's in the
 /// container) and read-only (writes fail).
-#[test]
-fn host_path_volumes_read_write_and_read_only() {
-    let cri = CriContainerd::start();
+fn host_path_volumes_read_write_and_read_only(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("hostpath"));
-    let rw = cri.ctd().dir().join("volumes/hostpath-rw");
-    let ro = cri.ctd().dir().join("volumes/hostpath-ro");
+    let rw = cri.dir().join("volumes/hostpath-rw");
+    let ro = cri.dir().join("volumes/hostpath-ro");
     for (d, text) in [(&rw, "host-rw\n"), (&ro, "host-ro\n")] {
         fs::create_dir_all(d).unwrap();
         fs::write(d.join("from-host"), text).unwrap();
@@ -332,18 +350,22 @@ fn host_path_volumes_read_write_and_read_only() {
         }
     });
     cri.remove_pod(&pod);
-    fs::remove_dir_all(cri.ctd().dir().join("volumes")).unwrap();
+    fs::remove_dir_all(cri.dir().join("volumes")).unwrap();
 }
 
+on_both_managers!(
+    memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod_containerd,
+    memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod_crio,
+    memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod
+);
 /// An emptyDir with medium Memory (kubelet: a host tmpfs at `…/volumes/kubernetes.io~empty-dir/
 /// <name>`) is a tmpfs in the guest, shared by the pod's containers, not a host directory over
 /// virtio-fs.
-#[test]
-fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod() {
+fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod(m: Manager) {
     require_kata("the memory emptyDir test");
-    let cri = CriContainerd::start();
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("emptydir"));
-    let vol = cri.ctd().dir().join(format!("kubelet/pods/{}/volumes/kubernetes.io~empty-dir/cache", pod.uid()));
+    let vol = cri.dir().join(format!("kubelet/pods/{}/volumes/kubernetes.io~empty-dir/cache", pod.uid()));
     fs::create_dir_all(&vol).unwrap();
     nix::mount::mount(Some("tmpfs"), &vol, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>)
         .expect("mount the host tmpfs");
@@ -371,14 +393,18 @@ fn memory_empty_dir_is_a_guest_tmpfs_shared_by_the_pod() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    config_map_updates_are_visible_within_two_seconds_containerd,
+    config_map_updates_are_visible_within_two_seconds_crio,
+    config_map_updates_are_visible_within_two_seconds
+);
 /// A configMap volume updated the way the kubelet does (new timestamped directory, `..data`
 /// symlink renamed over): 20 updates in a row, each visible in the container within 2 s; the
 /// same for a secret (that layout on a tmpfs of its own).
-#[test]
-fn config_map_updates_are_visible_within_two_seconds() {
-    let cri = CriContainerd::start();
+fn config_map_updates_are_visible_within_two_seconds(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("configmap"));
-    let kubelet = cri.ctd().dir().join("kubelet");
+    let kubelet = cri.dir().join("kubelet");
     let config_map = ConfigMapVolume::create(&kubelet, pod.uid(), "settings", &[("key", "v0")]);
     // A secret: the same atomic writer on a tmpfs of its own.
     let secret = ConfigMapVolume::create_secret(&kubelet, pod.uid(), "token", &[("key", "v0")]);
@@ -431,11 +457,15 @@ fn config_map_updates_are_visible_within_two_seconds() {
     fs::remove_dir_all(kubelet).unwrap();
 }
 
+on_both_managers!(
+    exec_sync_output_and_exit_code_and_complete_container_logs_containerd,
+    exec_sync_output_and_exit_code_and_complete_container_logs_crio,
+    exec_sync_output_and_exit_code_and_complete_container_logs
+);
 /// ExecSync returns stdout, stderr and the exit code; a container's CRI log file has all its
 /// lines, in order, partial lines of long output included.
-#[test]
-fn exec_sync_output_and_exit_code_and_complete_container_logs() {
-    let cri = CriContainerd::start();
+fn exec_sync_output_and_exit_code_and_complete_container_logs(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("exec"));
     let c = cri.run_container(&pod, &cri.container_config("app", SLEEPER));
 
@@ -445,24 +475,34 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     assert_eq!(r.exit_code, 0, "{r:?}");
     // A container's seccomp profile holds for what is exec'd in it, as with runc: chmod is
     // refused in the confined container, allowed in the other.
-    let profile = cri.ctd().dir().join("seccomp-no-chmod.json");
+    let profile = cri.dir().join("seccomp-no-chmod.json");
     let rules = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod","fchmodat","fchmodat2"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#;
     fs::write(&profile, rules).unwrap();
     let mut confined = cri.container_config("confined", SLEEPER);
     let security = confined.linux.as_mut().and_then(|l| l.security_context.as_mut()).expect("security context");
     security.seccomp_profile_path = format!("localhost/{}", profile.display());
+    security.seccomp = Some(proto::SecurityProfile {
+        profile_type: proto::PROFILE_LOCALHOST,
+        localhost_ref: profile.display().to_string(),
+    });
     let confined = cri.run_container(&pod, &confined);
     let chmod = ["sh", "-c", "chmod 700 /tmp && echo allowed || echo refused"];
     assert_eq!(cri.exec_ok(&confined, &chmod), "refused\n", "chmod in a container whose profile refuses it");
     assert_eq!(cri.exec_ok(&c, &chmod), "allowed\n", "chmod in a container without a profile");
     // ExecSync's timeout: the call fails after it and the process is killed in the guest.
+    // containerd answers DeadlineExceeded; CRI-O answers exit code -1, "command timed out".
     let t = Instant::now();
-    let err = cri
-        .block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2))
-        .expect_err("ExecSync of sleep 4711 with timeout 2");
+    let answer = cri.block_on(cri.client().exec_sync(&c, &["sleep", "4711"], 2));
     let took = t.elapsed();
-    eprintln!("ExecSync timeout after {:.2} s: {err}", took.as_secs_f64());
-    assert!(err.contains("timeout") && err.contains("exceeded"), "{err}");
+    eprintln!("ExecSync timeout after {:.2} s: {answer:?}", took.as_secs_f64());
+    match (m, answer) {
+        (Manager::Containerd, Err(e)) => assert!(e.contains("timeout") && e.contains("exceeded"), "{e}"),
+        (Manager::Crio, Ok(r)) => {
+            assert_eq!(r.exit_code, -1, "{r:?}");
+            assert_eq!(String::from_utf8_lossy(&r.stderr), "command timed out", "{r:?}");
+        }
+        (m, other) => panic!("ExecSync of sleep 4711 with timeout 2 through {m}: {other:?}"),
+    }
     assert!(took < Duration::from_secs(20), "ExecSync with timeout 2 s took {took:?}");
     poll(Duration::from_secs(10), "the timed-out exec killed in the guest", || {
         let ps = cri.exec_ok(&c, &["ps", "-o", "args"]);
@@ -509,12 +549,16 @@ fn exec_sync_output_and_exit_code_and_complete_container_logs() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    pod_sharing_its_pid_namespace_lets_containers_see_each_other_containerd,
+    pod_sharing_its_pid_namespace_lets_containers_see_each_other_crio,
+    pod_sharing_its_pid_namespace_lets_containers_see_each_other
+);
 /// `shareProcessNamespace: true`: the kubelet asks for PID namespace POD for the sandbox and
 /// every container; in the guest they then see each other's processes, while a container that
 /// asks for its own PID namespace in the same pod does not.
-#[test]
-fn pod_sharing_its_pid_namespace_lets_containers_see_each_other() {
-    let cri = CriContainerd::start();
+fn pod_sharing_its_pid_namespace_lets_containers_see_each_other(m: Manager) {
+    let cri = Cri::start(m);
     let set_pid = |ns: Option<&mut proto::NamespaceOption>, mode| ns.expect("namespace options").pid = mode;
     let mut config = cri.pod_config("pidns");
     set_pid(
@@ -549,14 +593,18 @@ fn pod_sharing_its_pid_namespace_lets_containers_see_each_other() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    streaming_exec_with_tty_and_resize_and_attach_containerd,
+    streaming_exec_with_tty_and_resize_and_attach_crio,
+    streaming_exec_with_tty_and_resize_and_attach
+);
 /// CRI streaming the way `kubectl exec -it` and `kubectl attach` reach a pod (containerd's
 /// streaming server, WebSocket `v4.channel.k8s.io`): an interactive TTY exec follows a resize
 /// and reports its exit code; a non-TTY exec keeps stdout and stderr apart; attaching to a TTY
 /// container and to a stdin-reading container reaches their own stdio, and what they print
 /// while attached is also in the CRI log; detaching leaves the container running.
-#[test]
-fn streaming_exec_with_tty_and_resize_and_attach() {
-    let cri = CriContainerd::start();
+fn streaming_exec_with_tty_and_resize_and_attach(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("stream"));
     let mut console = cri.container_config("console", &["sh"]);
     (console.stdin, console.tty) = (true, true);
@@ -623,14 +671,18 @@ fn streaming_exec_with_tty_and_resize_and_attach() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    cpu_limits_hot_plug_vcpus_up_to_the_ceiling_containerd,
+    cpu_limits_hot_plug_vcpus_up_to_the_ceiling_crio,
+    cpu_limits_hot_plug_vcpus_up_to_the_ceiling
+);
 /// A container's CPU limit hot-plugs vCPUs into the pod's VM (quota / period rounded up, as
 /// Kata does) up to `default_maxvcpus` (0: the host's CPU count); a limit beyond that ceiling
 /// starts the container anyway. The guest's online CPUs are read from a container.
-#[test]
-fn cpu_limits_hot_plug_vcpus_up_to_the_ceiling() {
+fn cpu_limits_hot_plug_vcpus_up_to_the_ceiling(m: Manager) {
     require_kata("vCPU hot-plug");
     let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let cri = CriContainerd::start();
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("cpus"));
     let online = |c: &str| cri.exec_ok(c, &["cat", "/sys/devices/system/cpu/online"]).trim().to_string();
     let range = |n: usize| if n == 1 { "0".to_string() } else { format!("0-{}", n - 1) };
@@ -652,12 +704,16 @@ fn cpu_limits_hot_plug_vcpus_up_to_the_ceiling() {
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    container_over_its_memory_limit_is_oom_killed_containerd,
+    container_over_its_memory_limit_is_oom_killed_crio,
+    container_over_its_memory_limit_is_oom_killed
+);
 /// A container over its memory limit is OOM-killed: ContainerStatus says OOMKilled, exit 137.
 /// The same allocation without a limit succeeds in the same pod (so it is the container's
 /// limit that kills, not a small VM).
-#[test]
-fn container_over_its_memory_limit_is_oom_killed() {
-    let cri = CriContainerd::start();
+fn container_over_its_memory_limit_is_oom_killed(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("oom"));
     const LIMIT: i64 = 64 << 20;
     // The shell itself (the container's init) doubles a string up to 64 MiB (96 MiB live at
@@ -708,13 +764,17 @@ log: {log:?}"
     cri.remove_pod(&pod);
 }
 
+on_both_managers!(
+    raw_block_device_volume_is_written_through_containerd,
+    raw_block_device_volume_is_written_through_crio,
+    raw_block_device_volume_is_written_through
+);
 /// A raw block volume: a loop device passed as a CRI device is a block device in the
 /// container; a marker written there is in the backing file once the pod is gone.
-#[test]
-fn raw_block_device_volume_is_written_through() {
-    let cri = CriContainerd::start();
+fn raw_block_device_volume_is_written_through(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("block"));
-    let mut dev = LoopDevice::attach(&cri.ctd().dir().join("block.img"), 16 << 20, Some(cri.ctd().dir()));
+    let mut dev = LoopDevice::attach(&cri.dir().join("block.img"), 16 << 20, Some(cri.dir()));
     eprintln!("loop device {} over {}", dev.device.display(), dev.file.display());
     let mut config = cri.container_config("app", SLEEPER);
     config.devices = vec![proto::Device {
@@ -746,12 +806,16 @@ fn raw_block_device_volume_is_written_through() {
     assert!(!dev.is_attached(), "{} is still attached", dev.device.display());
 }
 
+on_both_managers!(
+    stop_and_remove_pod_with_running_containers_leave_nothing_containerd,
+    stop_and_remove_pod_with_running_containers_leave_nothing_crio,
+    stop_and_remove_pod_with_running_containers_leave_nothing
+);
 /// StopPodSandbox with running containers stops them (and is idempotent); RemovePodSandbox
 /// removes them; nothing is left (processes, mounts, network namespace, veth, CNI state,
 /// cgroups, run directories, bundles, shim socket).
-#[test]
-fn stop_and_remove_pod_with_running_containers_leave_nothing() {
-    let cri = CriContainerd::start();
+fn stop_and_remove_pod_with_running_containers_leave_nothing(m: Manager) {
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("teardown"));
     let a = cri.run_container(&pod, &cri.container_config("a", SLEEPER));
     let b = cri.run_container(&pod, &cri.container_config("b", &["sleep", "100000"]));
@@ -759,8 +823,11 @@ fn stop_and_remove_pod_with_running_containers_leave_nothing() {
     for c in [&a, &b] {
         assert_eq!(cri.container_status(c).state, proto::CONTAINER_RUNNING);
     }
+    // CRI-O sends SIGTERM and waits the call's deadline less a second before SIGKILL (`sleep`
+    // as PID 1 ignores SIGTERM); containerd kills at once.
     let t = Instant::now();
-    cri.stop_pod(&pod);
+    let quick = cri.client().with_timeout(Duration::from_secs(15));
+    cri.block_on(quick.stop_pod_sandbox(&pod.id)).unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", cri.logs()));
     eprintln!("StopPodSandbox with two running containers took {:.2} s", t.elapsed().as_secs_f64());
     for c in cri.list_containers(&pod) {
         assert_eq!(c.state, proto::CONTAINER_EXITED, "container {} after StopPodSandbox: {c:?}", c.id);
@@ -775,12 +842,16 @@ fn stop_and_remove_pod_with_running_containers_leave_nothing() {
     assert!(cri.list_containers(&pod).is_empty());
 }
 
+on_both_managers!(
+    pod_sandbox_and_containers_run_in_one_vm_containerd,
+    pod_sandbox_and_containers_run_in_one_vm_crio,
+    pod_sandbox_and_containers_run_in_one_vm
+);
 /// Only with the kata handler: the sandbox and both containers run in one VM (one QEMU
 /// process for the sandbox id, none for the containers), served by one shim.
-#[test]
-fn pod_sandbox_and_containers_run_in_one_vm() {
+fn pod_sandbox_and_containers_run_in_one_vm(m: Manager) {
     require_kata("one VM per pod");
-    let cri = CriContainerd::start();
+    let cri = Cri::start(m);
     let pod = cri.run_pod(&cri.pod_config("onevm"));
     let a = cri.run_container(&pod, &cri.container_config("a", SLEEPER));
     let b = cri.run_container(&pod, &cri.container_config("b", SLEEPER));
@@ -816,7 +887,7 @@ fn pod_sandbox_and_containers_run_in_one_vm() {
     assert_eq!(cri.container_status(&b).state, proto::CONTAINER_RUNNING, "b after a was stopped");
     cri.remove_container(&a);
     assert!(!cri.list_containers(&pod).iter().any(|c| c.id == a), "a is still listed after RemoveContainer");
-    assert!(!cri.task_bundle(&a).exists(), "a's task bundle is left after RemoveContainer");
+    assert!(!cri.bundle(&a).exists(), "a's task bundle is left after RemoveContainer");
     let left = leaks::settle(Duration::from_secs(5), || leaks::find_leaks(&[a.as_str()], None));
     assert!(left.is_empty(), "container a left, while its pod lives: {left:#?}");
     let pids = |procs: Vec<leaks::Proc>| procs.iter().map(|p| p.pid).collect::<Vec<_>>();

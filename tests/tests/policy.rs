@@ -12,7 +12,8 @@
 use std::fs;
 
 use podvisor_tests::containerd::{kata_test_config, qemu_section};
-use podvisor_tests::cri::{proto, require_kata, CriContainerd};
+use podvisor_tests::cri::{proto, require_kata, Cri, Manager};
+use podvisor_tests::on_both_managers;
 
 const POLICY_ANNOTATION: &str = "io.katacontainers.config.agent.policy";
 
@@ -86,27 +87,31 @@ fn base64(data: &[u8]) -> String {
 
 /// Rewrites the harness's Kata configuration (read by the shim when a pod's VM boots), with
 /// or without `enable_annotations = ["agent.policy"]`.
-fn set_policy_annotations(cri: &CriContainerd, enabled: bool) {
+fn set_policy_annotations(cri: &Cri, enabled: bool) {
     let text = kata_test_config(|t| {
         if enabled {
             qemu_section(t).insert("enable_annotations".into(), toml::Value::Array(vec!["agent.policy".into()]));
         }
     });
-    fs::write(cri.ctd().kata_config(), text).unwrap();
+    fs::write(cri.kata_config(), text).unwrap();
 }
 
-fn pod_with_policy(cri: &CriContainerd, name: &str, rego: &str) -> proto::PodSandboxConfig {
+fn pod_with_policy(cri: &Cri, name: &str, rego: &str) -> proto::PodSandboxConfig {
     let mut config = cri.pod_config(name);
     config.annotations.insert(POLICY_ANNOTATION.into(), base64(rego.as_bytes()));
     config
 }
 
+on_both_managers!(
+    agent_policy_annotation_is_enforced_by_the_guest_containerd,
+    agent_policy_annotation_is_enforced_by_the_guest_crio,
+    agent_policy_annotation_is_enforced_by_the_guest
+);
 /// The policy annotation is refused unless enabled; once enabled the guest enforces it (exec
 /// of `echo hi` only); an invalid policy fails the sandbox with the Rego error.
-#[test]
-fn agent_policy_annotation_is_enforced_by_the_guest() {
+fn agent_policy_annotation_is_enforced_by_the_guest(m: Manager) {
     require_kata("agent policies are enforced by the guest agent");
-    let cri = CriContainerd::start();
+    let cri = Cri::start(m);
 
     // Not enabled in the configuration: RunPodSandbox fails naming the annotation.
     set_policy_annotations(&cri, false);

@@ -10,7 +10,7 @@ use super::proto;
 /// but two test threads on two cores share the machine).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// An async client of containerd's CRI services (`runtime.v1.RuntimeService`, `ImageService`)
+/// An async client of a container manager's CRI services (`runtime.v1.RuntimeService`, `ImageService`)
 /// on a unix socket. Cloning is cheap (one HTTP/2 connection).
 #[derive(Clone)]
 pub struct CriClient {
@@ -37,6 +37,13 @@ impl CriClient {
             .await
             .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
         Ok(CriClient { channel, timeout: CALL_TIMEOUT })
+    }
+
+    /// The same connection with another deadline per call (the gRPC timeout the server sees;
+    /// CRI-O derives StopPodSandbox's grace period from it, as the kubelet's 2-minute
+    /// `runtime-request-timeout` does on a node).
+    pub fn with_timeout(&self, timeout: Duration) -> CriClient {
+        CriClient { channel: self.channel.clone(), timeout }
     }
 
     /// One unary call of `path` (`/runtime.v1.RuntimeService/Version`, ...).
@@ -176,6 +183,64 @@ impl CriClient {
     pub async fn attach_url(&self, req: proto::AttachRequest) -> CriResult<String> {
         let resp: proto::StreamUrlResponse = self.call("/runtime.v1.RuntimeService/Attach", req).await?;
         Ok(resp.url)
+    }
+
+    /// `ContainerStats`.
+    pub async fn container_stats(&self, id: &str) -> CriResult<proto::ContainerStats> {
+        let req = proto::ContainerStatsRequest { container_id: id.into() };
+        let resp: proto::ContainerStatsResponse = self.call("/runtime.v1.RuntimeService/ContainerStats", req).await?;
+        Ok(resp.stats.unwrap_or_default())
+    }
+
+    /// `ListContainerStats`, of one sandbox when `pod_id` is given.
+    pub async fn list_container_stats(&self, pod_id: Option<&str>) -> CriResult<Vec<proto::ContainerStats>> {
+        let filter = pod_id.map(|p| proto::ContainerStatsFilter { pod_sandbox_id: p.into(), ..Default::default() });
+        let resp: proto::ListContainerStatsResponse = self
+            .call("/runtime.v1.RuntimeService/ListContainerStats", proto::ListContainerStatsRequest { filter })
+            .await?;
+        Ok(resp.stats)
+    }
+
+    /// `PodSandboxStats`.
+    pub async fn pod_sandbox_stats(&self, id: &str) -> CriResult<proto::PodSandboxStats> {
+        let req = proto::PodSandboxStatsRequest { pod_sandbox_id: id.into() };
+        let resp: proto::PodSandboxStatsResponse = self.call("/runtime.v1.RuntimeService/PodSandboxStats", req).await?;
+        Ok(resp.stats.unwrap_or_default())
+    }
+
+    /// `ListPodSandboxStats` (all pods).
+    pub async fn list_pod_sandbox_stats(&self) -> CriResult<Vec<proto::PodSandboxStats>> {
+        let resp: proto::ListPodSandboxStatsResponse = self
+            .call("/runtime.v1.RuntimeService/ListPodSandboxStats", proto::ListPodSandboxStatsRequest::default())
+            .await?;
+        Ok(resp.stats)
+    }
+
+    /// `UpdateContainerResources` (the kubelet's in-place resize).
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: proto::LinuxContainerResources,
+    ) -> CriResult<()> {
+        let req = proto::UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.call::<_, proto::UpdateContainerResourcesResponse>(
+            "/runtime.v1.RuntimeService/UpdateContainerResources",
+            req,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `ReopenContainerLog` (the kubelet's log rotation).
+    pub async fn reopen_container_log(&self, id: &str) -> CriResult<()> {
+        let req = proto::ReopenContainerLogRequest { container_id: id.into() };
+        self.call::<_, proto::ReopenContainerLogResponse>("/runtime.v1.RuntimeService/ReopenContainerLog", req)
+            .await
+            .map(|_| ())
     }
 
     /// `ImageService/ListImages`.

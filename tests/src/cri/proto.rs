@@ -22,6 +22,12 @@ pub const CONTAINER_RUNNING: i32 = 1;
 pub const CONTAINER_EXITED: i32 = 2;
 /// `ContainerState.CONTAINER_UNKNOWN`.
 pub const CONTAINER_UNKNOWN: i32 = 3;
+/// `MountPropagation.PROPAGATION_PRIVATE`.
+pub const PROPAGATION_PRIVATE: i32 = 0;
+/// `MountPropagation.PROPAGATION_HOST_TO_CONTAINER`.
+pub const PROPAGATION_HOST_TO_CONTAINER: i32 = 1;
+/// `MountPropagation.PROPAGATION_BIDIRECTIONAL`.
+pub const PROPAGATION_BIDIRECTIONAL: i32 = 2;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct VersionRequest {
@@ -103,6 +109,10 @@ pub struct Mount {
     /// `MountPropagation`: 0 private, 1 host-to-container, 2 bidirectional.
     #[prost(int32, tag = "5")]
     pub propagation: i32,
+    /// Read-only recursively (submounts too); needs `readonly` and private propagation. CRI-O
+    /// honours it when the handler's `features` lists `rro`; containerd 1.6 ignores it.
+    #[prost(bool, tag = "8")]
+    pub recursive_read_only: bool,
 }
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct NamespaceOption {
@@ -299,6 +309,10 @@ pub struct ImageSpec {
     pub image: String,
     #[prost(map = "string, string", tag = "2")]
     pub annotations: HashMap<String, String>,
+    /// What the user wrote in the pod spec (the kubelet always sets it; CRI-O 1.36 refuses a
+    /// CreateContainer without it: "user specified image not specified").
+    #[prost(string, tag = "18")]
+    pub user_specified_image: String,
 }
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct KeyValue {
@@ -347,11 +361,25 @@ pub struct LinuxContainerSecurityContext {
     pub run_as_user: Option<Int64Value>,
     #[prost(bool, tag = "7")]
     pub readonly_rootfs: bool,
-    /// `localhost/<absolute path>` (deprecated in newer CRI, what containerd 1.6 reads).
+    /// `localhost/<absolute path>` (deprecated in newer CRI; containerd 1.6 reads it).
     #[prost(string, tag = "10")]
     pub seccomp_profile_path: String,
     #[prost(bool, tag = "11")]
     pub no_new_privs: bool,
+    /// The seccomp profile (CRI-O 1.36 reads only this one).
+    #[prost(message, optional, tag = "15")]
+    pub seccomp: Option<SecurityProfile>,
+}
+/// `SecurityProfile.profile_type`: a profile file on the node.
+pub const PROFILE_LOCALHOST: i32 = 2;
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SecurityProfile {
+    /// 0 RuntimeDefault, 1 Unconfined, 2 Localhost.
+    #[prost(int32, tag = "1")]
+    pub profile_type: i32,
+    /// The profile's absolute path for Localhost.
+    #[prost(string, tag = "2")]
+    pub localhost_ref: String,
 }
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinuxContainerConfig {
@@ -624,4 +652,295 @@ pub struct Image {
 pub struct ListImagesResponse {
     #[prost(message, repeated, tag = "1")]
     pub images: Vec<Image>,
+}
+
+// Statistics, in-place resize and log reopening (field numbers from upstream api.proto).
+
+/// `UInt64Value`: wrapper of uint64.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UInt64Value {
+    #[prost(uint64, tag = "1")]
+    pub value: u64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FilesystemIdentifier {
+    #[prost(string, tag = "1")]
+    pub mountpoint: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FilesystemUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub fs_id: Option<FilesystemIdentifier>,
+    #[prost(message, optional, tag = "3")]
+    pub used_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "4")]
+    pub inodes_used: Option<UInt64Value>,
+}
+/// `PsiData` (the proto names its fields `Total`, `Avg10`, `Avg60`, `Avg300`; only the tags
+/// matter on the wire).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PsiData {
+    /// Nanoseconds.
+    #[prost(uint64, tag = "1")]
+    pub total: u64,
+    #[prost(double, tag = "2")]
+    pub avg10: f64,
+    #[prost(double, tag = "3")]
+    pub avg60: f64,
+    #[prost(double, tag = "4")]
+    pub avg300: f64,
+}
+/// `PsiStats` (proto field names `Full`, `Some`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PsiStats {
+    #[prost(message, optional, tag = "1")]
+    pub full: Option<PsiData>,
+    #[prost(message, optional, tag = "2")]
+    pub some: Option<PsiData>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CpuUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub usage_core_nano_seconds: Option<UInt64Value>,
+    #[prost(message, optional, tag = "3")]
+    pub usage_nano_cores: Option<UInt64Value>,
+    #[prost(message, optional, tag = "4")]
+    pub psi: Option<PsiStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemoryUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub working_set_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "3")]
+    pub available_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "4")]
+    pub usage_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "5")]
+    pub rss_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "6")]
+    pub page_faults: Option<UInt64Value>,
+    #[prost(message, optional, tag = "7")]
+    pub major_page_faults: Option<UInt64Value>,
+    #[prost(message, optional, tag = "8")]
+    pub psi: Option<PsiStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SwapUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub swap_available_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "3")]
+    pub swap_usage_bytes: Option<UInt64Value>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IoUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub psi: Option<PsiStats>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Container stats
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatsRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatsResponse {
+    #[prost(message, optional, tag = "1")]
+    pub stats: Option<ContainerStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatsFilter {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub pod_sandbox_id: String,
+    #[prost(map = "string, string", tag = "3")]
+    pub label_selector: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainerStatsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<ContainerStatsFilter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainerStatsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub stats: Vec<ContainerStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerAttributes {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<ContainerMetadata>,
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "4")]
+    pub annotations: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStats {
+    #[prost(message, optional, tag = "1")]
+    pub attributes: Option<ContainerAttributes>,
+    #[prost(message, optional, tag = "2")]
+    pub cpu: Option<CpuUsage>,
+    #[prost(message, optional, tag = "3")]
+    pub memory: Option<MemoryUsage>,
+    /// Usage of the writable layer.
+    #[prost(message, optional, tag = "4")]
+    pub writable_layer: Option<FilesystemUsage>,
+    #[prost(message, optional, tag = "5")]
+    pub swap: Option<SwapUsage>,
+    #[prost(message, optional, tag = "6")]
+    pub io: Option<IoUsage>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Pod sandbox stats
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatsRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatsResponse {
+    #[prost(message, optional, tag = "1")]
+    pub stats: Option<PodSandboxStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStatsFilter {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(map = "string, string", tag = "2")]
+    pub label_selector: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxStatsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<PodSandboxStatsFilter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxStatsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub stats: Vec<PodSandboxStats>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxAttributes {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<PodSandboxMetadata>,
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: HashMap<String, String>,
+    #[prost(map = "string, string", tag = "4")]
+    pub annotations: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxStats {
+    #[prost(message, optional, tag = "1")]
+    pub attributes: Option<PodSandboxAttributes>,
+    #[prost(message, optional, tag = "2")]
+    pub linux: Option<LinuxPodSandboxStats>,
+    // tag 3: `WindowsPodSandboxStats windows` (Windows only, left out).
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxPodSandboxStats {
+    #[prost(message, optional, tag = "1")]
+    pub cpu: Option<CpuUsage>,
+    #[prost(message, optional, tag = "2")]
+    pub memory: Option<MemoryUsage>,
+    #[prost(message, optional, tag = "3")]
+    pub network: Option<NetworkUsage>,
+    #[prost(message, optional, tag = "4")]
+    pub process: Option<ProcessUsage>,
+    #[prost(message, repeated, tag = "5")]
+    pub containers: Vec<ContainerStats>,
+    #[prost(message, optional, tag = "6")]
+    pub io: Option<IoUsage>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NetworkUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub default_interface: Option<NetworkInterfaceUsage>,
+    /// All interfaces except the default one.
+    #[prost(message, repeated, tag = "3")]
+    pub interfaces: Vec<NetworkInterfaceUsage>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NetworkInterfaceUsage {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(message, optional, tag = "2")]
+    pub rx_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "3")]
+    pub rx_errors: Option<UInt64Value>,
+    #[prost(message, optional, tag = "4")]
+    pub tx_bytes: Option<UInt64Value>,
+    #[prost(message, optional, tag = "5")]
+    pub tx_errors: Option<UInt64Value>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProcessUsage {
+    /// Nanoseconds.
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub process_count: Option<UInt64Value>,
+}
+
+// ---------------------------------------------------------------------------------------
+// UpdateContainerResources / ReopenContainerLog
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateContainerResourcesRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub linux: Option<LinuxContainerResources>,
+    // tag 3: `WindowsContainerResources windows` (Windows only, left out).
+    #[prost(map = "string, string", tag = "4")]
+    pub annotations: HashMap<String, String>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateContainerResourcesResponse {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReopenContainerLogRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReopenContainerLogResponse {}
+
+/// `HugepageLimit`: `hugetlb.<page_size>.limit_in_bytes` of the container's cgroup.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HugepageLimit {
+    /// `<size><unit-prefix>B`, e.g. `2MB`, `1GB` (base 1024).
+    #[prost(string, tag = "1")]
+    pub page_size: String,
+    #[prost(uint64, tag = "2")]
+    pub limit: u64,
 }
