@@ -1,17 +1,20 @@
 //! `podvisor-cri-bench [--runs N] [--pods M]` (part of `make bench`): Kubernetes pods through
-//! containerd's CRI plugin and `containerd-shim-kata-v2`, on a private containerd
-//! ([`CriContainerd`], kata handler, the default test configuration).
+//! the CRI of a private containerd (CRI plugin) and of a private CRI-O, with
+//! `containerd-shim-kata-v2` ([`Cri`], kata handler, the default test configuration).
 //!
-//! 1. One pod at a time, `N` runs (default 5): the time of `RunPodSandbox` + `CreateContainer` +
-//!    `StartContainer` (busybox `sleep`), then of `StopPodSandbox` and `RemovePodSandbox`.
-//! 2. `M` pods (default 10) started in parallel, one thread each: all must succeed; per-pod
+//! 1. Per manager, one pod at a time, `N` runs (default 5): the time of `RunPodSandbox` +
+//!    `CreateContainer` + `StartContainer` (busybox `sleep`), then of `StopPodSandbox` and
+//!    `RemovePodSandbox`: CRI-O's latency next to containerd's.
+//! 2. containerd: `M` pods (default 10) started in parallel, one thread each: all must succeed; per-pod
 //!    latency (min / median / max, spread = max - min) and the wall time for all of them.
 //! 3. While the `M` pods idle (after 5 s): host memory per pod from `/proc/<pid>/smaps` of the
 //!    processes serving it (shim daemon, QEMU, both virtiofsd processes, vhost-device-vsock;
 //!    found by the sandbox id in their command lines), guest RAM (the `memory-backend-memfd`
 //!    mappings, which virtiofsd and the vsock daemon map too) reported apart; and their CPU time
 //!    over a 10 s idle window.
-//! 4. Tears everything down with the harness's leak checks and prints a summary block.
+//! 4. Per manager, the kubelet's statistics round trip: `ListContainerStats` for a pod of 10
+//!    running kata containers, next to the same for 10 runc containers.
+//! 5. Tears everything down with the harness's leak checks and prints a summary block.
 //!
 //! PSS divides each shared page among the processes mapping it, so the sum of PSS over every
 //! process of every pod counts a page shared by several pods (the shim's and QEMU's text, the
@@ -23,7 +26,7 @@ use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use podvisor_tests::cri::{self, proto, CriContainerd, Pod};
+use podvisor_tests::cri::{self, proto, Cri, Pod};
 use podvisor_tests::leaks;
 
 /// How long the pods idle before memory is measured.
@@ -97,15 +100,10 @@ impl Started {
 /// `RunPodSandbox` + `CreateContainer` + `StartContainer` (busybox `sleep 3600`), timed as the
 /// bare CRI calls; the harness's bookkeeping (tracking, `PodSandboxStatus`) and a check that
 /// the container runs come after the clock stopped. Ids go to `ids` as soon as they exist.
-fn start_pod(
-    cri: &CriContainerd,
-    name: &str,
-    ids: &Mutex<Vec<String>>,
-    barrier: Option<&Barrier>,
-) -> Result<Started, String> {
+fn start_pod(cri: &Cri, name: &str, ids: &Mutex<Vec<String>>, barrier: Option<&Barrier>) -> Result<Started, String> {
     let client = cri.client();
     let config = cri.pod_config(name);
-    std::fs::create_dir_all(&config.log_directory).map_err(|e| format!("{}: {e}", config.log_directory))?;
+    cri.prepare_pod(&config);
     let container_config = cri.container_config("sleep", CONTAINER_CMD);
     if let Some(b) = barrier {
         b.wait();
@@ -114,7 +112,7 @@ fn start_pod(
     let id = cri.block_on(client.run_pod_sandbox(&config, cri.handler())).map_err(|e| format!("pod {name}: {e}"))?;
     let run = began.elapsed();
     ids.lock().unwrap().push(id.clone());
-    cri.ctd().track_id(&id);
+    cri.track_id(&id);
     let t = Instant::now();
     let cid = cri
         .block_on(client.create_container(&id, &container_config, &config))
@@ -140,7 +138,7 @@ fn start_pod(
 }
 
 /// `StopPodSandbox` and `RemovePodSandbox`, timed apart.
-fn remove_pod(cri: &CriContainerd, pod: &Pod) -> Result<(Duration, Duration), String> {
+fn remove_pod(cri: &Cri, pod: &Pod) -> Result<(Duration, Duration), String> {
     let t = Instant::now();
     cri.block_on(cri.client().stop_pod_sandbox(&pod.id)).map_err(|e| format!("sandbox {}: {e}", pod.id))?;
     let stop = t.elapsed();
@@ -445,7 +443,7 @@ impl Report {
     }
 }
 
-fn sequential(cri: &CriContainerd, runs: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
+fn sequential(cri: &Cri, runs: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
     println!("== one pod at a time: {runs} runs ==");
     let (mut totals, mut runs_t, mut creates, mut starts, mut stops, mut removes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -480,7 +478,7 @@ fn sequential(cri: &CriContainerd, runs: usize, ids: &Mutex<Vec<String>>, report
     println!("    of which RunPodSandbox {}, CreateContainer {}, StartContainer {}", r.secs(), c.secs(), st.secs());
     println!("  StopPodSandbox {}; RemovePodSandbox {}", stop.secs(), rm.secs());
     println!("  every pod removed without leftovers");
-    report.add(format!("one pod, {runs} runs: Run+Create+Start {}", total.secs()));
+    report.add(format!("one pod through {}, {runs} runs: Run+Create+Start {}", cri.manager(), total.secs()));
     report.add(format!(
         "  medians: RunPodSandbox {:.2} s, CreateContainer {:.2} s, StartContainer {:.2} s",
         r.median, c.median, st.median
@@ -489,7 +487,7 @@ fn sequential(cri: &CriContainerd, runs: usize, ids: &Mutex<Vec<String>>, report
     Ok(())
 }
 
-fn parallel(cri: &CriContainerd, m: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
+fn parallel(cri: &Cri, m: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
     println!();
     println!("== {m} pods started in parallel (one thread each) ==");
     let barrier = Barrier::new(m);
@@ -726,14 +724,14 @@ fn print_measured(meas: &Measured, m: usize, report: &mut Report) {
 }
 
 /// The configuration the shim runs with, and the host.
-fn describe(cri: &CriContainerd, report: &mut Report) {
-    let config_path = cri.ctd().kata_config().to_path_buf();
+fn describe(cri: &Cri, report: &mut Report) {
+    let config_path = cri.kata_config().to_path_buf();
     let text = std::fs::read_to_string(&config_path).unwrap_or_default();
-    println!("containerd:   {} (CRI plugin, handler {})", cri.ctd().dir().display(), cri.handler());
+    println!("{}:   {} (handler {})", cri.manager(), cri.dir().display(), cri.handler());
     let st = cri.startup();
     println!(
-        "startup:      containerd {:.2} s, CRI ready {:.2} s, images imported {:.2} s",
-        s(st.containerd),
+        "startup:      manager {:.2} s, CRI ready {:.2} s, images {:.2} s",
+        s(st.manager),
         s(st.cri_ready),
         s(st.images)
     );
@@ -766,15 +764,61 @@ fn describe(cri: &CriContainerd, report: &mut Report) {
     ));
 }
 
-fn bench(cri: &CriContainerd, runs: usize, pods: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
+/// Containers per pod for the statistics round trip.
+const STATS_CONTAINERS: usize = 10;
+/// `ListContainerStats` calls timed per handler.
+const STATS_CALLS: usize = 20;
+
+/// The kubelet's statistics round trip: one `ListContainerStats` for a pod of
+/// [`STATS_CONTAINERS`] running containers under `handler` (every container answered with CPU
+/// and memory), [`STATS_CALLS`] times after one warm-up call.
+fn stats_round_trip(cri: &Cri, handler: &str, report: &mut Report) -> Result<Stats> {
+    let config = cri.pod_config(&format!("stats-{handler}"));
+    let pod = cri.run_pod_with_handler(&config, handler);
+    for i in 0..STATS_CONTAINERS {
+        cri.run_container(&pod, &cri.container_config(&format!("c{i}"), CONTAINER_CMD));
+    }
+    let call = || -> Result<Duration> {
+        let t = Instant::now();
+        let stats = cri.block_on(cri.client().list_container_stats(Some(&pod.id))).map_err(anyhow::Error::msg)?;
+        let took = t.elapsed();
+        let complete = stats.iter().filter(|s| s.cpu.is_some() && s.memory.is_some()).count();
+        if complete != STATS_CONTAINERS {
+            bail!("ListContainerStats ({handler}) answered {complete} of {STATS_CONTAINERS} containers: {stats:?}");
+        }
+        Ok(took)
+    };
+    let result = call().and_then(|_| (0..STATS_CALLS).map(|_| call().map(s)).collect::<Result<Vec<f64>>>());
+    cri.remove_pod(&pod);
+    let times = Stats::of(&result?);
+    let ms = |v: f64| v * 1000.0;
+    let line = format!(
+        "  {} ListContainerStats, {STATS_CONTAINERS} {handler} containers: median {:.1} ms (min {:.1}, max {:.1}), \
+         {STATS_CALLS} calls",
+        cri.manager(),
+        ms(times.median),
+        ms(times.min),
+        ms(times.max)
+    );
+    println!("{line}");
+    report.add(line);
+    Ok(times)
+}
+
+fn bench(cri: &Cri, runs: usize, pods: usize, ids: &Mutex<Vec<String>>, report: &mut Report) -> Result<()> {
     describe(cri, report);
     println!();
     if runs > 0 {
         sequential(cri, runs, ids, report)?;
     }
-    if pods > 0 {
+    if pods > 0 && cri.manager() == cri::Manager::Containerd {
         parallel(cri, pods, ids, report)?;
     }
+    println!();
+    println!("== the kubelet's stats round trip ({}) ==", cri.manager());
+    let kata = stats_round_trip(cri, cri::KATA_HANDLER, report)?;
+    let runc = stats_round_trip(cri, cri::RUNC_HANDLER, report)?;
+    report.add(format!("  kata / runc (medians): {:.2}", kata.median / runc.median));
     Ok(())
 }
 
@@ -814,15 +858,42 @@ fn main() -> Result<()> {
     if cri::handler() != cri::KATA_HANDLER {
         bail!("podvisor-cri-bench measures VMs: unset PODVISOR_CRI_HANDLER (it is {})", cri::handler());
     }
-    println!("podvisor CRI benchmark: {runs} runs of one pod, {pods} pods in parallel");
+    println!("podvisor CRI benchmark: {runs} runs of one pod per manager, {pods} pods in parallel (containerd)");
     let started = Instant::now();
-    let cri =
-        CriContainerd::try_start().map_err(anyhow::Error::msg).context("starting containerd with the CRI plugin")?;
-    let dir = cri.ctd().dir().to_path_buf();
+    let mut report = Report::default();
+    let mut problems = Vec::new();
+    for manager in cri::Manager::ALL {
+        if let Err(why) = manager.available() {
+            println!("\n{manager}: not measured: {why}");
+            report.add(format!("{manager}: not measured: {why}"));
+            continue;
+        }
+        println!("\n======== {manager} ========");
+        problems.extend(run_manager(manager, runs, pods, &mut report));
+    }
+    println!();
+    let outcome = if problems.is_empty() { "" } else { ", FAILED: partial" };
+    println!("---- podvisor CRI benchmark summary ({:.0} s{outcome}) ----", s(started.elapsed()));
+    for l in &report.summary {
+        println!("{l}");
+    }
+    println!("---- end of summary ----");
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+/// Everything measured through one manager, then its teardown and leak checks; the problems.
+fn run_manager(manager: cri::Manager, runs: usize, pods: usize, report: &mut Report) -> Vec<String> {
+    let cri = match Cri::try_start(manager) {
+        Ok(c) => c,
+        Err(e) => return vec![format!("starting {manager}: {e}")],
+    };
+    let dir = cri.dir().to_path_buf();
     let bridge = cri.network().bridge.clone();
     let ids = Mutex::new(Vec::new());
-    let mut report = Report::default();
-    let result = bench(&cri, runs, pods, &ids, &mut report);
+    let result = bench(&cri, runs, pods, &ids, report);
     if result.is_err() {
         // Remove what the failure left (the harness's Drop would call it a leak otherwise).
         if let Ok(list) = cri.block_on(cri.client().list_pod_sandbox()) {
@@ -832,14 +903,14 @@ fn main() -> Result<()> {
             }
         }
     }
-    // The network namespaces of every pod, from containerd's records, for the last check.
+    // The network namespaces of every pod, from the harness's records, for the last check.
     let netns: Vec<PathBuf> = std::fs::read_to_string(dir.join("cri-host-objects"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.strip_prefix("netns ").map(PathBuf::from))
         .collect();
     // Dropping the harness removes pods still there, the bridge, the pod cgroups and the private
-    // containerd, and panics with what it had to clean up.
+    // manager, and panics with what it had to clean up.
     let t = Instant::now();
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(cri)));
     let teardown = t.elapsed();
@@ -853,34 +924,23 @@ fn main() -> Result<()> {
     };
     let mut problems = Vec::new();
     if let Err(e) = &result {
-        problems.push(format!("{e:#}"));
+        problems.push(format!("{manager}: {e:#}"));
     }
     if dropped.is_err() {
-        problems.push("tearing down the CRI containerd found leftovers (see the panic message above)".into());
+        problems.push(format!("tearing down {manager} found leftovers (see the panic message above)"));
     }
     if !left.is_empty() {
         problems.push(format!("left behind:\n  {}\ncleaned up:\n  {}", left.join("\n  "), cleaned.join("\n  ")));
     }
     if problems.is_empty() {
         report.add(format!(
-            "teardown: containerd stopped and {} removed in {:.2} s; nothing left behind ({} sandbox and container ids \
+            "teardown: {manager} stopped and {} removed in {:.2} s; nothing left behind ({} sandbox and container ids \
              checked: processes, mounts, /run/kata-containers, cgroups, netns, veths, bridge)",
             dir.display(),
             s(teardown),
             ids.len()
         ));
-        println!();
-        println!("teardown: containerd and its bridge stopped in {:.2} s; nothing left behind", s(teardown));
+        println!("\nteardown: {manager} and its bridge stopped in {:.2} s; nothing left behind", s(teardown));
     }
-    println!();
-    let outcome = if problems.is_empty() { "" } else { ", FAILED: partial" };
-    println!("---- podvisor CRI benchmark summary ({:.0} s{outcome}) ----", s(started.elapsed()));
-    for l in &report.summary {
-        println!("{l}");
-    }
-    println!("---- end of summary ----");
-    if !problems.is_empty() {
-        bail!("{}", problems.join("\n"));
-    }
-    Ok(())
+    problems
 }
