@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use agent_protocol::agent as pb;
@@ -136,6 +137,8 @@ struct Vm {
     growing: tokio::sync::Mutex<()>,
     /// Hot-plugged devices so far (for unique ids).
     next_device: std::sync::atomic::AtomicU32,
+    /// Whether the limit of Bidirectional propagation was logged (once per pod).
+    told_bidirectional: std::sync::atomic::AtomicBool,
 }
 
 /// The pod served by this shim daemon.
@@ -294,6 +297,7 @@ impl Pod {
             sized_by_manager: applied.sized_by_manager,
             growing: tokio::sync::Mutex::new(()),
             next_device: std::sync::atomic::AtomicU32::new(0),
+            told_bidirectional: std::sync::atomic::AtomicBool::new(false),
         });
         *guard = Some(vm.clone());
         self.spawn_oom_watch(vm.sandbox.agent().clone());
@@ -470,8 +474,13 @@ impl Pod {
             let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, mounts::ReadOnly::No)?;
             let mut sources = Vec::new();
             for b in binds {
-                if b.propagated {
+                if b.propagation != spec::Propagation::Private {
                     sources.push(vm.shared.share_for_pod(&b.source, b.read_only)?);
+                    if b.propagation == spec::Propagation::Bidirectional && !vm.told_bidirectional.swap(true, Relaxed) {
+                        info!(self.log, "mounts made in the pod under a Bidirectional volume reach its other containers \
+                            but stay in the VM: the host does not see them (mounts made on the host do reach the pod)";
+                            "container" => id, "host_path" => %b.source.display());
+                    }
                     continue;
                 }
                 let base =

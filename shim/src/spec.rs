@@ -67,6 +67,18 @@ pub enum ReadOnly {
     Recursive,
 }
 
+/// A bind mount's propagation, from its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// `rprivate` or nothing.
+    Private,
+    /// `rslave` (CRI HostToContainer): mounts made on the host below the source appear.
+    HostToContainer,
+    /// `rshared` (CRI Bidirectional): also mounts made in the container reach the pod's other
+    /// containers and the guest; they stay in the VM (the host never sees them).
+    Bidirectional,
+}
+
 /// A host path a mount needs shared into the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostBind {
@@ -76,9 +88,9 @@ pub struct HostBind {
     pub source: PathBuf,
     /// Read-only, and how far down.
     pub read_only: ReadOnly,
-    /// Mount propagation (`rshared`/`rslave`, CRI Bidirectional / HostToContainer): the pod's
-    /// containers must see one guest mount of this source, so it is shared once per pod.
-    pub propagated: bool,
+    /// Mount propagation (CRI Bidirectional / HostToContainer): the pod's containers must see
+    /// one guest mount of this source, so it is shared once per pod.
+    pub propagation: Propagation,
     /// Mounts below the source on the host (relative path, read-only): for a plain `ro` bind
     /// they become mounts of their own in the container, keeping their own flag (see
     /// [`for_guest`]).
@@ -289,9 +301,15 @@ pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
         } else {
             ReadOnly::No
         };
-        let propagated = ["rshared", "shared", "rslave", "slave"].iter().any(|p| has(p));
+        let propagation = if has("rshared") || has("shared") {
+            Propagation::Bidirectional
+        } else if has("rslave") || has("slave") {
+            Propagation::HostToContainer
+        } else {
+            Propagation::Private
+        };
         let submounts = if read_only == ReadOnly::Top && source.is_dir() { submounts_of(&source) } else { Vec::new() };
-        out.push(HostBind { index, source, read_only, propagated, submounts });
+        out.push(HostBind { index, source, read_only, propagation, submounts });
     }
     Ok(out)
 }
@@ -416,9 +434,12 @@ mod tests {
         }));
         let binds = host_binds(&s).unwrap();
         assert_eq!(binds.len(), 4);
-        assert_eq!((binds[2].read_only, binds[2].propagated), (ReadOnly::Recursive, false));
-        assert_eq!((binds[3].read_only, binds[3].propagated), (ReadOnly::No, true));
-        assert_eq!((binds[0].index, binds[0].read_only, binds[0].propagated), (1, ReadOnly::Top, false));
+        assert_eq!((binds[2].read_only, binds[2].propagation), (ReadOnly::Recursive, Propagation::Private));
+        assert_eq!((binds[3].read_only, binds[3].propagation), (ReadOnly::No, Propagation::Bidirectional));
+        assert_eq!(
+            (binds[0].index, binds[0].read_only, binds[0].propagation),
+            (1, ReadOnly::Top, Propagation::Private)
+        );
         assert_eq!((binds[1].index, binds[1].read_only), (2, ReadOnly::No));
         let sources = ["/run/g/m1", "/run/g/m2", "/run/g/m3", "/run/g/m4"].map(String::from);
         let (g, warnings) = for_guest(s, "/run/g/c1/rootfs", &binds, &sources);

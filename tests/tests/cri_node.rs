@@ -246,8 +246,9 @@ on_both_managers!(
 );
 /// CRI Bidirectional and HostToContainer propagation inside the VM: a privileged container
 /// mounts a tmpfs below its Bidirectional volume, and the pod's other container, which has the
-/// same host directory as HostToContainer, sees it. libcontainer refused the spec's `rshared`
-/// root propagation before.
+/// same host directory as HostToContainer, sees it; the tmpfs stays in the VM (the host never
+/// sees mounts made in a VM). A mount made on the host later reaches the pod. libcontainer
+/// refused the spec's `rshared` root propagation before.
 fn mount_propagation_in_the_pod(m: Manager) {
     require_kata("propagation inside the guest");
     let cri = Cri::start(m);
@@ -293,6 +294,21 @@ fn mount_propagation_in_the_pod(m: Manager) {
     assert!(mounts.lines().any(|l| l.contains(" /vol/sub ") && l.contains("podvisor-prop")), "{mounts}");
     // The tmpfs lives in the VM: the host directory stays as it was.
     assert!(!dir.0.join("sub/f").exists(), "a mount in the guest reached the host");
+    // A mount made on the host below the volume after the containers started reaches them: it is
+    // a virtio-fs submount in the guest, mounted when the guest first looks the directory up.
+    fs::create_dir_all(dir.0.join("late")).unwrap();
+    nix::mount::mount(Some("tmpfs"), &dir.0.join("late"), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m"))
+        .unwrap();
+    fs::write(dir.0.join("late/g"), "late-host-mount\n").unwrap();
+    let seen = poll(Duration::from_secs(5), "a later host mount in the reader", || {
+        let r = cri.exec(&r, &["cat", "/vol/late/g"], 10);
+        if r.exit_code == 0 {
+            Ok(r.stdout)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    assert_eq!(seen, "late-host-mount\n");
     cri.remove_pod(&pod);
 }
 
