@@ -8,8 +8,9 @@
 //! (`kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`, expanded as systemd does to
 //! `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`).
 //! The directories are made in every mounted hierarchy (each cgroup v1 controller, the v1 named
-//! ones and the unified one); the ones this shim made are recorded (for the `delete` of a dead
-//! shim) and removed, deepest first, after the VM stopped and the shim moved back.
+//! ones and the unified one); the sandbox's own are recorded (for the `delete` of a dead shim)
+//! and removed after the VM stopped and the shim moved back, with the parents a shim made (and
+//! marked) once they are empty.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -158,50 +159,80 @@ fn parse_hierarchies(mountinfo: &str, own: &str, known: &[&str]) -> Vec<Hierarch
     out
 }
 
-/// The record a live shim keeps of the directories it made, for the `delete` of a dead shim.
+/// The record a live shim keeps of its cgroup directories, for the `delete` of a dead shim.
 const RECORD: &str = "host-cgroup";
+
+/// Where shims mark the parent cgroups they made (a file per directory, named by the SHA-256
+/// of its path): parents can be shared by several pods (`/default` of `ctr run`), so whichever
+/// pod goes last removes an empty marked parent. Parents without a mark (the kubelet's pod
+/// cgroup) are never removed.
+pub const PARENT_MARKS: &str = "/run/kata-containers/host-cgroup-parents";
+
+fn mark_of(dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    Path::new(PARENT_MARKS).join(hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
 
 /// The sandbox's cgroup in every hierarchy (see the module documentation).
 #[derive(Debug)]
 pub struct SandboxCgroup {
     rel: PathBuf,
     hierarchies: Vec<Hierarchy>,
-    /// Directories this shim made, parents first.
-    created: Vec<PathBuf>,
+    /// The sandbox's own directories (one per hierarchy) made so far.
+    leaves: Vec<PathBuf>,
     record: PathBuf,
     entered: bool,
 }
 
 impl SandboxCgroup {
-    /// Makes `rel` (and any missing parent) in every hierarchy and records what it made in
-    /// `<state_dir>/host-cgroup`. Nothing is left behind on failure.
+    /// Makes `rel` (and any missing parent, marked) in every hierarchy and records its
+    /// directories in `<state_dir>/host-cgroup`. Nothing is left behind on failure.
     pub fn create(rel: &Path, state_dir: &Path) -> Result<SandboxCgroup, CgroupError> {
         let mut me = SandboxCgroup {
             rel: rel.to_path_buf(),
             hierarchies: hierarchies(),
-            created: Vec::new(),
+            leaves: Vec::new(),
             record: state_dir.join(RECORD),
             entered: false,
         };
-        if let Err(e) = me.make_dirs() {
-            let _ = me.remove_dirs();
-            return Err(e);
+        for h in me.hierarchies.clone() {
+            // A parent another pod made may vanish between two of our mkdirs: start again.
+            let mut attempt = 0;
+            let made = loop {
+                match me.make_in(&h) {
+                    Err(e) if e.source.kind() == std::io::ErrorKind::NotFound && attempt < 5 => attempt += 1,
+                    other => break other,
+                }
+            };
+            if let Err(e) = made {
+                let _ = me.remove_dirs();
+                return Err(e);
+            }
         }
         Ok(me)
     }
 
-    fn make_dirs(&mut self) -> Result<(), CgroupError> {
-        for h in self.hierarchies.clone() {
-            let mut dir = h.root.clone();
-            for part in self.rel.components() {
-                let parent = dir.clone();
-                dir.push(part);
-                if dir.is_dir() {
-                    continue;
+    fn make_in(&mut self, h: &Hierarchy) -> Result<(), CgroupError> {
+        let mut dir = h.root.clone();
+        let count = self.rel.components().count();
+        for (i, part) in self.rel.components().enumerate() {
+            let parent = dir.clone();
+            dir.push(part);
+            let leaf = i + 1 == count;
+            if !dir.is_dir() {
+                if !leaf {
+                    // Marked before it exists: a concurrent last pod never leaves it unmarked.
+                    let mark = mark_of(&dir);
+                    std::fs::create_dir_all(PARENT_MARKS)
+                        .and_then(|()| std::fs::write(&mark, dir.as_os_str().as_encoded_bytes()))
+                        .map_err(|source| CgroupError { path: mark, what: "mark a parent cgroup", source })?;
                 }
-                std::fs::create_dir(&dir).map_err(|source| CgroupError { path: dir.clone(), what: "mkdir", source })?;
-                self.created.push(dir.clone());
-                self.write_record()?;
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(source) => return Err(CgroupError { path: dir.clone(), what: "mkdir", source }),
+                }
                 // A new cpuset cgroup has no CPUs or memory nodes: tasks cannot join it until
                 // they are copied from the parent (cgroup v1; v2 inherits).
                 if h.controllers.iter().any(|c| c == "cpuset") {
@@ -215,12 +246,16 @@ impl SandboxCgroup {
                     }
                 }
             }
+            if leaf && !self.leaves.contains(&dir) {
+                self.leaves.push(dir.clone());
+                self.write_record()?;
+            }
         }
         Ok(())
     }
 
     fn write_record(&self) -> Result<(), CgroupError> {
-        let text: String = self.created.iter().map(|p| format!("{}\n", p.display())).collect();
+        let text: String = self.leaves.iter().map(|p| format!("{}\n", p.display())).collect();
         std::fs::write(&self.record, text).map_err(|source| CgroupError {
             path: self.record.clone(),
             what: "write the record",
@@ -259,19 +294,20 @@ impl SandboxCgroup {
         self.entered = false;
     }
 
-    /// Moves the shim back and removes the directories it made (after the VM's processes are
-    /// gone; a cgroup with a process in it cannot be removed: retried for up to 2 s).
+    /// Moves the shim back and removes the sandbox's directories and the marked parents left
+    /// empty (after the VM's processes are gone; a cgroup with a process in it cannot be
+    /// removed: retried for up to 2 s).
     pub fn remove(mut self) -> Result<(), CgroupError> {
         self.leave();
         self.remove_dirs()
     }
 
     fn remove_dirs(&mut self) -> Result<(), CgroupError> {
-        let result = remove_created(&self.created);
+        let result = remove_leaves(&self.leaves);
         if result.is_ok() {
             let _ = std::fs::remove_file(&self.record);
         }
-        self.created.clear();
+        self.leaves.clear();
         result
     }
 }
@@ -283,35 +319,48 @@ impl Drop for SandboxCgroup {
     }
 }
 
-/// Removes cgroup directories, deepest first, retrying while their last tasks exit.
-fn remove_created(created: &[PathBuf]) -> Result<(), CgroupError> {
-    let mut dirs: Vec<&PathBuf> = created.iter().collect();
-    dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+/// Removes the sandbox's directories (retrying while their last tasks exit), then each marked
+/// parent that is empty, walking up.
+fn remove_leaves(leaves: &[PathBuf]) -> Result<(), CgroupError> {
     let mut first_error = None;
-    for dir in dirs {
+    for leaf in leaves {
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                // EBUSY: tasks still exiting; ENOTEMPTY: someone else's child cgroup (the
-                // kubelet's pod cgroup with another pod in it): leave it.
+        let removed = loop {
+            match std::fs::remove_dir(leaf) {
+                Ok(()) => break true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break true,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
                 Err(source) => {
-                    first_error.get_or_insert(CgroupError { path: dir.clone(), what: "rmdir", source });
-                    break;
+                    first_error.get_or_insert(CgroupError { path: leaf.clone(), what: "rmdir", source });
+                    break false;
                 }
             }
+        };
+        let mut parent = leaf.parent();
+        while let (true, Some(dir)) = (removed, parent) {
+            let mark = mark_of(dir);
+            if !mark.exists() {
+                break;
+            }
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Another pod's cgroup is still in it: that pod removes it.
+                Err(_) => break,
+            }
+            let _ = std::fs::remove_file(&mark);
+            // Empty: nothing else is marked (a concurrent marker then retries its mkdirs).
+            let _ = std::fs::remove_dir(PARENT_MARKS);
+            parent = dir.parent();
         }
     }
     first_error.map_or(Ok(()), Err)
 }
 
-/// For the `delete` of a dead shim: kills what is still in the recorded cgroups and removes the
-/// directories the shim made. Returns what it removed.
+/// For the `delete` of a dead shim: kills what is still in the recorded cgroups and removes
+/// them with their marked empty parents. Returns what it removed.
 pub fn remove_recorded(state_dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
     let record = state_dir.join(RECORD);
     let text = match std::fs::read_to_string(&record) {
@@ -319,17 +368,17 @@ pub fn remove_recorded(state_dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(CgroupError { path: record, what: "read the record", source }),
     };
-    let created: Vec<PathBuf> = text.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect();
-    for dir in &created {
+    let leaves: Vec<PathBuf> = text.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect();
+    for dir in &leaves {
         for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
-    remove_created(&created)?;
+    remove_leaves(&leaves)?;
     let _ = std::fs::remove_file(&record);
-    Ok(created)
+    Ok(leaves)
 }
 
 #[cfg(test)]
@@ -352,6 +401,41 @@ mod tests {
             assert!(relative_path(bad).is_err(), "{bad}");
         }
         assert_eq!(expand_slice("-.slice").unwrap(), PathBuf::new());
+    }
+
+    /// Two sandboxes below one parent the first one made: the parent goes with the last of
+    /// them, in every hierarchy; a parent someone else made (the kubelet's) stays.
+    #[test]
+    fn a_shared_parent_goes_with_the_last_pod_and_a_foreign_one_stays() {
+        let top = format!("podvisor-unit-cg-{}", std::process::id());
+        let state = std::env::temp_dir().join(&top);
+        std::fs::create_dir_all(state.join("a")).unwrap();
+        std::fs::create_dir_all(state.join("b")).unwrap();
+        let a = SandboxCgroup::create(&Path::new(&top).join("default/a"), &state.join("a")).unwrap();
+        let b = SandboxCgroup::create(&Path::new(&top).join("default/b"), &state.join("b")).unwrap();
+        let roots: Vec<PathBuf> = hierarchies().into_iter().map(|h| h.root).collect();
+        assert!(!roots.is_empty());
+        let exists = |rel: &str| roots.iter().all(|r| r.join(&top).join(rel).is_dir());
+        let gone = |rel: &str| roots.iter().all(|r| !r.join(&top).join(rel).exists());
+        assert!(exists("default/a") && exists("default/b"));
+        assert_eq!(std::fs::read_to_string(state.join("a").join(RECORD)).unwrap().lines().count(), roots.len());
+        a.remove().unwrap();
+        assert!(gone("default/a") && exists("default"), "b still uses the parent");
+        b.remove().unwrap();
+        assert!(gone(""), "the parents a made went with the last pod");
+        assert!(!state.join("b").join(RECORD).exists());
+        // The kubelet's pod cgroup: made before, not marked, left alone.
+        for r in &roots {
+            std::fs::create_dir_all(r.join(&top).join("kubepods")).unwrap();
+        }
+        let c = SandboxCgroup::create(&Path::new(&top).join("kubepods/c"), &state.join("a")).unwrap();
+        drop(c);
+        assert!(gone("kubepods/c") && exists("kubepods"));
+        for r in &roots {
+            std::fs::remove_dir(r.join(&top).join("kubepods")).unwrap();
+            std::fs::remove_dir(r.join(&top)).unwrap();
+        }
+        std::fs::remove_dir_all(&state).unwrap();
     }
 
     #[test]
