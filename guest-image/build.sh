@@ -3,13 +3,15 @@
 #
 #   <out>/vmlinuz.container             the Debian bzImage (fallback for -kernel)
 #   <out>/vmlinux.container             the uncompressed ELF kernel (PVH boot, ~3.5 s faster under TCG)
-#   <out>/kata-containers-initrd.img    /init = the agent, the virtio modules and their load order
+#   <out>/kata-containers-initrd.img    /init = the agent, the virtio modules and their load order, and the
+#                                       on-demand module tree with its depmod indexes (/sbin/modprobe -> /init)
 #   <out>/test/initrd-noagent.img       /init = podvisor-noagent-init, same modules
 #   <out>/test/initrd-poweroff.img      /init = podvisor-poweroff-init, no modules
-#   <out>/cache/                        the .deb, its extracted tree, stamps (reruns skip unchanged work)
+#   <out>/cache/                        the .deb, its extracted tree, the staged module tree, stamps
+#                                       (reruns skip unchanged work)
 #
 # Usage: guest-image/build.sh [--agent PATH] [--out DIR] [--noagent-init PATH] [--poweroff-init PATH]
-#                             [--compress gzip|zstd]
+#                             [--compress lz4|gzip|zstd]
 # Nothing is installed on the host; the kernel package is fetched with `apt-get download`.
 set -euo pipefail
 
@@ -31,6 +33,48 @@ EXPECTED_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev
                   virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
                   fuse virtiofs failover net_failover virtio_net virtio_mem virtio_blk)
 
+# The on-demand module tree: modules the kernel loads itself when a container needs them
+# (request_module() runs /sbin/modprobe, i.e. the agent, see agent/src/modprobe.rs). It is what a
+# runc container on a Debian node can use. Nothing here is loaded at boot. The tree also holds the
+# boot modules above, and the dependency closure (hard and soft dependencies, from
+# modprobe --show-depends) of everything selected; depmod then indexes exactly what is staged.
+# Whole directories, relative to kernel/ (every module below them; globs allowed):
+ONDEMAND_DIRS=(
+  net/netfilter           # nf_tables, x_tables matches/targets, conntrack, NAT, ipset, IPVS (net/netfilter/ipvs)
+  net/ipv4/netfilter      # iptables: ip_tables, iptable_{filter,nat,mangle,raw,security}, nft IPv4 bits
+  net/ipv6/netfilter      # ip6tables and the IPv6 counterparts
+  net/bridge              # bridge, br_netfilter, ebtables and nft_bridge (net/bridge/netfilter)
+  net/8021q               # VLAN devices (ip link add ... type vlan)
+  net/sched               # tc: qdiscs, classifiers, actions (bandwidth CNI plugin, service meshes, CNI chaining)
+  fs/overlayfs            # overlay mounts (docker-in-docker, buildkit, podman in a container)
+  fs/fuse                 # fuse (a boot module already, for virtiofs), cuse
+  drivers/net/vxlan       # VXLAN overlays (flannel, calico, cilium)
+  drivers/net/ipvlan      # ipvlan, ipvtap (ipvlan CNI plugin)
+  'net/ipv4/tcp_*.ko'     # TCP congestion control (net.ipv4.tcp_congestion_control is per network namespace)
+)
+# Single modules, by name (their dependencies come along):
+ONDEMAND_MODULES=(
+  veth tun tap macvlan macvtap dummy geneve ifb vrf bonding wireguard  # virtual devices CNI plugins create
+  ipip ip_gre sit ip6_tunnel ip6_gre fou fou6                          # IP tunnels (calico IPIP, GRE, 6in4)
+  inet_diag tcp_diag udp_diag raw_diag af_packet_diag unix_diag netlink_diag  # socket diagnostics (ss)
+  sctp                                                                 # SCTP sockets (Kubernetes SCTP services)
+  loop                                                                 # loop devices (losetup in privileged containers)
+  binfmt_misc                                                          # binfmt_misc mounts (qemu-user-static registration)
+)
+# Requests the kernel makes for common container operations; each must resolve in the staged
+# tree, or the build fails (a kernel bump that renames something shows here).
+ONDEMAND_CHECKS=(
+  bridge rtnl-link-bridge rtnl-link-veth rtnl-link-vlan rtnl-link-vxlan rtnl-link-macvlan rtnl-link-ipvlan
+  rtnl-link-geneve rtnl-link-dummy rtnl-link-wireguard char-major-10-200 char-major-10-237 fs-overlay fs-fuse
+  fs-binfmt_misc net-pf-16-proto-12 nfnetlink-subsys-10 nfnetlink-subsys-11 nft-chain-2-nat iptable_nat
+  ip6table_nat ipt_REDIRECT ip6t_REDIRECT ip_vs br_netfilter sch_htb cls_bpf act_mirred net-pf-2-proto-132
+)
+# Modules the agent loads in the background once it serves (below normal priority; never on the
+# boot path): nothing in the kernel requests them, because iptables-legacy / ip6tables-legacy
+# load them with their own modprobe in the caller's mount namespace, which a container lacks (on
+# a Debian node the host has loaded them long before any container runs).
+DEFERRED_MODULES=(ip_tables ip6_tables)
+
 die() { echo "guest-image: error: $*" >&2; exit 1; }
 log() { echo "guest-image: $*"; }
 
@@ -46,19 +90,19 @@ NOAGENT_INIT=$RELEASE_DIR/podvisor-noagent-init
 POWEROFF_INIT=$RELEASE_DIR/podvisor-poweroff-init
 NOAGENT_EXPLICIT=0
 POWEROFF_EXPLICIT=0
-COMPRESS=gzip
+COMPRESS=lz4
 while [ $# -gt 0 ]; do
   case $1 in
     --agent) AGENT=${2:?--agent needs a path}; shift 2 ;;
     --out) OUT=${2:?--out needs a directory}; shift 2 ;;
     --noagent-init) NOAGENT_INIT=${2:?--noagent-init needs a path}; NOAGENT_EXPLICIT=1; shift 2 ;;
     --poweroff-init) POWEROFF_INIT=${2:?--poweroff-init needs a path}; POWEROFF_EXPLICIT=1; shift 2 ;;
-    --compress) COMPRESS=${2:?--compress needs gzip or zstd}; shift 2 ;;
+    --compress) COMPRESS=${2:?--compress needs lz4, gzip or zstd}; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "guest-image: unknown argument: $1" >&2; usage 2 >&2 ;;
   esac
 done
-case $COMPRESS in gzip|zstd) ;; *) die "--compress must be gzip or zstd, not '$COMPRESS'" ;; esac
+case $COMPRESS in lz4|gzip|zstd) ;; *) die "--compress must be lz4, gzip or zstd, not '$COMPRESS'" ;; esac
 
 # Default paths are relative to the repository (the Makefile runs from there); explicit ones to $PWD.
 abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
@@ -83,6 +127,7 @@ need readelf binutils
 need gzip gzip
 need python3 python3
 [ "$COMPRESS" = zstd ] && need zstd zstd
+[ "$COMPRESS" = lz4 ] && need lz4 lz4
 python3 -c 'import lzma' 2>/dev/null || die "python3 has no lzma module (needed to extract vmlinux): install the Debian package 'python3'"
 
 # --- kernel pin -------------------------------------------------------------------------------
@@ -250,9 +295,83 @@ if ! cmp -s "$TMP/load-order" "$CACHE/load-order"; then
   cp "$TMP/load-order" "$CACHE/load-order"
 fi
 
-# --- 5. initrds ----------------------------------------------------------------------------------------
+# --- 5. on-demand module tree ---------------------------------------------------------------------------
+# Staged in $CACHE/modtree/lib/modules/<release>/ (kept for reruns): the selected modules, the boot
+# modules and their closure at their usual paths, indexed by `depmod -b` over just that subset (so
+# the indexes name only modules that are present), plus load-order and load-deferred.
 SCRIPT_SHA=$(cat "${BASH_SOURCE[0]}" "$PIN" | sha256sum | cut -d' ' -f1)
 LOAD_ORDER_SHA=$(sha256 "$CACHE/load-order")
+MODTREE=$CACHE/modtree
+STAGED=$MODTREE/lib/modules/$KERNEL_RELEASE
+tree_want="script=$SCRIPT_SHA kernel=$KERNEL_DEB_SHA256 load-order=$LOAD_ORDER_SHA"
+if [ "$(cat "$STAMPS/modtree" 2>/dev/null)" != "$tree_want" ] || [ ! -f "$STAGED/modules.dep" ]; then
+  log "staging the on-demand module tree"
+  names=()
+  for d in "${ONDEMAND_DIRS[@]}"; do
+    found=0
+    # shellcheck disable=SC2086  # the entry may be a glob
+    for p in $MODDIR/kernel/$d; do
+      [ -e "$p" ] || continue
+      while IFS= read -r f; do
+        names+=("$(basename "$f" .ko)")
+        found=$((found + 1))
+      done < <(find "$p" -name '*.ko' | LC_ALL=C sort)
+    done
+    [ "$found" -gt 0 ] || die "ONDEMAND_DIRS: no module matches kernel/$d in $KERNEL_PKG (kernel bump? update the list in guest-image/build.sh)"
+  done
+  names+=("${ONDEMAND_MODULES[@]}" "${DEFERRED_MODULES[@]}")
+  for rel in "${LOAD_ORDER[@]}"; do names+=("$(basename "$rel" .ko)"); done
+  declare -A tree=()
+  for m in "${names[@]}"; do
+    deps=$(modprobe -C "$TMP/empty-conf" -d "$KTREE" -S "$KERNEL_RELEASE" --show-depends "$m" 2>"$TMP/modprobe.err") \
+      || { cat "$TMP/modprobe.err" >&2; die "module $m (ONDEMAND_MODULES/DEFERRED_MODULES in guest-image/build.sh) is not in $KERNEL_PKG: modprobe --show-depends $m failed"; }
+    while read -r kind path _; do
+      case $kind in
+        insmod) ;;
+        builtin) continue ;;
+        *) die "unexpected modprobe --show-depends output for $m: $kind $path" ;;
+      esac
+      rel=${path#"$MODDIR"/}
+      [ "$rel" != "$path" ] || die "modprobe returned $path, outside $MODDIR"
+      case $rel in *.ko) ;; *) die "$rel: compressed modules are not supported (the agent finit_module()s plain .ko files)" ;; esac
+      tree[$rel]=1
+    done <<<"$deps"
+  done
+  rm -rf "$MODTREE" "$TMP/modtree"
+  tstage=$TMP/modtree/lib/modules/$KERNEL_RELEASE
+  mkdir -p "$tstage"
+  for rel in "${!tree[@]}"; do
+    install -D -m 0644 "$MODDIR/$rel" "$tstage/$rel"
+  done
+  # depmod's inputs besides the modules: built-in modules (a request for one succeeds) and their
+  # aliases, and the build order (only the staged lines: depmod orders its output by it).
+  cp "$MODDIR/modules.builtin" "$MODDIR/modules.builtin.modinfo" "$tstage/"
+  grep -Fxf <(printf '%s\n' "${!tree[@]}") "$MODDIR/modules.order" >"$tstage/modules.order" || true
+  depmod -C "$TMP/empty-conf" -b "$TMP/modtree" "$KERNEL_RELEASE" || die "depmod -b failed on the staged module tree"
+  cp "$CACHE/load-order" "$tstage/load-order"
+  {
+    echo "# Modules the agent loads in the background after boot, by name (generated by guest-image/build.sh"
+    echo "# from DEFERRED_MODULES; agent/src/modprobe.rs resolves their dependencies)."
+    printf '%s\n' "${DEFERRED_MODULES[@]}"
+  } >"$tstage/load-deferred"
+  # Every boot module and every checked request must resolve within the staged tree alone.
+  for req in "${ONDEMAND_CHECKS[@]}" "${DEFERRED_MODULES[@]}"; do
+    out=$(modprobe -C "$TMP/empty-conf" -d "$TMP/modtree" -S "$KERNEL_RELEASE" --show-depends "$req" 2>&1) \
+      || die "ONDEMAND_CHECKS: '$req' does not resolve in the staged module tree: $out"
+    grep -q '^insmod ' <<<"$out" || die "ONDEMAND_CHECKS: '$req' resolves to no module in the staged tree: $out"
+  done
+  for rel in "${LOAD_ORDER[@]}"; do
+    [ -f "$tstage/$rel" ] || die "boot module $rel is missing from the staged tree"
+  done
+  find "$TMP/modtree" -type d -exec chmod 0755 {} +
+  mv "$TMP/modtree" "$MODTREE"
+  echo "$tree_want" >"$STAMPS/modtree"
+fi
+TREE_COUNT=$(find "$STAGED" -name '*.ko' | wc -l)
+TREE_BYTES=$(du -sb "$MODTREE" | cut -f1)
+TREE_SHA=$(cd "$MODTREE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+
+# --- 6. initrds ----------------------------------------------------------------------------------------
 EPOCH=${SOURCE_DATE_EPOCH:-0}
 
 check_init() {   # path what
@@ -265,12 +384,13 @@ check_init() {   # path what
   fi
 }
 
-# build_initrd <output> <init binary> <with modules: 0|1>
+# build_initrd <output> <init binary> <modules: 0 none | 1 the boot modules | 2 the whole staged tree>
 build_initrd() {
   local img=$1 init=$2 mods=$3 name want stage rel
   name=$(basename "$img")
   want="script=$SCRIPT_SHA init=$(sha256 "$init") mods=$mods compress=$COMPRESS epoch=$EPOCH"
   [ "$mods" = 1 ] && want+=" kernel=$KERNEL_DEB_SHA256 load-order=$LOAD_ORDER_SHA"
+  [ "$mods" = 2 ] && want+=" tree=$TREE_SHA"
   if [ -f "$img" ] && [ "$(cat "$STAMPS/$name" 2>/dev/null)" = "$want $(fsize "$img")" ]; then
     log "$name up to date"
     return
@@ -287,14 +407,23 @@ build_initrd() {
     done
     install -m 0644 "$CACHE/load-order" "$stage/lib/modules/$KERNEL_RELEASE/load-order"
     find "$stage/lib" -type d -exec chmod 0755 {} +
+  elif [ "$mods" = 2 ]; then
+    cp -a "$MODTREE/lib" "$stage/lib"
+    # The kernel's request_module() runs CONFIG_MODPROBE_PATH, /sbin/modprobe: the agent, which
+    # acts as modprobe when called by that name.
+    mkdir -p "$stage/sbin"
+    chmod 0755 "$stage/sbin"
+    ln -s /init "$stage/sbin/modprobe"
   fi
   # Reproducible archive: fixed mtimes, owner 0:0, sorted names, no inode/device numbers, gzip -n.
+  # lz4 needs the legacy frame format (-l), the only one the kernel's initramfs unpacker reads.
   find "$stage" -exec touch -h -d "@$EPOCH" {} +
   (cd "$stage" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
       | cpio --null -o -H newc --owner=0:0 --reproducible --quiet) >"$TMP/$name.cpio"
   case $COMPRESS in
     gzip) gzip -9 -n -c "$TMP/$name.cpio" >"$TMP/$name" ;;
     zstd) zstd -19 -q -c "$TMP/$name.cpio" >"$TMP/$name" ;;
+    lz4) lz4 -l -9 -q -c "$TMP/$name.cpio" >"$TMP/$name" ;;
   esac
   mv "$TMP/$name" "$img"
   echo "$want $(fsize "$img")" >"$STAMPS/$name"
@@ -302,7 +431,7 @@ build_initrd() {
 }
 
 check_init "$AGENT" "agent (--agent)"
-build_initrd "$OUT/kata-containers-initrd.img" "$AGENT" 1
+build_initrd "$OUT/kata-containers-initrd.img" "$AGENT" 2
 
 # The test initrds: the dial-timeout test boots one whose init is not the agent, the benchmark's
 # bare-boot baseline one whose init only powers off. Their inits are built by `make agent`.
@@ -320,4 +449,5 @@ for f in vmlinux.container vmlinuz.container kata-containers-initrd.img test/ini
   s=$(fsize "$OUT/$f")
   awk -v f="$f" -v s="$s" 'BEGIN { printf "  %-28s %10d bytes  %7.2f MiB\n", f, s, s / 1048576 }'
 done
-log "kernel $KERNEL_PKG $KERNEL_VERSION ($KERNEL_RELEASE), ${#LOAD_ORDER[@]} modules (order: $CACHE/load-order)"
+log "kernel $KERNEL_PKG $KERNEL_VERSION ($KERNEL_RELEASE), ${#LOAD_ORDER[@]} boot modules (order: $CACHE/load-order)"
+log "on-demand module tree: $TREE_COUNT modules, $TREE_BYTES bytes uncompressed ($STAGED), initrd compression $COMPRESS"

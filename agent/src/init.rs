@@ -1,5 +1,7 @@
-//! PID 1 duties: the console, the pseudo file systems, kernel modules, the loopback interface,
-//! and powering off (never a kernel panic loop) when something fatal happens.
+//! PID 1 duties: the console, the pseudo file systems, kernel modules (the boot list, then the
+//! deferred list in the background; everything else the kernel loads on demand through
+//! `modprobe`), the loopback interface, and powering off (never a kernel panic loop) when
+//! something fatal happens.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -91,6 +93,56 @@ pub fn load_modules(paths: &[std::path::PathBuf]) -> Result<usize, InitError> {
         }
     }
     Ok(paths.len())
+}
+
+/// Loads the modules named in `<modules_dir>/load-deferred` (one name per line, `#` comments),
+/// with their dependencies as modprobe resolves them, on a background thread at nice 19, so that
+/// the boot path never waits for them and they only take the CPU nobody else wants. These are the
+/// modules nothing in the kernel requests on demand (iptables-legacy's `ip_tables`, which it
+/// would load with its own modprobe in the container's mount namespace). Failures are logged,
+/// never fatal; a missing list loads nothing.
+pub fn load_deferred_modules(modules_dir: &Path, log: slog::Logger) {
+    let dir = modules_dir.to_path_buf();
+    let thread_log = log.clone();
+    let spawned = std::thread::Builder::new().name("deferred-modules".into()).spawn(move || {
+        let log = thread_log;
+        // SAFETY: setpriority with PRIO_PROCESS and this thread's id changes only this thread's
+        // nice value (threads are tasks on Linux); no memory is passed.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        }
+        let started = std::time::Instant::now();
+        let list = dir.join("load-deferred");
+        let names = match std::fs::read_to_string(&list) {
+            Ok(text) => parse_load_order(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                let file = list.display().to_string();
+                slog::warn!(log, "deferred kernel modules: cannot read the list"; "file" => file, "error" => %e);
+                return;
+            }
+        };
+        let index = match crate::modprobe::Index::load(&dir) {
+            Ok(i) => i,
+            Err(e) => {
+                slog::warn!(log, "deferred kernel modules: no module index"; "error" => %e);
+                return;
+            }
+        };
+        let mut loaded = Vec::new();
+        for name in &names {
+            match crate::modprobe::probe(&index, name, "") {
+                Ok(crate::modprobe::Outcome::Loaded(mods)) => loaded.extend(mods),
+                Ok(crate::modprobe::Outcome::Builtin(_)) => {}
+                Err(e) => slog::warn!(log, "deferred kernel module not loaded"; "module" => name, "error" => %e),
+            }
+        }
+        slog::info!(log, "deferred kernel modules loaded"; "modules" => loaded.join(" "),
+            "elapsed_ms" => started.elapsed().as_millis() as u64);
+    });
+    if let Err(e) = spawned {
+        slog::warn!(log, "deferred kernel modules: cannot start a thread"; "error" => %e);
+    }
 }
 
 /// The running kernel's release (`uname -r`).

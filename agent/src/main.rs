@@ -3,6 +3,8 @@
 //! 1024. A fatal error prints its cause on the console and powers the guest off.
 //!
 //! Other invocations (checked before anything else):
+//! * as `modprobe` (argv[0]'s file name; the initrd's `/sbin/modprobe` links to `/init`): the
+//!   kernel's usermode helper for on-demand module loading (`modprobe`).
 //! * `kata-agent __runtime <request>`: the single-threaded libcontainer helper
 //!   (`container::helper`), started by the agent itself.
 //! * `kata-agent --listen unix:///path [--run-dir DIR]`: test mode on a host: no PID-1 setup,
@@ -13,6 +15,7 @@ mod container;
 mod guest;
 mod init;
 mod logging;
+mod modprobe;
 mod network;
 mod policy;
 mod rpc;
@@ -63,6 +66,9 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if modprobe::invoked_as_modprobe(args.first().map(String::as_str)) {
+        std::process::exit(modprobe::main(&args));
+    }
     if args.get(1).map(String::as_str) == Some(container::runtime::HELPER_ARG) {
         container::helper::main(&args);
     }
@@ -109,6 +115,7 @@ fn main() {
             error!(log, "bringing up lo failed"; "error" => &e.0);
             init::fatal(&e.0);
         }
+        init::load_deferred_modules(&modules, log.clone());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,

@@ -1,6 +1,8 @@
 //! The test image: a busybox root file system built from Debian's `busybox-static`, as a
 //! directory (for `ctr run --rootfs <dir>`) and as an OCI image archive (for
 //! `ctr image import`), both built once and cached under `<workspace>/build/test-images/`.
+//! A second image, [`netadmin`], adds the host's own network tools (Debian's iptables, iproute2
+//! and ipvsadm binaries with their shared libraries) for the guest kernel tests.
 //!
 //! The cache key is a hash of the busybox binary and of this module's format version, so a new
 //! busybox or a change of layout here builds a fresh copy; builds go to a temporary name and are
@@ -124,7 +126,7 @@ fn build(cache: &Path) -> Result<TestImage, String> {
     let result = (|| {
         fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         write_rootfs(&tmp.join("rootfs"), &entries)?;
-        write_archive(&tmp.join("busybox-oci.tar"), &entries)?;
+        write_archive(&tmp.join("busybox-oci.tar"), &entries, IMAGE_REF, BUSYBOX_CREATED_BY)?;
         match fs::rename(&tmp, &dir) {
             Ok(()) => Ok(()),
             // Another process finished first: use its copy.
@@ -234,10 +236,18 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An OCI image layout in a tar: `oci-layout`, `index.json` (named [`IMAGE_REF`] through both
-/// `org.opencontainers.image.ref.name` and containerd's `io.containerd.image.name`), and the
-/// manifest, config and gzip layer blobs.
-fn write_archive(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), String> {
+/// The history entry of the busybox image's configuration.
+const BUSYBOX_CREATED_BY: &str = "podvisor-tests image.rs (busybox-static)";
+
+/// An OCI image layout in a tar: `oci-layout`, `index.json` (named `reference`, e.g.
+/// [`IMAGE_REF`], through both `org.opencontainers.image.ref.name` and containerd's
+/// `io.containerd.image.name`), and the manifest, config and gzip layer blobs.
+fn write_archive(
+    path: &Path,
+    entries: &BTreeMap<String, Entry>,
+    reference: &str,
+    created_by: &str,
+) -> Result<(), String> {
     let layer = layer_tar(entries)?;
     let diff_id = format!("sha256:{}", sha256_hex(&layer));
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -254,7 +264,7 @@ fn write_archive(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), S
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-        "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "podvisor-tests image.rs (busybox-static)" }],
+        "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": created_by }],
     }))
     .unwrap();
     let manifest = serde_json::to_vec(&serde_json::json!({
@@ -281,8 +291,8 @@ fn write_archive(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), S
             "size": manifest.len(),
             "platform": { "architecture": "amd64", "os": "linux" },
             "annotations": {
-                "io.containerd.image.name": IMAGE_REF,
-                "org.opencontainers.image.ref.name": IMAGE_REF,
+                "io.containerd.image.name": reference,
+                "org.opencontainers.image.ref.name": reference,
             },
         }],
     }))
@@ -314,6 +324,166 @@ fn write_archive(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), S
     fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The name the [`netadmin`] image imports as.
+pub const NETADMIN_REF: &str = "docker.io/podvisor/netadmin:test";
+
+/// Bumped whenever the netadmin layout below changes.
+const NETADMIN_FORMAT: &str = "podvisor-netadmin-image-v1";
+
+/// Host programs the [`netadmin`] image carries: (host path, path in the image, Debian package).
+pub const NETADMIN_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("/usr/sbin/xtables-legacy-multi", "usr/sbin/xtables-legacy-multi", "iptables"),
+    ("/usr/sbin/xtables-nft-multi", "usr/sbin/xtables-nft-multi", "iptables"),
+    // iproute2's ip (busybox's cannot create vxlan devices) and tc; /usr/sbin precedes /bin in
+    // the image's PATH, so they shadow busybox's applets.
+    ("/bin/ip", "usr/sbin/ip", "iproute2"),
+    ("/sbin/tc", "usr/sbin/tc", "iproute2"),
+    ("/usr/sbin/ipvsadm", "usr/sbin/ipvsadm", "ipvsadm"),
+];
+
+/// iptables' extensions (dlopen()ed by libxtables from its compiled-in directory).
+const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// The names Debian's iptables package links to its two multi-call binaries.
+const XTABLES_LINKS: &[(&str, &str)] = &[
+    ("iptables-legacy", "xtables-legacy-multi"),
+    ("iptables-legacy-save", "xtables-legacy-multi"),
+    ("iptables-legacy-restore", "xtables-legacy-multi"),
+    ("ip6tables-legacy", "xtables-legacy-multi"),
+    ("ip6tables-legacy-save", "xtables-legacy-multi"),
+    ("ip6tables-legacy-restore", "xtables-legacy-multi"),
+    ("iptables-nft", "xtables-nft-multi"),
+    ("iptables-nft-save", "xtables-nft-multi"),
+    ("iptables-nft-restore", "xtables-nft-multi"),
+    ("ip6tables-nft", "xtables-nft-multi"),
+    ("ip6tables-nft-save", "xtables-nft-multi"),
+    ("ip6tables-nft-restore", "xtables-nft-multi"),
+];
+
+/// The busybox image plus real network administration tools copied from the host: Debian's
+/// `iptables` (xtables-legacy-multi, xtables-nft-multi, their `iptables-legacy`/`iptables-nft`
+/// names and extensions), iproute2's `ip` and `tc`, and `ipvsadm`, each with the shared libraries
+/// `ldd` lists (the dynamic loader included) at the same paths. Built on first use and cached as
+/// [`busybox`] is; a missing program fails with the package to install.
+pub fn netadmin() -> TestImage {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    build_netadmin(&cache_dir()).unwrap_or_else(|e| panic!("building the netadmin test image failed: {e}"))
+}
+
+fn build_netadmin(cache: &Path) -> Result<TestImage, String> {
+    let busybox = fs::read(BUSYBOX)
+        .map_err(|e| format!("{BUSYBOX}: {e}: install Debian's busybox-static (scripts/deps.sh does, as root)"))?;
+    let mut entries = layout(busybox)?;
+    let mut elf_files: Vec<PathBuf> = Vec::new();
+    for (host, inside, package) in NETADMIN_PROGRAMS {
+        let data = fs::read(host)
+            .map_err(|e| format!("{host}: {e}: install Debian's {package} (scripts/deps.sh does, as root)"))?;
+        add_file(&mut entries, inside, data, 0o755);
+        elf_files.push(PathBuf::from(host));
+    }
+    for (name, target) in XTABLES_LINKS {
+        entries.insert(format!("usr/sbin/{name}"), Entry::Symlink((*target).to_string()));
+    }
+    let plugins = fs::read_dir(XTABLES_DIR)
+        .map_err(|e| format!("{XTABLES_DIR}: {e}: install Debian's iptables (scripts/deps.sh does, as root)"))?;
+    for p in plugins.flatten().map(|e| e.path()) {
+        if p.extension().is_some_and(|x| x == "so") {
+            let data = fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            add_file(&mut entries, p.to_str().unwrap().trim_start_matches('/'), data, 0o644);
+            elf_files.push(p);
+        }
+    }
+    let mut libs = std::collections::BTreeSet::new();
+    for f in &elf_files {
+        libs.extend(shared_libraries(f)?);
+    }
+    for lib in libs {
+        let data = fs::read(&lib).map_err(|e| format!("{lib}: {e}"))?;
+        add_file(&mut entries, lib.trim_start_matches('/'), data, 0o755);
+    }
+
+    let mut key = Sha256::new();
+    key.update(NETADMIN_FORMAT.as_bytes());
+    for (path, entry) in &entries {
+        key.update(path.as_bytes());
+        match entry {
+            Entry::Dir(m) => key.update(format!("d{m}")),
+            Entry::File(data, m) => {
+                key.update(format!("f{m}"));
+                key.update(data);
+            }
+            Entry::Symlink(t) => key.update(format!("l{t}")),
+        }
+        key.update([0u8]);
+    }
+    let key = hex(&key.finalize())[..16].to_string();
+    let dir = cache.join(format!("netadmin-{key}"));
+    let image =
+        TestImage { rootfs: dir.join("rootfs"), archive: dir.join("netadmin-oci.tar"), reference: NETADMIN_REF };
+    let ready = || image.rootfs.join("usr/sbin/xtables-nft-multi").is_file() && image.archive.is_file();
+    if ready() {
+        return Ok(image);
+    }
+    fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let tmp = cache.join(format!(".netadmin-{key}.tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = (|| {
+        fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        write_rootfs(&tmp.join("rootfs"), &entries)?;
+        let created_by = "podvisor-tests image.rs (busybox-static + host iptables, iproute2, ipvsadm)";
+        write_archive(&tmp.join("netadmin-oci.tar"), &entries, NETADMIN_REF, created_by)?;
+        match fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(()),
+            Err(_) if ready() => Ok(()),
+            Err(e) => Err(format!("renaming {} to {}: {e}", tmp.display(), dir.display())),
+        }
+    })();
+    let _ = fs::remove_dir_all(&tmp);
+    result.map(|()| image)
+}
+
+/// Adds a file and every missing parent directory (0755) to `entries`.
+fn add_file(entries: &mut BTreeMap<String, Entry>, path: &str, data: Vec<u8>, mode: u32) {
+    let mut parent = Path::new(path).parent();
+    while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+        entries.entry(p.to_string_lossy().into_owned()).or_insert(Entry::Dir(0o755));
+        parent = p.parent();
+    }
+    entries.insert(path.to_string(), Entry::File(data, mode));
+}
+
+/// The shared libraries (absolute paths, the dynamic loader included) `ldd` lists for `elf`.
+fn shared_libraries(elf: &Path) -> Result<Vec<String>, String> {
+    let out = Command::new("ldd").arg(elf).output().map_err(|e| format!("ldd {}: {e}", elf.display()))?;
+    if !out.status.success() {
+        return Err(format!("ldd {}: {}", elf.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    parse_ldd(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("ldd {}: {e}", elf.display()))
+}
+
+/// Library paths of `ldd` output (`name => /path (addr)` and `/path (addr)` lines; the vDSO has
+/// no file).
+fn parse_ldd(text: &str) -> Result<Vec<String>, String> {
+    let mut libs = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = match line.split_once("=>") {
+            Some((name, rest)) => {
+                let p = rest.split_whitespace().next().unwrap_or("");
+                if p == "not" || !p.starts_with('/') {
+                    return Err(format!("{} is not found", name.trim()));
+                }
+                p
+            }
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            libs.push(path.to_string());
+        }
+    }
+    Ok(libs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +502,30 @@ mod tests {
         let pos = |n: &str| names.iter().position(|x| x.trim_end_matches('/') == n).unwrap();
         assert!(pos("bin") < pos("bin/sh"), "directories come before their contents");
         assert!(names.iter().any(|n| n == "etc/passwd"));
+    }
+
+    #[test]
+    fn ldd_output_gives_library_paths() {
+        let text =
+            "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibxtables.so.12 => /lib/x86_64-linux-gnu/libxtables.so.12 (0x7f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n";
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libxtables.so.12",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+        assert!(parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err().contains("libfoo.so.1"));
+    }
+
+    #[test]
+    fn added_files_get_their_parent_directories() {
+        let mut e = BTreeMap::new();
+        add_file(&mut e, "usr/lib/x86_64-linux-gnu/xtables/libxt_REDIRECT.so", b"x".to_vec(), 0o644);
+        for d in ["usr", "usr/lib", "usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/xtables"] {
+            assert!(matches!(e.get(d), Some(Entry::Dir(0o755))), "{d}");
+        }
     }
 }

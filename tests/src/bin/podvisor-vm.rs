@@ -11,7 +11,7 @@ use hypervisor::host::HostFacts;
 use hypervisor::qemu::cmdline::{VmSpec, VsockDevice};
 use hypervisor::{AccelChoice, Hypervisor, Qemu, QemuConfig};
 use podvisor_shim::sandbox::Sandbox;
-use podvisor_tests::{guest_asset, median, pss_kib, unique_id};
+use podvisor_tests::{guest_asset, guest_meminfo, median, pss_kib, unique_id};
 
 const DIAL: Duration = Duration::from_secs(60);
 
@@ -89,6 +89,8 @@ async fn bench(runs: usize) -> Result<()> {
     let cfg = config();
     let accel = AccelChoice::choose(cfg.accelerator, &HostFacts::probe()).map_err(anyhow::Error::msg)?;
     println!("podvisor VM benchmark: {runs} runs each, {} MiB guest, accelerator {accel:?}", cfg.default_memory);
+    let initrd_size = std::fs::metadata(&cfg.initrd).with_context(|| cfg.initrd.display().to_string())?.len();
+    println!("initrd: {} ({initrd_size} bytes, {:.2} MiB)", cfg.initrd.display(), initrd_size as f64 / 1048576.0);
     let log = quiet_logger();
     let (mut bare, mut ready, mut stop, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
@@ -129,6 +131,16 @@ async fn bench(runs: usize) -> Result<()> {
         println!("  {name:<20} pid {pid:<8} PSS {:>8.1} MiB", pss as f64 / 1024.0);
     }
     println!("  {:<20} {:<12} PSS {:>8.1} MiB", "total", "", sum as f64 / 1024.0);
+    // The initramfs is the guest's root (tmpfs): its files stay in guest RAM as Shmem.
+    let metrics = sb.agent().metrics().await?;
+    let mib = |item: &str| guest_meminfo(&metrics, item).map_or(f64::NAN, |b| b as f64 / 1048576.0);
+    println!("guest memory of an idle VM (/proc/meminfo in the guest):");
+    println!("  MemTotal {:.1} MiB   MemAvailable {:.1} MiB", mib("MemTotal"), mib("MemAvailable"));
+    println!(
+        "  used (MemTotal - MemAvailable) {:.1} MiB   Shmem (the initramfs, a tmpfs) {:.1} MiB",
+        mib("MemTotal") - mib("MemAvailable"),
+        mib("Shmem")
+    );
     sb.shutdown().await?;
     Ok(())
 }
