@@ -6,17 +6,22 @@ set -euo pipefail
 
 APT_PACKAGES=(
   qemu-system-x86   # the VMM
-  cpio gzip kmod    # initrd assembly, module dependency order
+  cpio gzip kmod    # initrd assembly, module dependency order and depmod indexes
+  lz4               # initrd compression (the kernel unpacks lz4 fastest under TCG: guest-image/README.md)
   python3           # vmlinux extraction (lzma)
   binutils          # readelf: checks the PVH note of the extracted kernel
   libseccomp-dev libcap-ng-dev pkg-config  # build dependencies of virtiofsd
   ca-certificates
   containerd        # 1.6.20 (pulls runc): the container manager of the end-to-end tests and the demo
+  conmon skopeo     # CRI-O's tests (CRI-O itself comes from ../shared/tools/cri-o): conmon must exist for
+                    # CRI-O to start; skopeo copies the test images into its storage
   busybox-static    # the test image's only binary
   systemd           # systemd-journald and journalctl for the journal test (no systemd as PID 1 needed)
   containernetworking-plugins  # CNI bridge, host-local, loopback in /usr/lib/cni for the CRI pod tests
   iproute2          # ip (bridge, routes, links in pod network namespaces), tc
   util-linux        # losetup (raw block volume test), nsenter, unshare
+  iptables          # xtables-legacy-multi / xtables-nft-multi + libraries copied into the guest_kernel test image
+  ipvsadm           # IPVS CLI (+ libraries) for the same image: kube-proxy's IPVS mode in the guest
 )
 
 missing=()
