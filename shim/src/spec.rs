@@ -417,7 +417,10 @@ mod tests {
 
     #[test]
     fn binds_are_found_and_rewritten() {
-        let dir = std::env::temp_dir();
+        // A directory of its own: under /tmp itself other tests' mounts come and go, and a
+        // read-only bind carries the mounts below it as separate binds.
+        let dir = std::env::temp_dir().join(format!("podvisor-binds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},
@@ -452,6 +455,7 @@ mod tests {
         assert!(g.hooks().is_none());
         assert!(g.process().as_ref().unwrap().env().as_ref().unwrap().contains(&DEFAULT_PATH.to_string()));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     /// A plain read-only bind with a writable tmpfs below it on the host: the tmpfs becomes a
