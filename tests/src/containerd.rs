@@ -398,7 +398,7 @@ impl TestContainerd {
         containerd_config: &dyn Fn(&Path) -> String,
     ) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
-        reap_stale_dirs();
+        leaks::reap_stale_dirs(DIR_PREFIX, |_| false);
         let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         let mut me = TestContainerd {
@@ -456,23 +456,9 @@ impl TestContainerd {
         let started = Instant::now();
         me.child =
             Some(cmd.spawn().map_err(|e| format!("{CONTAINERD}: {e}: install Debian's containerd (scripts/deps.sh)"))?);
-        let deadline = started + Duration::from_secs(30);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&me.socket).is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = me.child.as_mut().unwrap().try_wait() {
-                return Err(format!("containerd exited during startup ({status}):\n{}", me.logs_tail(30)));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "containerd did not listen on {} within 30 s:\n{}",
-                    me.socket.display(),
-                    me.logs_tail(30)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (child, socket) = (me.child.as_mut().unwrap(), me.socket.clone());
+        let log_file = me.log.clone();
+        crate::wait_for_socket(child, &socket, "containerd", Duration::from_secs(30), || log_tail(&log_file, 30))?;
         me.startup = started.elapsed();
         let v = me.ctr(&["version"]);
         if !v.status.success() {
@@ -755,24 +741,10 @@ impl TestContainerd {
                 self.child = Some(child);
                 t.leftovers.extend(self.remove_everything());
                 child = self.child.take().unwrap();
-                let term = Instant::now();
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if matches!(child.try_wait(), Ok(None)) {
-                    t.leftovers.push("containerd ignored SIGTERM for 10 s and was killed".into());
-                    let _ = child.kill();
-                }
-                let _ = child.wait();
-                t.containerd_stop = term.elapsed();
-            } else {
-                t.leftovers.push(format!("containerd had exited by itself:\n{}", self.logs_tail(20)));
             }
+            let term = Instant::now();
+            t.leftovers.extend(crate::stop_daemon(&mut child, "containerd", || self.logs_tail(20)));
+            t.containerd_stop = term.elapsed();
         }
         // Shims, VMs and daemons started for this containerd or its ids that outlived it.
         let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -913,28 +885,4 @@ disabled_plugins = [
   path = "{d}/opt"
 "#
     )
-}
-
-/// Removes directories of private containerds whose test process died (no cleanup ran): kills
-/// the tracked processes that name them, unmounts and deletes.
-fn reap_stale_dirs() {
-    let Ok(entries) = fs::read_dir("/tmp") else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX.trim_start_matches("/tmp/")) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid == std::process::id() || crate::alive(pid) {
-            continue;
-        }
-        let dir = e.path();
-        let d = dir.to_string_lossy().into_owned();
-        for p in leaks::processes() {
-            if leaks::TRACKED_PROGRAMS.iter().any(|n| p.argv0.contains(n)) && leaks::mentions(&p.cmdline, &d) {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        leaks::unmount_under(&dir);
-        let _ = leaks::remove_tree(&dir);
-    }
 }

@@ -993,7 +993,13 @@ impl Cri {
                 if dir.is_dir() {
                     continue;
                 }
-                fs::create_dir(&dir).unwrap_or_else(|e| panic!("pod cgroup {}: {e}", dir.display()));
+                // Pods started at once share the parents: another thread may have made it.
+                match fs::create_dir(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        panic!("pod cgroup {}: {e}", dir.display())
+                    }
+                    _ => {}
+                }
                 for file in ["cpuset.cpus", "cpuset.mems"] {
                     if let Ok(v) = fs::read_to_string(up.join(file)) {
                         let _ = fs::write(dir.join(file), v.trim());
@@ -1040,13 +1046,18 @@ impl Cri {
         Pod { id, config: config.clone(), ip, netns, host_veth, cgroup_parent, info }
     }
 
-    /// `CreateContainer` in `pod` (tracked for teardown); returns the container id.
-    pub fn create_container(&self, pod: &Pod, config: &proto::ContainerConfig) -> String {
-        // The kubelet makes the container's log directory (`<pod log dir>/<name>/`); CRI-O does
-        // not, containerd does.
-        if let Some(dir) = pod.log_path(config).parent() {
+    /// What the kubelet does before `CreateContainer`: the container's log directory
+    /// (`<pod log dir>/<name>/`; CRI-O does not make it, containerd does).
+    pub fn prepare_container(&self, pod_config: &proto::PodSandboxConfig, config: &proto::ContainerConfig) {
+        let dir = Path::new(&pod_config.log_directory).join(&config.log_path);
+        if let Some(dir) = dir.parent() {
             fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
+    }
+
+    /// `CreateContainer` in `pod` (tracked for teardown); returns the container id.
+    pub fn create_container(&self, pod: &Pod, config: &proto::ContainerConfig) -> String {
+        self.prepare_container(&pod.config, config);
         let id = self.ok("CreateContainer", self.block_on(self.client.create_container(&pod.id, config, &pod.config)));
         self.track_id(&id);
         if let Some(p) = self.tracked.lock().unwrap().iter_mut().find(|p| p.0 == pod.id) {

@@ -192,7 +192,7 @@ impl TestCrio {
                 return Err(format!("{p} is missing: install Debian's {pkg} (scripts/deps.sh does)"));
             }
         }
-        reap_stale_dirs();
+        leaks::reap_stale_dirs(DIR_PREFIX, |p| p.argv0.ends_with("/crio"));
         let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         let mut me = TestCrio {
@@ -232,23 +232,10 @@ impl TestCrio {
 
         let started = Instant::now();
         me.child = Some(me.spawn()?);
-        let deadline = started + Duration::from_secs(60);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&me.socket).is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = me.child.as_mut().unwrap().try_wait() {
-                return Err(format!("CRI-O exited during startup ({status}):\n{}", me.logs_tail(30)));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "CRI-O did not listen on {} within 60 s:\n{}",
-                    me.socket.display(),
-                    me.logs_tail(30)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (child, socket) = (me.child.as_mut().unwrap(), me.socket.clone());
+        let log_file = me.log.clone();
+        let logs = || crate::containerd::log_tail(&log_file, 30);
+        crate::wait_for_socket(child, &socket, "CRI-O", Duration::from_secs(60), logs)?;
         me.startup = started.elapsed();
         Ok(me)
     }
@@ -420,23 +407,7 @@ impl TestCrio {
         }
         self.done = true;
         if let Some(mut child) = self.child.take() {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if matches!(child.try_wait(), Ok(None)) {
-                    left.push("CRI-O ignored SIGTERM for 10 s and was killed".into());
-                    let _ = child.kill();
-                }
-                let _ = child.wait();
-            } else {
-                left.push(format!("CRI-O had exited by itself:\n{}", self.logs_tail(30)));
-            }
+            left.extend(crate::stop_daemon(&mut child, "CRI-O", || self.logs_tail(30)));
         }
         let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -482,30 +453,6 @@ impl Drop for TestCrio {
                 panic!("{msg}");
             }
         }
-    }
-}
-
-/// Removes directories of private CRI-Os whose test process died (no cleanup ran).
-fn reap_stale_dirs() {
-    let Ok(entries) = fs::read_dir("/tmp") else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX.trim_start_matches("/tmp/")) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid == std::process::id() || crate::alive(pid) {
-            continue;
-        }
-        let dir = e.path();
-        let d = dir.to_string_lossy().into_owned();
-        for p in leaks::processes() {
-            let ours = leaks::TRACKED_PROGRAMS.iter().any(|n| p.argv0.contains(n)) || p.argv0.ends_with("crio");
-            if ours && leaks::mentions(&p.cmdline, &d) {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        leaks::unmount_under(&dir);
-        let _ = leaks::remove_tree(&dir);
     }
 }
 

@@ -307,6 +307,32 @@ pub fn force_cleanup(ids: &[&str], private_dir: Option<&Path>) -> Vec<String> {
     done
 }
 
+/// Removes the private directories `/tmp/<prefix><pid>-<n>` of test processes that died
+/// without cleaning up: kills the tracked processes (and those `also` accepts) that name such a
+/// directory, unmounts what is below it and deletes it.
+pub fn reap_stale_dirs(prefix: &str, also: impl Fn(&Proc) -> bool) {
+    let Ok(entries) = std::fs::read_dir("/tmp") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix.trim_start_matches("/tmp/")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || crate::alive(pid) {
+            continue;
+        }
+        let dir = e.path();
+        let d = dir.to_string_lossy().into_owned();
+        for p in processes() {
+            let ours = TRACKED_PROGRAMS.iter().any(|n| p.argv0.contains(n)) || also(&p);
+            if ours && mentions(&p.cmdline, &d) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        unmount_under(&dir);
+        let _ = remove_tree(&dir);
+    }
+}
+
 /// Polls `check` until it finds nothing or `grace` passes (teardown is asynchronous); returns
 /// the last findings.
 pub fn settle(grace: Duration, mut check: impl FnMut() -> Vec<String>) -> Vec<String> {

@@ -154,3 +154,61 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }
+
+/// Polls `check` every 100 ms until it returns `Ok`, failing the test with `what` and the last
+/// error after `timeout`.
+pub fn poll<T>(timeout: std::time::Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what} within {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Waits until a daemon listens on `socket`; fails early when it exits, naming `what` and
+/// giving `logs()` (its log tail).
+pub fn wait_for_socket(
+    child: &mut std::process::Child,
+    socket: &Path,
+    what: &str,
+    timeout: std::time::Duration,
+    logs: impl Fn() -> String,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited during startup ({status}):\n{}", logs()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{what} did not listen on {} within {timeout:?}:\n{}", socket.display(), logs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Stops a daemon: SIGTERM, up to 10 s, then SIGKILL; reaped. Returns what went wrong
+/// (ignoring SIGTERM, or having exited before), naming `what`, with `logs()` for the latter.
+pub fn stop_daemon(child: &mut std::process::Child, what: &str, logs: impl Fn() -> String) -> Vec<String> {
+    let mut left = Vec::new();
+    if !matches!(child.try_wait(), Ok(None)) {
+        left.push(format!("{what} had exited by itself:\n{}", logs()));
+        return left;
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        left.push(format!("{what} ignored SIGTERM for 10 s and was killed"));
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    left
+}

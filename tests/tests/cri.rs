@@ -33,7 +33,7 @@ use podvisor_tests::cri::{
 };
 use podvisor_tests::image::sysv_shm_helper;
 use podvisor_tests::leaks;
-use podvisor_tests::on_both_managers;
+use podvisor_tests::{on_both_managers, poll};
 
 /// How long a container may take to exit or an update to show.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -88,18 +88,6 @@ fn describe_spec(what: &str, spec: &serde_json::Value) {
         spec["linux"]["resources"],
         mounts.join("\n  ")
     );
-}
-
-/// Polls `check` every 100 ms until it returns `Some`, failing with `what` after `timeout`.
-fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what} within {timeout:?}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 fn print_startup(cri: &Cri) {

@@ -13,24 +13,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use podvisor_tests::cri::{cri_log_lines, proto, require_kata, Cri, Manager};
-use podvisor_tests::on_both_managers;
+use podvisor_tests::{on_both_managers, poll};
 
 /// `sleep` that exits on SIGTERM (a PID 1 ignores signals it has no handler for).
 const SLEEPER: &[&str] = &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"];
-
-fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what} within {timeout:?}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
 
 /// Fails unless the manager's daemon still runs (a panic in CRI-O takes it down).
 fn assert_manager_alive(cri: &Cri, after: &str) {

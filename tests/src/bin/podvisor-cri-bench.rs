@@ -105,6 +105,7 @@ fn start_pod(cri: &Cri, name: &str, ids: &Mutex<Vec<String>>, barrier: Option<&B
     let config = cri.pod_config(name);
     cri.prepare_pod(&config);
     let container_config = cri.container_config("sleep", CONTAINER_CMD);
+    cri.prepare_container(&config, &container_config);
     if let Some(b) = barrier {
         b.wait();
     }
@@ -138,7 +139,14 @@ fn start_pod(cri: &Cri, name: &str, ids: &Mutex<Vec<String>>, barrier: Option<&B
 }
 
 /// `StopPodSandbox` and `RemovePodSandbox`, timed apart.
+/// As the kubelet deletes a pod with `--grace-period=0`: `StopContainer` (timeout 0: SIGKILL)
+/// for each container, then `StopPodSandbox` and `RemovePodSandbox`, the latter two timed apart.
+/// (The busybox `sleep` is PID 1 and ignores SIGTERM: with a grace period CRI-O would wait it
+/// out, as it does for runc.)
 fn remove_pod(cri: &Cri, pod: &Pod) -> Result<(Duration, Duration), String> {
+    for c in cri.containers_of(pod) {
+        cri.block_on(cri.client().stop_container(&c, 0)).map_err(|e| format!("container {c}: {e}"))?;
+    }
     let t = Instant::now();
     cri.block_on(cri.client().stop_pod_sandbox(&pod.id)).map_err(|e| format!("sandbox {}: {e}", pod.id))?;
     let stop = t.elapsed();
@@ -769,6 +777,10 @@ const STATS_CONTAINERS: usize = 10;
 /// `ListContainerStats` calls timed per handler.
 const STATS_CALLS: usize = 20;
 
+/// A container for the stats round trip that ends on SIGTERM (the harness stops containers with
+/// a grace period).
+const STATS_CONTAINER_CMD: &[&str] = &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"];
+
 /// The kubelet's statistics round trip: one `ListContainerStats` for a pod of
 /// [`STATS_CONTAINERS`] running containers under `handler` (every container answered with CPU
 /// and memory), [`STATS_CALLS`] times after one warm-up call.
@@ -776,7 +788,7 @@ fn stats_round_trip(cri: &Cri, handler: &str, report: &mut Report) -> Result<Sta
     let config = cri.pod_config(&format!("stats-{handler}"));
     let pod = cri.run_pod_with_handler(&config, handler);
     for i in 0..STATS_CONTAINERS {
-        cri.run_container(&pod, &cri.container_config(&format!("c{i}"), CONTAINER_CMD));
+        cri.run_container(&pod, &cri.container_config(&format!("c{i}"), STATS_CONTAINER_CMD));
     }
     let call = || -> Result<Duration> {
         let t = Instant::now();
