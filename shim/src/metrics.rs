@@ -126,24 +126,26 @@ impl Guest<'_> {
     }
 }
 
-fn network(stats: &pb::StatsContainerResponse) -> Vec<(String, [u64; 8])> {
-    stats
-        .network_stats
-        .iter()
-        .map(|n| {
-            let values = [
-                n.rx_bytes,
-                n.rx_packets,
-                n.rx_errors,
-                n.rx_dropped,
-                n.tx_bytes,
-                n.tx_packets,
-                n.tx_errors,
-                n.tx_dropped,
-            ];
-            (n.name.clone(), values)
-        })
-        .collect()
+/// The guest's interface counters as containerd's v1 or v2 `NetworkStat` (same field names).
+macro_rules! network_stats {
+    ($m:ident::$t:ident, $stats:expr) => {
+        $stats
+            .network_stats
+            .iter()
+            .map(|n| $m::$t {
+                name: n.name.clone(),
+                rx_bytes: n.rx_bytes,
+                rx_packets: n.rx_packets,
+                rx_errors: n.rx_errors,
+                rx_dropped: n.rx_dropped,
+                tx_bytes: n.tx_bytes,
+                tx_packets: n.tx_packets,
+                tx_errors: n.tx_errors,
+                tx_dropped: n.tx_dropped,
+                ..Default::default()
+            })
+            .collect()
+    };
 }
 
 /// containerd's cgroup v1 `Metrics` from the guest's v2 numbers. v1's `memory.memsw` counts
@@ -244,21 +246,7 @@ pub fn to_v1(stats: &pb::StatsContainerResponse) -> v1::Metrics {
             io_serviced_recursive: blk(&g.blkio.io_serviced_recursive),
             ..Default::default()
         }),
-        network: network(stats)
-            .into_iter()
-            .map(|(name, v)| v1::NetworkStat {
-                name,
-                rx_bytes: v[0],
-                rx_packets: v[1],
-                rx_errors: v[2],
-                rx_dropped: v[3],
-                tx_bytes: v[4],
-                tx_packets: v[5],
-                tx_errors: v[6],
-                tx_dropped: v[7],
-                ..Default::default()
-            })
-            .collect(),
+        network: network_stats!(v1::NetworkStat, stats),
         ..Default::default()
     }
 }
@@ -338,21 +326,7 @@ pub fn to_v2(stats: &pb::StatsContainerResponse) -> v2::Metrics {
                 ..Default::default()
             })
             .collect(),
-        network: network(stats)
-            .into_iter()
-            .map(|(name, v)| v2::NetworkStat {
-                name,
-                rx_bytes: v[0],
-                rx_packets: v[1],
-                rx_errors: v[2],
-                rx_dropped: v[3],
-                tx_bytes: v[4],
-                tx_packets: v[5],
-                tx_errors: v[6],
-                tx_dropped: v[7],
-                ..Default::default()
-            })
-            .collect(),
+        network: network_stats!(v2::NetworkStat, stats),
         ..Default::default()
     }
 }
@@ -416,7 +390,54 @@ mod tests {
             ..Default::default()
         };
         c.hugetlb_stats.insert("2MB".into(), pb::HugetlbStats { usage: 2 << 20, failcnt: 1, ..Default::default() });
-        pb::StatsContainerResponse { cgroup_stats: MessageField::some(c), ..Default::default() }
+        let eth0 = pb::NetworkStats {
+            name: "eth0".into(),
+            rx_bytes: 1,
+            rx_packets: 2,
+            rx_errors: 3,
+            rx_dropped: 4,
+            tx_bytes: 5,
+            tx_packets: 6,
+            tx_errors: 7,
+            tx_dropped: 8,
+            ..Default::default()
+        };
+        pb::StatsContainerResponse {
+            cgroup_stats: MessageField::some(c),
+            network_stats: vec![eth0],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn interface_counters_keep_their_names_in_both_flavors() {
+        let s = sample();
+        let v1 = &to_v1(&s).network[0];
+        let v2 = &to_v2(&s).network[0];
+        let v1 = (
+            &*v1.name,
+            v1.rx_bytes,
+            v1.rx_packets,
+            v1.rx_errors,
+            v1.rx_dropped,
+            v1.tx_bytes,
+            v1.tx_packets,
+            v1.tx_errors,
+            v1.tx_dropped,
+        );
+        let v2 = (
+            &*v2.name,
+            v2.rx_bytes,
+            v2.rx_packets,
+            v2.rx_errors,
+            v2.rx_dropped,
+            v2.tx_bytes,
+            v2.tx_packets,
+            v2.tx_errors,
+            v2.tx_dropped,
+        );
+        assert_eq!(v1, ("eth0", 1, 2, 3, 4, 5, 6, 7, 8));
+        assert_eq!(v2, v1);
     }
 
     #[test]
