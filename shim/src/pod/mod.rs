@@ -33,6 +33,11 @@ mod processes;
 mod resources;
 mod vm;
 
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod tests;
+
 use vm::VmSlot;
 
 /// Why a pod operation failed; `service.rs` maps each kind to containerd's error code.
