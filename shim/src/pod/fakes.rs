@@ -204,6 +204,9 @@ pub enum Hold {
     Fail,
 }
 
+/// A guest process: its state, watched by the calls that wait on it.
+type Proc = Arc<watch::Sender<ProcState>>;
+
 #[derive(Default)]
 struct ProcState {
     stdout: VecDeque<Vec<u8>>,
@@ -219,7 +222,7 @@ pub struct FakeAgent {
     dead: watch::Receiver<bool>,
     kill_switch: watch::Sender<bool>,
     holds: watch::Sender<HashMap<&'static str, Hold>>,
-    procs: Mutex<HashMap<(String, String), Arc<watch::Sender<ProcState>>>>,
+    procs: Mutex<HashMap<(String, String), Proc>>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     /// Every call by name, in order, with its arguments where they matter.
@@ -299,7 +302,7 @@ impl FakeAgent {
         self.calls.lock().unwrap().iter().any(|c| c.starts_with(prefix))
     }
 
-    fn proc(&self, cid: &str, eid: &str) -> Option<Arc<watch::Sender<ProcState>>> {
+    fn proc(&self, cid: &str, eid: &str) -> Option<Proc> {
         self.procs.lock().unwrap().get(&(cid.to_string(), eid.to_string())).cloned()
     }
 
