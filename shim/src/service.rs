@@ -307,6 +307,62 @@ mod tests {
         assert!(exec_process(&bad).unwrap_err().to_string().contains("not an OCI process"));
     }
 
+    /// Each pod event becomes its containerd event under its topic, with its fields (the
+    /// log-only publisher logs the topic and the event's text form).
+    #[tokio::test]
+    async fn pod_events_become_containerd_events() {
+        use slog::{Drain, OwnedKVList, Record, KV};
+        use std::sync::Mutex;
+        struct Capture(Arc<Mutex<Vec<String>>>);
+        struct Pairs(String);
+        impl slog::Serializer for Pairs {
+            fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+                self.0.push_str(&format!(" {key}={val}"));
+                Ok(())
+            }
+        }
+        impl Drain for Capture {
+            type Ok = ();
+            type Err = slog::Never;
+            fn log(&self, record: &Record, _: &OwnedKVList) -> Result<(), slog::Never> {
+                let mut pairs = Pairs(String::new());
+                let _ = record.kv().serialize(record, &mut pairs);
+                self.0.lock().unwrap().push(pairs.0);
+                Ok(())
+            }
+        }
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let publisher = Publisher::new(None, "default".into(), Logger::root(Capture(lines.clone()), slog::o!()));
+        let at = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let exit = crate::process::Exit { code: 137, at };
+        let c = || "c1".to_string();
+        let events = [
+            (
+                Event::TaskCreate { container_id: c(), bundle: "/b/c1".into(), pid: 7 },
+                "/tasks/create",
+                "bundle: \"/b/c1\"",
+            ),
+            (Event::TaskStart { container_id: c(), pid: 7 }, "/tasks/start", "pid: 7"),
+            (Event::TaskExit { container_id: c(), id: "e1".into(), pid: 7, exit }, "/tasks/exit", "exit_status: 137"),
+            (Event::TaskOom { container_id: c() }, "/tasks/oom", "c1"),
+            (Event::TaskExecAdded { container_id: c(), exec_id: "e1".into() }, "/tasks/exec-added", "exec_id: \"e1\""),
+            (
+                Event::TaskExecStarted { container_id: c(), exec_id: "e1".into(), pid: 7 },
+                "/tasks/exec-started",
+                "exec_id: \"e1\"",
+            ),
+            (Event::TaskPaused { container_id: c() }, "/tasks/paused", "c1"),
+            (Event::TaskResumed { container_id: c() }, "/tasks/resumed", "c1"),
+            (Event::TaskDelete { container_id: c(), pid: 7, exit }, "/tasks/delete", "seconds: 1700000000"),
+        ];
+        for (event, topic, field) in events {
+            EventSink::publish(&publisher, event);
+            let line = lines.lock().unwrap().pop().expect("no event logged");
+            assert!(line.contains(&format!("topic={topic}")), "{line}");
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
+
     #[test]
     fn errors_map_to_containerd_codes() {
         let code = |e| match status_of(e) {

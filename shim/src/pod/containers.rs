@@ -55,7 +55,7 @@ impl Pod {
                     let _ = mounts::unmount_all(t);
                 }
                 if self.containers.lock().unwrap().is_empty() {
-                    self.stop_vm().await;
+                    self.stop_vm_now().await;
                 }
                 Err(e)
             }
@@ -289,7 +289,7 @@ impl Pod {
         };
         self.publish(Event::TaskDelete { container_id: id.into(), pid, exit });
         if last || id == self.sandbox_id {
-            self.stop_vm().await;
+            self.stop_vm_now().await;
         }
         info!(self.log, "container deleted"; "container" => id);
         Ok((pid, exit))

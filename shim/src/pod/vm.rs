@@ -9,7 +9,7 @@ use hypervisor::Hypervisor;
 use slog::{error, info, warn};
 use tokio::sync::Notify;
 
-use super::{Event, Pod, PodError, PodResult};
+use super::{detached, Event, Pod, PodError, PodResult};
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::host_cgroup::SandboxCgroup;
@@ -244,8 +244,19 @@ impl Pod {
     }
 
     /// Stops the VM and removes the shared directory and the host cgroup; cancels a boot under
-    /// way (and waits for its cleanup); idempotent.
-    pub async fn stop_vm(&self) {
+    /// way (and waits for its cleanup); idempotent. Runs to its end even when the caller goes
+    /// away (`Shutdown` cancelled by a client timeout).
+    pub async fn stop_vm(self: &Arc<Self>) {
+        let pod = self.clone();
+        let _ = detached(async move {
+            pod.stop_vm_now().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    /// [`Pod::stop_vm`] in the caller's task (for work that already runs detached).
+    pub(super) async fn stop_vm_now(&self) {
         if let VmSlot::Booting(cancel) = &*self.vm.lock().unwrap() {
             cancel.notify_one();
         }
