@@ -38,6 +38,8 @@ pub struct FakeHypervisor {
     child: Mutex<Option<std::process::Child>>,
     /// The pid the child had (for the leak check after it was reaped).
     pub vmm_pid: Mutex<Option<u32>>,
+    /// Every memory total (MiB) and vCPU count asked for, in order: "mem N", "cpus N".
+    pub resizes: Mutex<Vec<String>>,
     stopped: watch::Sender<bool>,
 }
 
@@ -48,6 +50,7 @@ impl FakeHypervisor {
             run_dir,
             child: Mutex::new(None),
             vmm_pid: Mutex::new(None),
+            resizes: Mutex::default(),
             stopped: watch::channel(false).0,
         }
     }
@@ -146,6 +149,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn resize_memory(&self, total: MemoryMiB) -> hypervisor::Result<MemoryMiB> {
+        self.resizes.lock().unwrap().push(format!("mem {}", total.0));
         if self.fails("resize_memory") {
             return Err(vm_error("resize_memory"));
         }
@@ -157,6 +161,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn resize_vcpus(&self, count: u32) -> hypervisor::Result<u32> {
+        self.resizes.lock().unwrap().push(format!("cpus {count}"));
         Ok(count)
     }
 

@@ -445,12 +445,56 @@ async fn fast_calls_answer_while_a_hot_plug_waits() {
     fast("Kill 0", env.pod.kill("sandbox", "", 0)).await.unwrap();
     fast("Pause", env.pod.set_paused("sandbox", true)).await.unwrap();
     fast("Resume", env.pod.set_paused("sandbox", false)).await.unwrap();
+    let events = env.events();
+    assert!(events.contains(&Event::TaskPaused { container_id: "sandbox".into() }), "{events:?}");
+    assert!(events.contains(&Event::TaskResumed { container_id: "sandbox".into() }), "{events:?}");
     // The pod stops (Shutdown, SIGTERM): the hot-plug fails with the VM, and the create cleans up.
     step(env.pod.stop_vm()).await;
     let err = step(create).await.unwrap().unwrap_err();
     assert!(err.to_string().contains("hot-plug"), "{err}");
     assert_eq!(env.pod.container_ids(), ["sandbox"]);
     step(env.pod.process("sandbox", "").unwrap().wait()).await;
+    step(env.pod.delete("sandbox", "")).await.unwrap();
+    env.assert_nothing_held().await;
+}
+
+/// A container's limits grow the VM by what they add; an in-place resize adds only what goes
+/// beyond the highest so far, and the guest cgroup always takes the new limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_grow_the_vm_and_a_resize_adds_only_the_difference() {
+    let env = Env::new();
+    step(env.pod.create(env.request("sandbox", Some("sandbox"), None))).await.unwrap();
+    step(env.pod.start("sandbox", "")).await.unwrap();
+    let limits = serde_json::json!({"memory": {"limit": 128u64 << 20}, "cpu": {"quota": 150000, "period": 100000}});
+    step(env.pod.create(env.request("c2", Some("container"), Some(limits)))).await.unwrap();
+    let vm = env.backend.vm();
+    let boot = crate::config::load(Some(&env.dir.path().join("configuration.toml"))).unwrap().hypervisor;
+    let (mem, cpus) = (boot.default_memory, boot.default_vcpus);
+    let max = boot.max_vcpus(hypervisor::host::host_cpus());
+    let want_cpus = (cpus + 2).min(max);
+    let mut expected = Vec::new();
+    if want_cpus > cpus {
+        expected.push(format!("cpus {want_cpus}"));
+    }
+    expected.push(format!("mem {}", mem + 128));
+    assert_eq!(*vm.resizes.lock().unwrap(), expected);
+
+    let raised: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(serde_json::json!({"memory": {"limit": 256u64 << 20}})).unwrap();
+    step(env.pod.update("c2", &raised)).await.unwrap();
+    assert_eq!(vm.resizes.lock().unwrap().last().unwrap(), &format!("mem {}", mem + 256), "128 MiB more");
+    let lowered: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(serde_json::json!({"memory": {"limit": 64u64 << 20}})).unwrap();
+    let before = vm.resizes.lock().unwrap().len();
+    step(env.pod.update("c2", &lowered)).await.unwrap();
+    assert_eq!(vm.resizes.lock().unwrap().len(), before, "lowering unplugs nothing");
+    let updates =
+        env.backend.agent().calls.lock().unwrap().iter().filter(|c| c.starts_with("UpdateContainer c2")).count();
+    assert_eq!(updates, 2, "the guest cgroup takes both new limits");
+
+    step(env.pod.stop_vm()).await;
+    step(env.pod.delete("c2", "")).await.unwrap();
+    assert_eq!(step(env.pod.process("sandbox", "").unwrap().wait()).await.code, 255, "ended with its VM");
     step(env.pod.delete("sandbox", "")).await.unwrap();
     env.assert_nothing_held().await;
 }
