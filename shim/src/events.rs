@@ -7,7 +7,7 @@
 //! containerd 1.6 resolves it with typeurl, which falls back to the proto registry by name.
 //! CRI-O passes `TTRPC_ADDRESS` empty and reads no events; then each event is only logged.
 //!
-//! [`Publisher::publish`] never waits: events go through an unbounded queue to one background
+//! [`Publisher::publish_task`] never waits: events go through an unbounded queue to one background
 //! task, which connects on the first event, reconnects once when a call fails and gives each
 //! call [`CALL_TIMEOUT`]. An event that still cannot be delivered is dropped with a warning, so a
 //! dead containerd never stalls the task service. Call [`Publisher::close`] before exiting so the
@@ -134,7 +134,7 @@ impl Publisher {
 
     /// Queues `event` under `topic` and returns at once. Delivery happens in the background;
     /// failures are logged, never returned.
-    pub fn publish<E: MessageFull>(&self, topic: &str, event: E) {
+    fn send<E: MessageFull>(&self, topic: &str, event: E) {
         let log = &self.inner.log;
         let Route::Forward { queue, .. } = &self.inner.route else {
             info!(log, "event"; "topic" => topic, "event" => %event);
@@ -162,9 +162,11 @@ impl Publisher {
         self.start_worker();
     }
 
-    /// [`publish`](Self::publish) under the event's own topic.
+    /// Queues `event` under its own topic and returns at once. Delivery happens in the
+    /// background; failures are logged, never returned. (The pod's events come here through
+    /// `service.rs`, which maps each to its containerd type.)
     pub fn publish_task<E: TaskEvent>(&self, event: E) {
-        self.publish(E::TOPIC, event)
+        self.send(E::TOPIC, event)
     }
 
     /// Waits until every event published so far has been delivered or dropped, for at most

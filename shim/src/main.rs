@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hypervisor::HostCheck;
 use podvisor_shim::bootstrap::{self, Flags};
-use podvisor_shim::{cleanup, config, events, logging, pod, service, VERSION};
+use podvisor_shim::{cleanup, config, events, logging, pod, sandbox, service, VERSION};
 use protobuf::Message;
 use slog::{error, info};
 
@@ -197,7 +197,13 @@ fn serve(flags: Flags) -> ExitCode {
     let code = runtime.block_on(async {
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").ok().filter(|a| !a.is_empty());
         let publisher = events::Publisher::new(ttrpc_address, flags.namespace.clone(), log.clone());
-        let pod = Arc::new(pod::Pod::new(&flags.id, publisher, log.clone(), std::env::var(bootstrap::CONFIG_PATH_ENV).ok()));
+        let pod = Arc::new(pod::Pod::new(
+            &flags.id,
+            Arc::new(publisher.clone()),
+            Arc::new(sandbox::QemuBackend),
+            log.clone(),
+            std::env::var(bootstrap::CONFIG_PATH_ENV).ok(),
+        ));
         let service = service::TaskService::new(pod.clone(), log.clone());
         let service = Arc::new(service);
         // containerd 1.6 and CRI-O call `containerd.task.v2.Task`; the protos crate names the
@@ -242,7 +248,7 @@ fn serve(flags: Flags) -> ExitCode {
         // Let the Shutdown reply leave before the socket goes.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
-        pod.events().close().await;
+        publisher.close().await;
         let socket = bootstrap::socket_path(&flags.address, &flags.namespace, &flags.id);
         let _ = std::fs::remove_file(socket);
         info!(log, "shim exiting");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use agent_protocol::types;
+use async_trait::async_trait;
 use hypervisor::network::{GuestNetwork, NetInterface, NetNeighbour, NetRoute};
 use hypervisor::{Hypervisor, MemoryMiB, PodNetwork, Qemu};
 use slog::{info, warn, Logger};
@@ -26,6 +27,71 @@ pub enum BootError {
     /// The pod network could not be attached.
     #[error(transparent)]
     Network(#[from] hypervisor::NetworkError),
+}
+
+/// Where pods get their VMs and agent connections: QEMU and the ttrpc agent for real
+/// ([`QemuBackend`]); the pod's unit tests put fakes here.
+#[async_trait]
+pub trait VmBackend: Send + Sync {
+    /// The VM of sandbox `id` as `config` says, exporting `shared_dir` over virtio-fs, with the
+    /// pod network of `netns` attached (its guest side is returned): not prepared nor started.
+    /// What it attached belongs to the VM from here on: [`Hypervisor::cleanup`] removes it.
+    async fn create_vm(
+        &self,
+        id: &str,
+        config: &Config,
+        shared_dir: &Path,
+        netns: Option<&Path>,
+        log: &Logger,
+    ) -> Result<(Arc<dyn Hypervisor>, Option<GuestNetwork>), BootError>;
+
+    /// Connects to the agent of the started `vm` within `dial_timeout`.
+    async fn connect_agent(
+        &self,
+        vm: &dyn Hypervisor,
+        dial_timeout: Duration,
+        log: &Logger,
+    ) -> Result<Arc<dyn Agent>, AgentError>;
+}
+
+/// The real backend: a QEMU VM per pod and Kata's ttrpc agent over (hybrid) vsock.
+pub struct QemuBackend;
+
+#[async_trait]
+impl VmBackend for QemuBackend {
+    async fn create_vm(
+        &self,
+        id: &str,
+        config: &Config,
+        shared_dir: &Path,
+        netns: Option<&Path>,
+        log: &Logger,
+    ) -> Result<(Arc<dyn Hypervisor>, Option<GuestNetwork>), BootError> {
+        let log = log.new(slog::o!("sandbox" => id.to_string()));
+        let mut vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
+        let mut guest_network = None;
+        if let Some(path) = netns {
+            let path = path.to_path_buf();
+            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path))
+                .await
+                .map_err(|e| hypervisor::Error::InvalidRequest(format!("pod network setup: {e}")))??;
+            let names: Vec<&str> = network.guest().interfaces.iter().map(|i| i.name.as_str()).collect();
+            info!(log, "pod network attached"; "netns" => %network.netns_path().display(), "interfaces" => names.join(","));
+            guest_network = Some(network.guest().clone());
+            // From here on the VM owns the taps: any failure below tears them down with it.
+            vm = vm.with_network(network);
+        }
+        Ok((Arc::new(vm), guest_network))
+    }
+
+    async fn connect_agent(
+        &self,
+        vm: &dyn Hypervisor,
+        dial_timeout: Duration,
+        log: &Logger,
+    ) -> Result<Arc<dyn Agent>, AgentError> {
+        Ok(Arc::new(KataAgent::dial(vm, dial_timeout, log).await?))
+    }
 }
 
 /// A running pod VM with a connected agent.
@@ -71,25 +137,27 @@ impl Sandbox {
         netns: Option<&Path>,
         log: &Logger,
     ) -> Result<Sandbox, BootError> {
+        let (vm, guest_network) = QemuBackend.create_vm(id, config, shared_dir, netns, log).await?;
+        Self::start_pod(&QemuBackend, id, vm, guest_network, config, hostname, log).await
+    }
+
+    /// Starts `vm` (made by `backend`'s [`VmBackend::create_vm`]), connects to its agent, sends
+    /// `CreateSandbox` (the shared directory, the hostname) and configures `guest_network`. On
+    /// failure the VM and everything it holds on the host is gone before the error returns.
+    pub async fn start_pod(
+        backend: &dyn VmBackend,
+        id: &str,
+        vm: Arc<dyn Hypervisor>,
+        guest_network: Option<GuestNetwork>,
+        config: &Config,
+        hostname: &str,
+        log: &Logger,
+    ) -> Result<Sandbox, BootError> {
         let log = log.new(slog::o!("sandbox" => id.to_string()));
         for w in &config.warnings {
             warn!(log, "{}", w);
         }
-        let mut vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
-        let mut guest_network = None;
-        if let Some(path) = netns {
-            let path = path.to_path_buf();
-            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path))
-                .await
-                .map_err(|e| hypervisor::Error::InvalidRequest(format!("pod network setup: {e}")))??;
-            let names: Vec<&str> = network.guest().interfaces.iter().map(|i| i.name.as_str()).collect();
-            info!(log, "pod network attached"; "netns" => %network.netns_path().display(), "interfaces" => names.join(","));
-            guest_network = Some(network.guest().clone());
-            // From here on the VM owns the taps: any failure below tears them down with it.
-            vm = vm.with_network(network);
-        }
-        let vm: Arc<dyn Hypervisor> = Arc::new(vm);
-        let sandbox = Self::boot_with(id, vm, config.agent.dial_timeout, &log).await?;
+        let sandbox = Self::start_with(backend, id, vm, config.agent.dial_timeout, &log).await?;
         let storage = agent_protocol::agent::Storage {
             driver: "virtio-fs".into(),
             source: hypervisor::qemu::cmdline::VIRTIO_FS_TAG.into(),
@@ -138,10 +206,21 @@ impl Sandbox {
         dial_timeout: Duration,
         log: &Logger,
     ) -> Result<Sandbox, BootError> {
+        Self::start_with(&QemuBackend, id, vm, dial_timeout, log).await
+    }
+
+    /// [`Sandbox::boot_with`], reaching the agent through `backend`.
+    async fn start_with(
+        backend: &dyn VmBackend,
+        id: &str,
+        vm: Arc<dyn Hypervisor>,
+        dial_timeout: Duration,
+        log: &Logger,
+    ) -> Result<Sandbox, BootError> {
         let result = async {
             vm.prepare().await?;
             vm.start().await?;
-            let agent = KataAgent::dial(vm.as_ref(), dial_timeout, log).await?;
+            let agent = backend.connect_agent(vm.as_ref(), dial_timeout, log).await?;
             if let Err(e) = agent.set_guest_time(SystemTime::now()).await {
                 warn!(log, "could not set the guest clock"; "error" => %e);
             }
@@ -149,7 +228,7 @@ impl Sandbox {
         }
         .await;
         match result {
-            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent: Arc::new(agent), log: log.clone() }),
+            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent, log: log.clone() }),
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
                     warn!(log, "cleanup after failed boot failed"; "error" => %c);

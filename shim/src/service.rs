@@ -1,5 +1,7 @@
-//! The containerd task service (`containerd.task.v2.Task`, all 17 RPCs) on top of [`Pod`]:
-//! request decoding, error codes, and the replies containerd and CRI-O expect.
+//! The containerd edge: the task service (`containerd.task.v2.Task`, all 17 RPCs) on top of
+//! [`Pod`] — request decoding, error codes, and the replies containerd and CRI-O expect — and
+//! the mapping of the pod's [`Event`]s to containerd's `/tasks/*` events. Nothing below this
+//! file knows containerd's types.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,8 +14,9 @@ use slog::{info, Logger};
 use ttrpc::asynchronous::TtrpcContext;
 
 use crate::bootstrap::config_path_from_options;
+use crate::events::Publisher;
 use crate::mounts::MountSpec;
-use crate::pod::{CreateRequest, Pod, TaskError};
+use crate::pod::{CreateRequest, Event, EventSink, Pod, PodError};
 use crate::process::{Status, Stdio};
 
 /// A protobuf timestamp.
@@ -27,17 +30,68 @@ fn zero_time() -> Timestamp {
     Timestamp { seconds: -62135596800, nanos: 0, ..Default::default() }
 }
 
-fn status_of(e: TaskError) -> ttrpc::Error {
+/// containerd's error code (errdefs over ttrpc) for a pod error.
+fn status_of(e: PodError) -> ttrpc::Error {
     let code = match &e {
-        TaskError::NotFound(_) => ttrpc::Code::NOT_FOUND,
-        TaskError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
-        TaskError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
-        TaskError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
-        TaskError::NotImplemented(_) => ttrpc::Code::UNIMPLEMENTED,
-        TaskError::PermissionDenied(_) => ttrpc::Code::PERMISSION_DENIED,
-        TaskError::Internal(_) => ttrpc::Code::UNKNOWN,
+        PodError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+        PodError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+        PodError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+        PodError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
+        PodError::PermissionDenied(_) => ttrpc::Code::PERMISSION_DENIED,
+        PodError::Internal(_) => ttrpc::Code::UNKNOWN,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+/// An INVALID_ARGUMENT for a request that does not decode.
+fn invalid(message: String) -> ttrpc::Error {
+    status_of(PodError::InvalidArgument(message))
+}
+
+/// The pod's events as containerd's, each under its own topic.
+impl EventSink for Publisher {
+    fn publish(&self, event: Event) {
+        use containerd_shim_protos::events::task as ev;
+        match event {
+            Event::TaskCreate { container_id, bundle, pid } => self.publish_task(ev::TaskCreate {
+                container_id,
+                bundle: bundle.display().to_string(),
+                pid,
+                ..Default::default()
+            }),
+            Event::TaskStart { container_id, pid } => {
+                self.publish_task(ev::TaskStart { container_id, pid, ..Default::default() })
+            }
+            Event::TaskExit { container_id, id, pid, exit } => self.publish_task(ev::TaskExit {
+                container_id,
+                id,
+                pid,
+                exit_status: exit.code,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+            Event::TaskOom { container_id } => self.publish_task(ev::TaskOOM { container_id, ..Default::default() }),
+            Event::TaskExecAdded { container_id, exec_id } => {
+                self.publish_task(ev::TaskExecAdded { container_id, exec_id, ..Default::default() })
+            }
+            Event::TaskExecStarted { container_id, exec_id, pid } => {
+                self.publish_task(ev::TaskExecStarted { container_id, exec_id, pid, ..Default::default() })
+            }
+            Event::TaskPaused { container_id } => {
+                self.publish_task(ev::TaskPaused { container_id, ..Default::default() })
+            }
+            Event::TaskResumed { container_id } => {
+                self.publish_task(ev::TaskResumed { container_id, ..Default::default() })
+            }
+            Event::TaskDelete { container_id, pid, exit } => self.publish_task(ev::TaskDelete {
+                container_id,
+                pid,
+                exit_status: exit.code,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        }
+    }
 }
 
 type R<T> = ttrpc::Result<T>;
@@ -65,9 +119,9 @@ fn proto_status(s: Status) -> api::Status {
 }
 
 /// Decodes the OCI process of an `Exec` (JSON in an `Any`).
-fn exec_process(any: &Any) -> Result<agent_protocol::oci::Process, TaskError> {
+fn exec_process(any: &Any) -> Result<agent_protocol::oci::Process, ttrpc::Error> {
     let mut process: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
-        .map_err(|e| TaskError::InvalidArgument(format!("exec spec ({}) is not an OCI process: {e}", any.type_url)))?;
+        .map_err(|e| invalid(format!("exec spec ({}) is not an OCI process: {e}", any.type_url)))?;
     crate::spec::ensure_path(&mut process);
     let mut spec = oci_spec::runtime::Spec::default();
     spec.set_process(Some(process));
@@ -106,7 +160,7 @@ impl Task for TaskService {
         Ok(api::StateResponse {
             id: req.id.clone(),
             bundle: c.bundle.display().to_string(),
-            pid: self.pod.vmm_pid().await,
+            pid: self.pod.vmm_pid(),
             status: proto_status(p.status()).into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
@@ -133,7 +187,7 @@ impl Task for TaskService {
         // As Kata: the container's processes live in the guest; the host process that runs
         // them is the VMM (Kata's agent API has no process listing).
         self.pod.container(&req.id).map_err(status_of)?;
-        let pid = self.pod.vmm_pid().await;
+        let pid = self.pod.vmm_pid();
         Ok(api::PidsResponse { processes: vec![api::ProcessInfo { pid, ..Default::default() }], ..Default::default() })
     }
 
@@ -148,10 +202,10 @@ impl Task for TaskService {
     }
 
     async fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> R<Empty> {
-        Err(status_of(TaskError::NotImplemented(format!(
-            "checkpoint of container {}: a container running in a VM cannot be checkpointed with CRIU",
-            req.id
-        ))))
+        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::UNIMPLEMENTED,
+            format!("checkpoint of container {}: a container running in a VM cannot be checkpointed with CRIU", req.id),
+        )))
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> R<Empty> {
@@ -161,11 +215,8 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> R<Empty> {
-        let spec = req
-            .spec
-            .as_ref()
-            .ok_or_else(|| status_of(TaskError::InvalidArgument("exec without a process spec".into())))?;
-        let process = exec_process(spec).map_err(status_of)?;
+        let spec = req.spec.as_ref().ok_or_else(|| invalid("exec without a process spec".into()))?;
+        let process = exec_process(spec)?;
         let stdio = Stdio { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
         self.pod.exec(&req.id, &req.exec_id, stdio, process).map_err(status_of)?;
         Ok(Empty::new())
@@ -173,7 +224,7 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> R<Empty> {
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
-        let agent = self.pod.agent().await.map_err(status_of)?;
+        let agent = self.pod.agent().map_err(status_of)?;
         agent
             .tty_win_resize(&req.id, p.agent_exec_id(), req.height, req.width)
             .await
@@ -190,16 +241,9 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> R<Empty> {
-        let any = req
-            .resources
-            .as_ref()
-            .ok_or_else(|| status_of(TaskError::InvalidArgument("update without resources".into())))?;
-        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value).map_err(|e| {
-            status_of(TaskError::InvalidArgument(format!(
-                "resources ({}) are not OCI LinuxResources: {e}",
-                any.type_url
-            )))
-        })?;
+        let any = req.resources.as_ref().ok_or_else(|| invalid("update without resources".into()))?;
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| invalid(format!("resources ({}) are not OCI LinuxResources: {e}", any.type_url)))?;
         info!(self.log, "Update"; "container" => &req.id);
         self.pod.update(&req.id, &res).await.map_err(status_of)?;
         Ok(Empty::new())
@@ -218,7 +262,7 @@ impl Task for TaskService {
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> R<api::StatsResponse> {
         let stats = self.pod.stats(&req.id).await.map_err(status_of)?;
         let (type_url, value) = crate::metrics::encode(&stats, crate::metrics::Flavor::of_host())
-            .map_err(|e| status_of(TaskError::Internal(e)))?;
+            .map_err(|e| status_of(PodError::Internal(e)))?;
         let any = Any { type_url: type_url.into(), value, ..Default::default() };
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
@@ -226,7 +270,7 @@ impl Task for TaskService {
     async fn connect(&self, _ctx: &TtrpcContext, _req: api::ConnectRequest) -> R<api::ConnectResponse> {
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: self.pod.vmm_pid().await,
+            task_pid: self.pod.vmm_pid(),
             version: crate::VERSION.into(),
             ..Default::default()
         })
@@ -263,23 +307,79 @@ mod tests {
         assert!(exec_process(&bad).unwrap_err().to_string().contains("not an OCI process"));
     }
 
+    /// Each pod event becomes its containerd event under its topic, with its fields (the
+    /// log-only publisher logs the topic and the event's text form).
+    #[tokio::test]
+    async fn pod_events_become_containerd_events() {
+        use slog::{Drain, OwnedKVList, Record, KV};
+        use std::sync::Mutex;
+        struct Capture(Arc<Mutex<Vec<String>>>);
+        struct Pairs(String);
+        impl slog::Serializer for Pairs {
+            fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+                self.0.push_str(&format!(" {key}={val}"));
+                Ok(())
+            }
+        }
+        impl Drain for Capture {
+            type Ok = ();
+            type Err = slog::Never;
+            fn log(&self, record: &Record, _: &OwnedKVList) -> Result<(), slog::Never> {
+                let mut pairs = Pairs(String::new());
+                let _ = record.kv().serialize(record, &mut pairs);
+                self.0.lock().unwrap().push(pairs.0);
+                Ok(())
+            }
+        }
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let publisher = Publisher::new(None, "default".into(), Logger::root(Capture(lines.clone()), slog::o!()));
+        let at = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let exit = crate::process::Exit { code: 137, at };
+        let c = || "c1".to_string();
+        let events = [
+            (
+                Event::TaskCreate { container_id: c(), bundle: "/b/c1".into(), pid: 7 },
+                "/tasks/create",
+                "bundle: \"/b/c1\"",
+            ),
+            (Event::TaskStart { container_id: c(), pid: 7 }, "/tasks/start", "pid: 7"),
+            (Event::TaskExit { container_id: c(), id: "e1".into(), pid: 7, exit }, "/tasks/exit", "exit_status: 137"),
+            (Event::TaskOom { container_id: c() }, "/tasks/oom", "c1"),
+            (Event::TaskExecAdded { container_id: c(), exec_id: "e1".into() }, "/tasks/exec-added", "exec_id: \"e1\""),
+            (
+                Event::TaskExecStarted { container_id: c(), exec_id: "e1".into(), pid: 7 },
+                "/tasks/exec-started",
+                "exec_id: \"e1\"",
+            ),
+            (Event::TaskPaused { container_id: c() }, "/tasks/paused", "c1"),
+            (Event::TaskResumed { container_id: c() }, "/tasks/resumed", "c1"),
+            (Event::TaskDelete { container_id: c(), pid: 7, exit }, "/tasks/delete", "seconds: 1700000000"),
+        ];
+        for (event, topic, field) in events {
+            EventSink::publish(&publisher, event);
+            let line = lines.lock().unwrap().pop().expect("no event logged");
+            assert!(line.contains(&format!("topic={topic}")), "{line}");
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
+
     #[test]
     fn errors_map_to_containerd_codes() {
         let code = |e| match status_of(e) {
             ttrpc::Error::RpcStatus(s) => s.code(),
             _ => unreachable!(),
         };
-        assert_eq!(code(TaskError::NotFound("x".into())), ttrpc::Code::NOT_FOUND);
-        assert_eq!(code(TaskError::AlreadyExists("x".into())), ttrpc::Code::ALREADY_EXISTS);
-        assert_eq!(code(TaskError::FailedPrecondition("x".into())), ttrpc::Code::FAILED_PRECONDITION);
-        assert_eq!(code(TaskError::InvalidArgument("x".into())), ttrpc::Code::INVALID_ARGUMENT);
-        assert_eq!(code(TaskError::NotImplemented("x".into())), ttrpc::Code::UNIMPLEMENTED);
-        assert_eq!(code(TaskError::PermissionDenied("x".into())), ttrpc::Code::PERMISSION_DENIED);
+        assert_eq!(code(PodError::NotFound("x".into())), ttrpc::Code::NOT_FOUND);
+        assert_eq!(code(PodError::AlreadyExists("x".into())), ttrpc::Code::ALREADY_EXISTS);
+        assert_eq!(code(PodError::FailedPrecondition("x".into())), ttrpc::Code::FAILED_PRECONDITION);
+        assert_eq!(code(PodError::InvalidArgument("x".into())), ttrpc::Code::INVALID_ARGUMENT);
+        assert_eq!(code(PodError::PermissionDenied("x".into())), ttrpc::Code::PERMISSION_DENIED);
+        assert_eq!(code(PodError::Internal("x".into())), ttrpc::Code::UNKNOWN);
         let refused = crate::agent::AgentError::Status {
             rpc: "ExecProcess",
             code: ttrpc::Code::PERMISSION_DENIED,
             message: "blocked".into(),
         };
-        assert_eq!(code(TaskError::from(refused)), ttrpc::Code::PERMISSION_DENIED, "an agent policy refusal");
+        assert_eq!(code(PodError::from(refused)), ttrpc::Code::PERMISSION_DENIED, "an agent policy refusal");
     }
 }
