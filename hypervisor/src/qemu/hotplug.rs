@@ -185,19 +185,26 @@ impl State {
         let mut events = qmp.subscribe();
         qmp.execute("device_del", Some(json!({"id": id}))).await?;
         let deleted = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Ok(ev) = events.recv().await {
-                if ev.name == "DEVICE_DELETED" && ev.data["device"] == id {
-                    return true;
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.name == "DEVICE_DELETED" && ev.data["device"] == id => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
                 }
             }
-            false
         })
         .await;
-        if !matches!(deleted, Ok(true)) {
-            return Err(Error::Timeout {
-                what: format!("the guest to release device {id}"),
-                after: Duration::from_secs(10),
-            });
+        match deleted {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::VmFailed(format!("QMP closed while waiting for the guest to release device {id}")))
+            }
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("the guest to release device {id}"),
+                    after: Duration::from_secs(10),
+                })
+            }
         }
         qmp.execute("blockdev-del", Some(json!({"node-name": format!("drive-{id}")}))).await?;
         self.devices.remove(id);
