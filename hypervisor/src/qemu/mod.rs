@@ -402,15 +402,8 @@ impl Qemu {
     /// Appends `<name> <pid>` to `<run dir>/pids`, so that a later `delete` can find the
     /// processes of a shim that died ([`kill_leftovers`]).
     fn record_pid(&self, name: &str, pid: u32) {
-        use std::io::Write;
-        let path = self.run_dir.join(PIDS_FILE);
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{name} {pid}"));
-        if let Err(e) = written {
-            warn!(self.log, "cannot record pid"; "file" => %path.display(), "error" => %e);
+        if let Err(e) = record_pid(&self.run_dir, name, pid) {
+            warn!(self.log, "cannot record pid"; "file" => %self.run_dir.join(PIDS_FILE).display(), "error" => %e);
         }
     }
 
@@ -588,35 +581,141 @@ fn child_setup(netns: Option<RawFd>, fds: &[(RawFd, RawFd)]) -> std::io::Result<
     Ok(())
 }
 
-/// File in the run directory listing `<name> <pid>` of every helper process.
+/// File in the run directory listing `<name> <pid> <start time> <session>` of every helper
+/// process (each the leader of its own process group), for [`kill_leftovers`].
 const PIDS_FILE: &str = "pids";
 
+/// Appends `<name> <pid> <start time> <session id>` of a helper that leads its own process group
+/// to `<run_dir>/pids`. The start time (clock ticks after boot, `/proc/<pid>/stat` field 22)
+/// tells the process from a later one that got the same pid; the session tells the group's
+/// members from strangers once the leader is gone.
+pub fn record_pid(run_dir: &Path, name: &str, pid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let line = match proc_stat(pid) {
+        Some(st) => format!("{name} {pid} {} {}", st.starttime, st.session),
+        None => format!("{name} {pid}"),
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(PIDS_FILE))
+        .and_then(|mut f| writeln!(f, "{line}"))
+}
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    zombie: bool,
+    pgrp: i32,
+    session: i32,
+    starttime: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Parses `/proc/<pid>/stat`; the command name (field 2) may hold spaces and parentheses, so
+/// fields are counted after its last `)`.
+fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let f: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    // f[0] is field 3 (state), so field n is f[n - 3].
+    Some(ProcStat {
+        zombie: matches!(*f.first()?, "Z" | "X"),
+        pgrp: f.get(2)?.parse().ok()?,
+        session: f.get(3)?.parse().ok()?,
+        starttime: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// Every process on the host with its stat.
+fn all_processes() -> Vec<(u32, ProcStat)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
+        .collect()
+}
+
+/// One line of the pids file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PidRecord {
+    pid: u32,
+    /// Start time and session (absent in records of older shims).
+    identity: Option<(u64, i32)>,
+}
+
+fn parse_pid_record(line: &str) -> Option<PidRecord> {
+    let mut f = line.split_whitespace().skip(1);
+    let pid = f.next()?.parse().ok().filter(|p| *p > 1)?;
+    let identity = match (f.next().and_then(|s| s.parse().ok()), f.next().and_then(|s| s.parse().ok())) {
+        (Some(start), Some(session)) => Some((start, session)),
+        _ => None,
+    };
+    Some(PidRecord { pid, identity })
+}
+
 /// Kills what a VM left behind when its owner died without stopping it (a shim killed with
-/// SIGKILL): every process listed in `<run_dir>/pids` whose command line still names the run
-/// directory (so a recycled pid is never hit), then the run directory itself. Returns the pids
-/// that were killed.
+/// SIGKILL), as the live path does: for every helper listed in `<run_dir>/pids`, its whole
+/// process group (virtiofsd and others fork workers of their own). A recycled pid is never hit:
+/// the group is killed only while its leader is the very process recorded (same pid and start
+/// time). When the leader is gone, its group number cannot have been reused while members
+/// remain, and the members are killed one by one if they are in the dead shim's session and
+/// younger than the leader. Records without start time (older shims) are trusted only while the
+/// process's command line names the run directory. Then the run directory is removed. Returns
+/// the pids that were killed.
 pub fn kill_leftovers(run_dir: &Path) -> Result<Vec<u32>> {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
     let listed = match std::fs::read_to_string(run_dir.join(PIDS_FILE)) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_err(format!("read {}", run_dir.join(PIDS_FILE).display()))(e)),
     };
+    let records: Vec<PidRecord> = listed.lines().filter_map(parse_pid_record).collect();
     let needle = run_dir.as_os_str().as_encoded_bytes();
+    let names_run_dir = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+    };
     let mut killed = Vec::new();
-    for pid in listed.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok()) {
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
-            let p = nix::unistd::Pid::from_raw(pid as i32);
-            if nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                killed.push(pid);
+    let mut groups = Vec::new();
+    let processes = if records.is_empty() { Vec::new() } else { all_processes() };
+    for rec in &records {
+        let leader = processes.iter().find(|(p, _)| *p == rec.pid).map(|(_, st)| *st);
+        let ours = match (rec.identity, leader) {
+            (Some((start, _)), Some(st)) => st.starttime == start,
+            (None, Some(_)) => names_run_dir(rec.pid),
+            (_, None) => false,
+        };
+        let members = processes.iter().filter(|(_, st)| st.pgrp == rec.pid as i32 && !st.zombie);
+        if ours && leader.is_some_and(|st| st.pgrp == rec.pid as i32) {
+            if killpg(Pid::from_raw(rec.pid as i32), Signal::SIGKILL).is_ok() {
+                killed.extend(members.map(|(p, _)| *p));
+                groups.push(rec.pid as i32);
+            }
+        } else if ours {
+            // Left its group (helpers never do): the process alone.
+            if kill(Pid::from_raw(rec.pid as i32), Signal::SIGKILL).is_ok() {
+                killed.push(rec.pid);
+            }
+        } else if let (Some((start, session)), None) = (rec.identity, leader) {
+            for (pid, _) in members.filter(|(_, st)| st.session == session && st.starttime >= start) {
+                if kill(Pid::from_raw(*pid as i32), Signal::SIGKILL).is_ok() {
+                    killed.push(*pid);
+                }
             }
         }
     }
     // They are not our children: wait until they are gone (or zombies of their reaper).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while killed.iter().any(|p| process_running(*p)) && std::time::Instant::now() < deadline {
+    let alive = || {
+        killed.iter().any(|p| process_running(*p))
+            || (!groups.is_empty() && all_processes().iter().any(|(_, st)| !st.zombie && groups.contains(&st.pgrp)))
+    };
+    while alive() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    killed.sort_unstable();
+    killed.dedup();
     match std::fs::remove_dir_all(run_dir) {
         Ok(()) => Ok(killed),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
@@ -626,9 +725,7 @@ pub fn kill_leftovers(run_dir: &Path) -> Result<Vec<u32>> {
 
 /// A process exists and is not a zombie.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
+    proc_stat(pid).is_some_and(|st| !st.zombie)
 }
 
 /// Opens `/dev/vhost-vsock` and claims a free guest CID on it (as Kata does); the fd is then
@@ -805,6 +902,15 @@ mod tests {
         Logger::root(slog::Discard, slog::o!())
     }
 
+    impl Qemu {
+        async fn attach_for_test(&self, qemu: Arc<ChildProcess>, qmp: Arc<Qmp>, spec: &VmSpec) {
+            *self.hotplug.lock().await = hotplug::State::new(spec);
+            self.publish(&Procs { qemu: Some(qemu.clone()), qmp: Some(qmp.clone()), ..Procs::default() });
+            self.state.send_replace(VmState::Running);
+            self.spawn_monitor(qemu, qmp);
+        }
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("podvisor-qemu-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -893,6 +999,106 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn proc_stat_fields_are_counted_after_the_command_name() {
+        let line = "4242 (a) b (c) S 1 4242 99 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+        let st = parse_proc_stat(line).unwrap();
+        assert_eq!(st, ProcStat { zombie: false, pgrp: 4242, session: 99, starttime: 123456 });
+        assert!(parse_proc_stat("4242 (x) Z 1 2").is_none(), "too short");
+        assert_eq!(parse_pid_record("qemu 77 123456 99"), Some(PidRecord { pid: 77, identity: Some((123456, 99)) }));
+        assert_eq!(parse_pid_record("qemu 77"), Some(PidRecord { pid: 77, identity: None }));
+        assert_eq!(parse_pid_record("qemu 1 5 5"), None, "never pid 1");
+        assert_eq!(parse_pid_record("qemu x"), None);
+    }
+
+    fn group_members(pgrp: u32) -> Vec<u32> {
+        all_processes().into_iter().filter(|(_, st)| st.pgrp == pgrp as i32 && !st.zombie).map(|(p, _)| p).collect()
+    }
+
+    fn wait_for_members(pgrp: u32, n: usize) -> Vec<u32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let members = group_members(pgrp);
+            if members.len() >= n {
+                return members;
+            }
+            assert!(std::time::Instant::now() < deadline, "group {pgrp} has {members:?}, expected {n} members");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A group whose leader exits at once and leaves a `sleep` behind in its group.
+    fn orphaned_group() -> (u32, ProcStat) {
+        use std::os::unix::process::CommandExt;
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & read x"])
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = sh.id();
+        let st = proc_stat(pid).unwrap();
+        wait_for_members(pid, 2);
+        drop(sh.stdin.take());
+        sh.wait().unwrap();
+        assert_eq!(group_members(pid).len(), 1, "the sleep outlives its leader");
+        (pid, st)
+    }
+
+    /// `delete` after a dead shim kills each recorded helper's whole process group (children
+    /// and grandchildren), and the members of a group whose leader is gone; it leaves alone a
+    /// process that got a recorded pid later, and a group of another session.
+    #[test]
+    fn leftovers_are_killed_by_process_group_and_recycled_pids_are_spared() {
+        use std::os::unix::process::CommandExt;
+        let dir = scratch("leftovers");
+        let run_dir = dir.join("vm");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        // A helper with two children (grandchildren of this test).
+        let mut helper = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & sleep 1000 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        record_pid(&run_dir, "virtiofsd", helper.id()).unwrap();
+        let helper_group = wait_for_members(helper.id(), 3);
+        // A helper that died and left a child in its group.
+        let (orphaned, orphaned_st) = orphaned_group();
+        let mut text = std::fs::read_to_string(run_dir.join(PIDS_FILE)).unwrap();
+        text.push_str(&format!("vhost-device-vsock {orphaned} {} {}\n", orphaned_st.starttime, orphaned_st.session));
+        std::fs::write(run_dir.join(PIDS_FILE), text).unwrap();
+        let orphan = group_members(orphaned);
+        // A stranger's group whose leader is gone: recorded with another session.
+        let (foreign, foreign_st) = orphaned_group();
+        // A process that got a recorded pid later: another start time.
+        let mut recycled = std::process::Command::new("sleep").arg("1000").process_group(0).spawn().unwrap();
+        let rst = proc_stat(recycled.id()).unwrap();
+        let mut text = std::fs::read_to_string(run_dir.join(PIDS_FILE)).unwrap();
+        text.push_str(&format!("qemu {} {} {}\n", recycled.id(), rst.starttime + 1, rst.session));
+        text.push_str(&format!("qemu {foreign} {} {}\n", foreign_st.starttime, foreign_st.session + 1));
+        std::fs::write(run_dir.join(PIDS_FILE), text).unwrap();
+
+        let killed = kill_leftovers(&run_dir).unwrap();
+
+        let status = helper.wait().unwrap();
+        let survivors: Vec<u32> = helper_group.iter().chain(&orphan).copied().filter(|p| process_running(*p)).collect();
+        let recycled_alive = process_running(recycled.id());
+        let foreign_alive = !group_members(foreign).is_empty();
+        let _ = recycled.kill();
+        let _ = recycled.wait();
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(foreign as i32), nix::sys::signal::Signal::SIGKILL);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(survivors.is_empty(), "still running: {survivors:?}");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        for p in helper_group.iter().chain(&orphan) {
+            assert!(killed.contains(p), "{p} not reported in {killed:?}");
+        }
+        assert!(recycled_alive, "a process that got a recorded pid later was killed");
+        assert!(foreign_alive, "a group of another session was killed");
+        assert!(!run_dir.exists());
+    }
+
     /// A boot that waits (a "QEMU" that never opens its QMP socket) holds no lock that `pids`
     /// needs, and `stop` ends it at once instead of waiting for the boot's timeout; nothing of it
     /// is left running.
@@ -934,14 +1140,5 @@ mod tests {
         }
         assert!(vm.start().await.is_err(), "a stopped VM must not start again");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-#[cfg(test)]
-impl Qemu {
-    async fn attach_for_test(&self, qemu: Arc<ChildProcess>, qmp: Arc<Qmp>, spec: &VmSpec) {
-        *self.hotplug.lock().await = hotplug::State::new(spec);
-        self.publish(&Procs { qemu: Some(qemu.clone()), qmp: Some(qmp.clone()), ..Procs::default() });
-        self.state.send_replace(VmState::Running);
-        self.spawn_monitor(qemu, qmp);
     }
 }
