@@ -999,6 +999,22 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A block device QEMU accepted stays recorded even when its address cannot be found, so
+    /// its id and root port are not handed out again while QEMU still has it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_qemu_accepted_stays_recorded_when_the_lookup_fails() {
+        let (vm, _commands, dir) = vm_with_silent_guest("device-lookup").await;
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let dev = Device::Block { id: "blk0".into(), path: image.clone(), read_only: true };
+        let err = vm.add_device(dev.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("query-pci does not list it"), "{err}");
+        let again = vm.add_device(dev).await.unwrap_err().to_string();
+        assert!(again.contains("blk0 is already in use"), "{again}");
+        vm.stop().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn proc_stat_fields_are_counted_after_the_command_name() {
         let line = "4242 (a) b (c) S 1 4242 99 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10 \
