@@ -114,12 +114,16 @@ pub fn encode_command(id: u64, command: &str, arguments: Option<Value>) -> Strin
 
 type Pending = Arc<Mutex<Option<HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>>>>;
 
-/// A connected, negotiated QMP session.
+/// The event sender; `None` once the connection is gone, so that subscribers see `Closed`.
+type Events = Arc<Mutex<Option<broadcast::Sender<Event>>>>;
+
+/// A connected, negotiated QMP session. Commands may run concurrently from many tasks (replies
+/// are matched by id); none waits for another except while its line is written.
 pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     next_id: AtomicU64,
-    events: broadcast::Sender<Event>,
+    events: Events,
     /// QEMU's version from the greeting.
     pub version: String,
     timeout: Duration,
@@ -143,7 +147,7 @@ impl Qmp {
             other => return Err(QmpError::Protocol(format!("expected greeting, got {other:?}"))),
         };
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (events, _) = broadcast::channel(64);
+        let events: Events = Arc::new(Mutex::new(Some(broadcast::channel(64).0)));
         let reader_pending = pending.clone();
         let reader_events = events.clone();
         tokio::spawn(async move {
@@ -157,7 +161,9 @@ impl Qmp {
                             complete(&reader_pending, id, |command| Err(QmpError::Command { command, class, desc }));
                         }
                         Ok(Message::Event(e)) => {
-                            let _ = reader_events.send(e);
+                            if let Some(tx) = reader_events.lock().unwrap().as_ref() {
+                                let _ = tx.send(e);
+                            }
                         }
                         Ok(_) => {}
                         Err(_) => {}
@@ -166,7 +172,9 @@ impl Qmp {
                     Err(e) => break e.to_string(),
                 }
             };
-            // Fail everything in flight and refuse new commands.
+            // Fail everything in flight, refuse new commands, and end every event subscription
+            // (a wait for a guest acknowledgement ends now, not at its timeout).
+            reader_events.lock().unwrap().take();
             if let Some(map) = reader_pending.lock().unwrap().take() {
                 for (_, (_, tx)) in map {
                     let _ = tx.send(Err(QmpError::Disconnected(reason.clone())));
@@ -185,9 +193,13 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// Subscribes to events that arrive from now on.
+    /// Subscribes to events that arrive from now on. Once the connection is gone the receiver
+    /// reports `Closed`.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        match self.events.lock().unwrap().as_ref() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
     }
 
     /// Runs a command and returns its `return` value.
@@ -200,13 +212,21 @@ impl Qmp {
             map.insert(id, (command.to_string(), tx));
         }
         let line = encode_command(id, command, arguments);
+        // A QEMU that stops reading must not hold every other command behind this write.
         let write = async {
             let mut w = self.writer.lock().await;
             w.write_all(line.as_bytes()).await
         };
-        if let Err(e) = write.await {
-            self.forget(id);
-            return Err(QmpError::Disconnected(e.to_string()));
+        match tokio::time::timeout(self.timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.forget(id);
+                return Err(QmpError::Disconnected(e.to_string()));
+            }
+            Err(_) => {
+                self.forget(id);
+                return Err(QmpError::Timeout(command.to_string(), self.timeout));
+            }
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(result)) => result,
@@ -305,7 +325,47 @@ mod tests {
         assert!(err.to_string().contains("bad failed: CommandNotFound"), "{err}");
         let err = qmp.execute("quit", None).await.unwrap_err();
         assert!(matches!(err, QmpError::Disconnected(_)), "{err}");
+        // Event waits end with the connection, as do subscriptions made after it.
+        assert_eq!(events.recv().await.unwrap_err(), broadcast::error::RecvError::Closed);
+        assert_eq!(qmp.subscribe().recv().await.unwrap_err(), broadcast::error::RecvError::Closed);
         server.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A command QEMU never answers does not hold up the others.
+    #[tokio::test]
+    async fn commands_run_concurrently() {
+        let dir = std::env::temp_dir().join(format!("podvisor-qmp-conc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\r\n").await.unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["execute"] != "hang" {
+                    let reply = json!({"return": {"status": "running"}, "id": v["id"]});
+                    w.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+                }
+            }
+        });
+        let qmp = Arc::new(Qmp::connect(&sock, Duration::from_secs(30)).await.unwrap());
+        let hung = tokio::spawn({
+            let qmp = qmp.clone();
+            async move { qmp.execute("hang", None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let status = tokio::time::timeout(Duration::from_millis(100), qmp.execute("query-status", None))
+            .await
+            .expect("a command waited for an unanswered one")
+            .unwrap();
+        assert_eq!(status["status"], "running");
+        assert!(!hung.is_finished());
+        hung.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

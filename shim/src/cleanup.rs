@@ -14,7 +14,10 @@ use slog::{info, warn, Logger};
 use crate::mounts::{self, SharedDir};
 
 /// Cleans up after task `id` of pod `group` and returns the answer for containerd. With a live
-/// daemon nothing is touched (it cleans up on `Delete`).
+/// daemon nothing is touched (it cleans up on `Delete`). The VM's helpers are killed with their
+/// whole process groups, as the live shim kills them, and only while they are the processes
+/// the shim recorded (pid and start time), never a process that reused a pid
+/// ([`hypervisor::qemu::kill_leftovers`]).
 pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log: &Logger) -> DeleteResponse {
     if !daemon_alive {
         let run_dir = Path::new(hypervisor::qemu::DEFAULT_RUN_ROOT).join(group);
@@ -25,7 +28,7 @@ pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log:
             Ok(_) => {}
             Err(e) => warn!(log, "cleanup of the VM run directory failed"; "sandbox" => group, "error" => %e),
         }
-        let shared = SharedDir::new(group);
+        let shared = SharedDir::new(group).with_log(log.clone());
         match crate::host_cgroup::remove_recorded(shared.sandbox_dir()) {
             Ok(removed) if !removed.is_empty() => {
                 info!(log, "removed the host cgroup a dead shim left"; "sandbox" => group, "dirs" => removed.len())
@@ -54,5 +57,92 @@ pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log:
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !matches!(s.rsplit_once(')').map(|(_, r)| r.trim_start().as_bytes()[0]), Some(b'Z' | b'X')))
+    }
+
+    /// The `delete` of a dead shim: the helpers it recorded die with their children and
+    /// grandchildren, the run directory, the rootfs mount in the bundle and the shared
+    /// directory go.
+    #[test]
+    fn dead_shim_leaves_no_process_group_mount_or_directory() {
+        let group = format!("podvisor-unit-cleanup-{}", std::process::id());
+        let run_dir = Path::new(hypervisor::qemu::DEFAULT_RUN_ROOT).join(&group);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let scratch = std::env::temp_dir().join(format!("{group}-scratch"));
+        let bundle = scratch.join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::create_dir_all(scratch.join("image")).unwrap();
+        nix::mount::mount(
+            Some(&scratch.join("image")),
+            &bundle.join("rootfs"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        // Two "helpers", each leading its own process group, with a child and a grandchild.
+        let mut helpers = Vec::new();
+        for name in ["qemu", "virtiofsd"] {
+            let child = std::process::Command::new("sh")
+                .args(["-c", "sh -c 'sleep 1000 & wait' & wait"])
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            hypervisor::qemu::record_pid(&run_dir, name, child.id()).unwrap();
+            helpers.push(child);
+        }
+        let members = |pgrp: u32| -> Vec<u32> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|s| {
+                        s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(2)?.parse::<u32>().ok())
+                    }) == Some(pgrp)
+                })
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut all = Vec::new();
+        for h in &helpers {
+            loop {
+                let m = members(h.id());
+                if m.len() == 3 {
+                    all.extend(m);
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "group {} has {m:?}", h.id());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let resp = after_shim("c1", &group, &bundle, false, &log);
+        for h in &mut helpers {
+            let _ = h.wait();
+        }
+        let survivors: Vec<u32> = all.iter().copied().filter(|p| running(*p)).collect();
+        let rootfs_mounted = mounts::is_mount_point(&bundle.join("rootfs"));
+        if rootfs_mounted {
+            let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for p in &survivors {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::fs::remove_dir_all(&scratch).unwrap();
+        assert!(survivors.is_empty(), "still running after cleanup: {survivors:?} of {all:?}");
+        assert!(!rootfs_mounted, "the rootfs is still mounted");
+        assert!(!run_dir.exists(), "{} is left", run_dir.display());
+        assert!(!SharedDir::new(&group).sandbox_dir().exists());
+        assert_eq!(resp.exit_status, 137);
     }
 }

@@ -8,8 +8,10 @@
 //! mount namespace) still reach it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use slog::{info, warn, Logger};
 
 pub use crate::spec::ReadOnly;
 
@@ -185,17 +187,31 @@ pub fn unmount_all(dir: &Path) -> Result<(), MountError> {
 }
 
 /// The per-sandbox directory shared with the guest.
-#[derive(Debug, Clone)]
+///
+/// What [`SharedDir::create`] made is removed when the value is dropped without a successful
+/// [`SharedDir::destroy`] (an owner that was cancelled or failed half-way): the mounts are
+/// detached and the directories removed, failures are logged. A value that never created the
+/// directory (the `delete` of a dead shim) removes nothing on drop.
+#[derive(Debug)]
 pub struct SharedDir {
     sandbox_dir: PathBuf,
     root: PathBuf,
+    /// `create` ran and no `destroy` has succeeded since: drop cleans up.
+    owned: AtomicBool,
+    log: Option<Logger>,
 }
 
 impl SharedDir {
     /// The shared directory of `sandbox` (nothing is created yet).
     pub fn new(sandbox: &str) -> SharedDir {
         let sandbox_dir = Path::new(SHARED_ROOT).join(sandbox);
-        SharedDir { root: sandbox_dir.join("shared"), sandbox_dir }
+        SharedDir { root: sandbox_dir.join("shared"), sandbox_dir, owned: AtomicBool::new(false), log: None }
+    }
+
+    /// Logs what a drop had to clean up (and its failures) to `log` instead of stderr.
+    pub fn with_log(mut self, log: Logger) -> SharedDir {
+        self.log = Some(log);
+        self
     }
 
     /// The exported directory.
@@ -211,6 +227,8 @@ impl SharedDir {
 
     /// Creates the directory as a shared self bind mount.
     pub fn create(&self) -> Result<(), MountError> {
+        // From here on a drop removes whatever of it exists, even after a failure below.
+        self.owned.store(true, Ordering::SeqCst);
         std::fs::create_dir_all(&self.root).map_err(io_err(format!("create {}", self.root.display())))?;
         if !is_mount_point(&self.root) {
             mount(Some(&self.root), &self.root, None::<&str>, MsFlags::MS_BIND, None::<&str>)
@@ -287,9 +305,30 @@ impl SharedDir {
     pub fn destroy(&self) -> Result<(), MountError> {
         unmount_all(&self.sandbox_dir)?;
         match std::fs::remove_dir_all(&self.sandbox_dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(format!("remove {}", self.sandbox_dir.display()))(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("remove {}", self.sandbox_dir.display()))(e)),
+        }
+        self.owned.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        if !*self.owned.get_mut() {
+            return;
+        }
+        let dir = self.sandbox_dir.display().to_string();
+        match (self.destroy(), &self.log) {
+            (Ok(()), Some(log)) => {
+                info!(log, "removed the shared directory of a pod dropped without destroy"; "dir" => dir)
+            }
+            (Ok(()), None) => {}
+            (Err(e), Some(log)) => {
+                warn!(log, "cannot remove the shared directory of a dropped pod"; "dir" => dir, "error" => %e)
+            }
+            (Err(e), None) => eprintln!("cannot remove the shared directory {dir} of a dropped pod: {e}"),
         }
     }
 }
@@ -342,6 +381,80 @@ mod tests {
         assert_eq!(first, second, "one guest path per source for the pod");
         assert!(rel.starts_with("propagated/"), "{rel}");
         assert!(ro_before && !ro_after, "read-only until a writable use");
+    }
+
+    /// Records of a logger, for tests.
+    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl slog::Drain for Collect {
+        type Ok = ();
+        type Err = slog::Never;
+        fn log(&self, r: &slog::Record, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+            self.0.lock().unwrap().push(format!("{} {}", r.level().as_short_str(), r.msg()));
+            Ok(())
+        }
+    }
+
+    fn collecting_log() -> (Logger, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        (Logger::root(Collect(records.clone()), slog::o!()), records)
+    }
+
+    fn mounted_under(dir: &Path) -> Vec<PathBuf> {
+        mount_points_under(dir)
+    }
+
+    /// An owner dropped without destroy (a cancelled create) leaves no mount and no directory.
+    #[test]
+    fn drop_without_destroy_removes_mounts_and_directories() {
+        let id = format!("podvisor-unit-drop-{}", std::process::id());
+        let src = std::env::temp_dir().join(format!("{id}-src"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), b"x").unwrap();
+        let sandbox_dir = Path::new(SHARED_ROOT).join(&id);
+        let (log, records) = collecting_log();
+        let shared = SharedDir::new(&id).with_log(log);
+        shared.create().unwrap();
+        shared.share("c1/rootfs", &src, ReadOnly::No).unwrap();
+        let before = mounted_under(&sandbox_dir);
+        drop(shared);
+        let after = mounted_under(&sandbox_dir);
+        let left = sandbox_dir.exists();
+        let src_intact = std::fs::read(src.join("f"));
+        std::fs::remove_dir_all(&src).unwrap();
+        assert_eq!(before.len(), 2, "the export and the share were mounted: {before:?}");
+        assert!(after.is_empty(), "mounts left after drop: {after:?}");
+        assert!(!left, "{} left after drop", sandbox_dir.display());
+        assert_eq!(src_intact.unwrap(), b"x", "the bind source is untouched");
+        let records = records.lock().unwrap();
+        assert!(records.iter().any(|r| r.starts_with("INFO removed the shared directory")), "{records:?}");
+    }
+
+    /// destroy then drop: one clean removal, no second attempt and no error; a value that
+    /// never created the directory (dead-shim cleanup) removes nothing on drop, and an old
+    /// destroyed value does not remove a newer pod's directory of the same id.
+    #[test]
+    fn destroy_then_drop_and_unowned_values_do_nothing_more() {
+        let id = format!("podvisor-unit-destroy-drop-{}", std::process::id());
+        let sandbox_dir = Path::new(SHARED_ROOT).join(&id);
+        let (log, records) = collecting_log();
+        let old = SharedDir::new(&id).with_log(log.clone());
+        old.create().unwrap();
+        old.destroy().unwrap();
+        assert!(!sandbox_dir.exists());
+        let newer = SharedDir::new(&id).with_log(log.clone());
+        newer.create().unwrap();
+        drop(old);
+        let newer_kept = sandbox_dir.exists() && is_mount_point(newer.root());
+        let unowned = SharedDir::new(&id).with_log(log);
+        drop(unowned);
+        let unowned_kept = sandbox_dir.exists();
+        newer.destroy().unwrap();
+        drop(newer);
+        assert!(newer_kept, "a destroyed value's drop removed a newer directory");
+        assert!(unowned_kept, "a value that never created the directory removed it");
+        assert!(!sandbox_dir.exists() && mounted_under(&sandbox_dir).is_empty());
+        assert!(records.lock().unwrap().is_empty(), "drops after destroy did something: {:?}", records.lock().unwrap());
     }
 
     /// Real mounts (the tests run as root): share a directory and a file read-only, see that

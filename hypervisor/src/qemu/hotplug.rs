@@ -87,10 +87,11 @@ impl State {
             let _ = qmp.execute("object-del", Some(json!({"id": mem}))).await;
             return Err(e.into());
         }
+        // QEMU has the DIMM from here on, whatever the guest says (or a cancelled caller).
         self.dimms.push(dimm.clone());
+        self.memory_mib += delta;
         // The guest has created the memory blocks once its ACPI handler reports back.
         wait_for_ost(&mut events, &dimm).await?;
-        self.memory_mib += delta;
         info!(log, "hot-added memory"; "added_mib" => delta, "total_mib" => self.memory_mib);
         Ok(MemoryMiB(self.memory_mib))
     }
@@ -138,8 +139,9 @@ impl State {
             return Err(Error::InvalidRequest(format!("device id {id} is already in use")));
         }
         let meta = std::fs::metadata(&path).map_err(crate::io_err(format!("block device {}", path.display())))?;
+        // The port is taken only once QEMU has the device on it (hot-plugs run one at a time).
         let port = if self.machine == "q35" {
-            Some(self.free_ports.pop().ok_or_else(|| {
+            Some(self.free_ports.last().cloned().ok_or_else(|| {
                 Error::InvalidRequest(format!("all {HOTPLUG_ROOT_PORTS} hotplug root ports are in use"))
             })?)
         } else {
@@ -148,34 +150,25 @@ impl State {
         let node = format!("drive-{id}");
         let driver =
             if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) { "host_device" } else { "file" };
-        let result = async {
-            qmp.execute(
-                "blockdev-add",
-                Some(json!({"driver": "raw", "node-name": node, "read-only": read_only,
-                            "file": {"driver": driver, "filename": path.to_string_lossy()}})),
-            )
-            .await?;
-            let mut args = json!({"driver": "virtio-blk-pci", "id": id, "drive": node});
-            args["bus"] = json!(port.clone().unwrap_or_else(|| "pci.0".into()));
-            if let Err(e) = qmp.execute("device_add", Some(args)).await {
-                let _ = qmp.execute("blockdev-del", Some(json!({"node-name": node}))).await;
-                return Err(Error::from(e));
-            }
-            pci_path(qmp, &id).await
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({"driver": "raw", "node-name": node, "read-only": read_only,
+                        "file": {"driver": driver, "filename": path.to_string_lossy()}})),
+        )
+        .await?;
+        let mut args = json!({"driver": "virtio-blk-pci", "id": id, "drive": node});
+        args["bus"] = json!(port.clone().unwrap_or_else(|| "pci.0".into()));
+        if let Err(e) = qmp.execute("device_add", Some(args)).await {
+            let _ = qmp.execute("blockdev-del", Some(json!({"node-name": node}))).await;
+            return Err(Error::from(e));
         }
-        .await;
-        match result {
-            Ok(addr) => {
-                self.devices.insert(id, port);
-                Ok(addr)
-            }
-            Err(e) => {
-                if let Some(p) = port {
-                    self.free_ports.push(p);
-                }
-                Err(e)
-            }
+        // QEMU has the device on the port: recorded now, so that remove_device can take it out
+        // even if the lookup below fails or the caller gives up.
+        if port.is_some() {
+            self.free_ports.pop();
         }
+        self.devices.insert(id.clone(), port);
+        pci_path(qmp, &id).await
     }
 
     pub(super) async fn remove_device(&mut self, qmp: &Qmp, id: &str) -> Result<()> {
@@ -185,19 +178,26 @@ impl State {
         let mut events = qmp.subscribe();
         qmp.execute("device_del", Some(json!({"id": id}))).await?;
         let deleted = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Ok(ev) = events.recv().await {
-                if ev.name == "DEVICE_DELETED" && ev.data["device"] == id {
-                    return true;
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.name == "DEVICE_DELETED" && ev.data["device"] == id => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
                 }
             }
-            false
         })
         .await;
-        if !matches!(deleted, Ok(true)) {
-            return Err(Error::Timeout {
-                what: format!("the guest to release device {id}"),
-                after: Duration::from_secs(10),
-            });
+        match deleted {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::VmFailed(format!("QMP closed while waiting for the guest to release device {id}")))
+            }
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("the guest to release device {id}"),
+                    after: Duration::from_secs(10),
+                })
+            }
         }
         qmp.execute("blockdev-del", Some(json!({"node-name": format!("drive-{id}")}))).await?;
         self.devices.remove(id);

@@ -9,7 +9,7 @@ mod hotplug;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,15 +61,21 @@ enum VmState {
     Exited(ExitInfo),
 }
 
-/// Processes and hotplug bookkeeping, behind one lock.
-#[derive(Default)]
-struct Inner {
+/// The VM's helper processes and QMP session: handles only, behind a plain mutex that is held
+/// just to copy or replace them and never across an await, so that fast reads (`pids`, the QMP
+/// handle for pause/resume/hot-plug) never wait for slow work.
+#[derive(Default, Clone)]
+struct Procs {
     qemu: Option<Arc<ChildProcess>>,
-    vsockd: Option<ChildProcess>,
-    virtiofsd: Option<ChildProcess>,
+    vsockd: Option<Arc<ChildProcess>>,
+    virtiofsd: Option<Arc<ChildProcess>>,
     qmp: Option<Arc<Qmp>>,
-    vhost_fd: Option<OwnedFd>,
-    hotplug: hotplug::State,
+    vhost_fd: Option<Arc<OwnedFd>>,
+}
+
+/// Start/stop bookkeeping. Its lock serializes start and stop (both slow); nothing else takes it.
+#[derive(Default)]
+struct Lifecycle {
     stopping: bool,
 }
 
@@ -89,7 +95,15 @@ pub struct Qemu {
     /// Guest CID on the kernel vsock path (0 until started).
     vsock_cid: AtomicU32,
     state: watch::Sender<VmState>,
-    inner: Mutex<Inner>,
+    /// The monitor task runs (it publishes QEMU's exit).
+    monitored: AtomicBool,
+    /// Set by `stop`: a start in progress gives up instead of booting on.
+    stop_requested: watch::Sender<bool>,
+    procs: std::sync::Mutex<Procs>,
+    lifecycle: Mutex<Lifecycle>,
+    /// What has been hot-plugged; its lock makes hot-plugs (which wait for the guest for up to
+    /// seconds) one at a time. Only hot-plug calls take it.
+    hotplug: Mutex<hotplug::State>,
 }
 
 impl Qemu {
@@ -121,7 +135,11 @@ impl Qemu {
             network: None,
             vsock_cid: AtomicU32::new(0),
             state: watch::channel(VmState::NotStarted).0,
-            inner: Mutex::new(Inner::default()),
+            monitored: AtomicBool::new(false),
+            stop_requested: watch::channel(false).0,
+            procs: std::sync::Mutex::new(Procs::default()),
+            lifecycle: Mutex::new(Lifecycle::default()),
+            hotplug: Mutex::new(hotplug::State::default()),
         }
     }
 
@@ -149,12 +167,22 @@ impl Qemu {
 
     /// The QEMU pid, once started.
     pub async fn qemu_pid(&self) -> Option<u32> {
-        self.inner.lock().await.qemu.as_ref().map(|q| q.pid())
+        self.procs().qemu.as_ref().map(|q| q.pid())
     }
 
     /// The QMP session, once started (for tests and diagnostics).
     pub async fn qmp(&self) -> Result<Arc<Qmp>> {
-        self.inner.lock().await.qmp.clone().ok_or_else(|| Error::InvalidRequest("the VM is not running".into()))
+        self.procs().qmp.clone().ok_or_else(|| Error::InvalidRequest("the VM is not running".into()))
+    }
+
+    /// The process handles (never held across an await).
+    fn procs(&self) -> std::sync::MutexGuard<'_, Procs> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes what a start has launched so far visible to `pids`, `stop` and the hot-plugs.
+    fn publish(&self, staged: &Procs) {
+        *self.procs() = staged.clone();
     }
 
     fn spec(&self, accel: AccelChoice, vsock: VsockDevice) -> VmSpec {
@@ -189,7 +217,9 @@ impl Qemu {
         Ok(())
     }
 
-    async fn start_inner(&self, inner: &mut Inner) -> Result<()> {
+    /// Boots the VM, recording each process in `inner` as soon as it exists (the caller
+    /// publishes and, on failure, stops them).
+    async fn start_inner(&self, inner: &mut Procs) -> Result<()> {
         let accel = AccelChoice::choose(self.config.accelerator, &self.facts).map_err(Error::Host)?;
         match &accel {
             AccelChoice::Kvm => info!(self.log, "using KVM"),
@@ -199,7 +229,7 @@ impl Qemu {
         }
         let vsock = if self.facts.vhost_vsock {
             let (fd, cid) = open_vhost_vsock()?;
-            inner.vhost_fd = Some(fd);
+            inner.vhost_fd = Some(Arc::new(fd));
             self.vsock_cid.store(cid, Ordering::Relaxed);
             info!(self.log, "agent channel: vhost-vsock"; "cid" => cid);
             VsockDevice::Kernel { cid, vhostfd: Some(VHOST_VSOCK_FD) }
@@ -225,9 +255,10 @@ impl Qemu {
                 "vsockdPid",
             )?;
             self.record_pid("vhost-device-vsock", child.pid());
-            let ready = wait_for_path(&socket, &child, SOCKET_WAIT).await;
-            inner.vsockd = Some(child);
-            ready?;
+            let child = Arc::new(child);
+            inner.vsockd = Some(child.clone());
+            self.publish(inner);
+            wait_for_path(&socket, &child, SOCKET_WAIT).await?;
             info!(self.log, "agent channel: hybrid vsock"; "uds" => %uds.display());
             VsockDevice::VhostUser { socket }
         };
@@ -258,7 +289,8 @@ impl Qemu {
             netns = Some(net.netns_fd());
             info!(self.log, "pod network"; "netns" => %net.netns_path().display(), "nics" => spec.nics.len(), "vhost_net" => vhost);
         }
-        inner.hotplug = hotplug::State::new(&spec);
+        // No hot-plug runs before the VM is Running, so this lock is free.
+        *self.hotplug.lock().await = hotplug::State::new(&spec);
         let mut cmd = tokio::process::Command::new(&self.config.path);
         cmd.args(spec.args()).stdout(std::process::Stdio::piped());
         if !fds.is_empty() || netns.is_some() {
@@ -293,6 +325,7 @@ impl Qemu {
             });
         }
         let qmp_path = self.run_dir.join("qmp.sock");
+        self.publish(inner);
         wait_for_path(&qmp_path, &qemu, SOCKET_WAIT).await?;
         // QEMU binds the socket before it listens: a refused connection right after the file
         // appears is retried (a loaded host widens that window) until QEMU answers or dies.
@@ -314,6 +347,7 @@ impl Qemu {
             s = qemu.wait() => return Err(qemu.died_early(s)),
         };
         inner.qmp = Some(qmp.clone());
+        self.publish(inner);
         let status = qmp.execute("query-status", None).await?;
         if status["running"] != serde_json::Value::Bool(true) {
             return Err(Error::VmFailed(format!("QEMU reports status {} right after start", status["status"])));
@@ -325,7 +359,7 @@ impl Qemu {
     }
 
     /// Starts virtiofsd for `dir` and waits for its vhost-user socket.
-    async fn start_virtiofsd(&self, inner: &mut Inner, dir: &Path) -> Result<PathBuf> {
+    async fn start_virtiofsd(&self, inner: &mut Procs, dir: &Path) -> Result<PathBuf> {
         let daemon = host::find_program(&self.config.virtio_fs_daemon).ok_or_else(|| {
             Error::Host(format!(
                 "virtio_fs_daemon {} not found or not executable; install it with \
@@ -357,9 +391,10 @@ impl Qemu {
             "virtiofsdPid",
         )?;
         self.record_pid("virtiofsd", child.pid());
-        let ready = wait_for_path(&socket, &child, SOCKET_WAIT).await;
-        inner.virtiofsd = Some(child);
-        ready?;
+        let child = Arc::new(child);
+        inner.virtiofsd = Some(child.clone());
+        self.publish(inner);
+        wait_for_path(&socket, &child, SOCKET_WAIT).await?;
         info!(self.log, "sharing a directory over virtio-fs"; "dir" => %dir.display(), "cache" => &self.config.virtio_fs_cache);
         Ok(socket)
     }
@@ -367,25 +402,20 @@ impl Qemu {
     /// Appends `<name> <pid>` to `<run dir>/pids`, so that a later `delete` can find the
     /// processes of a shim that died ([`kill_leftovers`]).
     fn record_pid(&self, name: &str, pid: u32) {
-        use std::io::Write;
-        let path = self.run_dir.join(PIDS_FILE);
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{name} {pid}"));
-        if let Err(e) = written {
-            warn!(self.log, "cannot record pid"; "file" => %path.display(), "error" => %e);
+        if let Err(e) = record_pid(&self.run_dir, name, pid) {
+            warn!(self.log, "cannot record pid"; "file" => %self.run_dir.join(PIDS_FILE).display(), "error" => %e);
         }
     }
 
     /// Watches QEMU's exit and QMP events; turns them into state changes.
     fn spawn_monitor(&self, qemu: Arc<ChildProcess>, qmp: Arc<Qmp>) {
+        self.monitored.store(true, Ordering::Release);
         let state = self.state.clone();
         let log = self.log.clone();
         let console = self.console.clone();
         let mut events = qmp.subscribe();
         tokio::spawn(async move {
+            let mut qmp_open = true;
             loop {
                 tokio::select! {
                     status = qemu.wait() => {
@@ -396,8 +426,16 @@ impl Qemu {
                         state.send_replace(VmState::Exited(info));
                         return;
                     }
-                    ev = events.recv() => {
-                        let Ok(ev) = ev else { continue };
+                    ev = events.recv(), if qmp_open => {
+                        let ev = match ev {
+                            Ok(ev) => ev,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            // QMP is gone (QEMU is exiting): only its exit is left to watch.
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                qmp_open = false;
+                                continue;
+                            }
+                        };
                         match ev.name.as_str() {
                             "STOP" => {
                                 let status = qmp.execute("query-status", None).await.ok();
@@ -424,26 +462,36 @@ impl Qemu {
         });
     }
 
-    async fn stop_processes(&self, inner: &mut Inner) {
-        inner.stopping = true;
-        if let Some(qemu) = inner.qemu.clone() {
+    /// Stops QEMU and the helpers. Runs under the lifecycle lock only: pids, hot-plugs and the
+    /// rest go on meanwhile (a hot-plug waiting for the guest fails once QMP closes).
+    async fn stop_processes(&self, life: &mut Lifecycle) {
+        life.stopping = true;
+        let Procs { qemu, vsockd, virtiofsd, qmp, vhost_fd } = self.procs().clone();
+        if let Some(qemu) = qemu.clone() {
             if qemu.exited().is_none() {
-                if let Some(qmp) = &inner.qmp {
+                if let Some(qmp) = &qmp {
                     let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit", None)).await;
-                }
-                if tokio::time::timeout(Duration::from_secs(2), qemu.wait()).await.is_err() {
-                    warn!(self.log, "QEMU did not quit; killing it"; "qemuPid" => qemu.pid());
-                    qemu.kill().await;
+                    if tokio::time::timeout(Duration::from_secs(2), qemu.wait()).await.is_err() {
+                        warn!(self.log, "QEMU did not quit; killing it"; "qemuPid" => qemu.pid());
+                        qemu.kill().await;
+                    }
+                } else {
+                    // Stopped before QMP answered (a boot cut short): SIGTERM is QEMU's quit.
+                    qemu.terminate(Duration::from_secs(2)).await;
                 }
             }
         }
         // virtiofsd exits by itself when QEMU disconnects; vhost-device-vsock does not.
-        for d in inner.virtiofsd.iter().chain(inner.vsockd.iter()) {
+        for d in virtiofsd.iter().chain(vsockd.iter()) {
             d.terminate(Duration::from_secs(2)).await;
         }
-        inner.qmp = None;
-        inner.vhost_fd = None;
-        self.wait_qemu_gone(inner).await;
+        drop((qmp, vhost_fd));
+        {
+            let mut procs = self.procs();
+            procs.qmp = None;
+            procs.vhost_fd = None;
+        }
+        self.wait_qemu_gone(qemu.as_deref()).await;
         // QEMU holds copies of the tap fds: only now do the taps go with ours.
         if let Some(net) = self.network.clone() {
             match tokio::task::spawn_blocking(move || net.teardown()).await {
@@ -458,12 +506,15 @@ impl Qemu {
     }
 
     /// Waits until the monitor has published QEMU's exit (or publishes it itself).
-    async fn wait_qemu_gone(&self, inner: &Inner) {
-        if let Some(qemu) = &inner.qemu {
-            // The monitor publishes Exited; wait for it so that wait_exit callers see the end.
-            let mut rx = self.state.subscribe();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| matches!(s, VmState::Exited(_)))).await;
+    async fn wait_qemu_gone(&self, qemu: Option<&ChildProcess>) {
+        if let Some(qemu) = qemu {
+            // The monitor (if the boot got that far) publishes Exited; wait for it so that
+            // wait_exit callers see the end.
+            if self.monitored.load(Ordering::Acquire) {
+                let mut rx = self.state.subscribe();
+                let exited = rx.wait_for(|s| matches!(s, VmState::Exited(_)));
+                let _ = tokio::time::timeout(Duration::from_secs(2), exited).await;
+            }
             if !matches!(*self.state.borrow(), VmState::Exited(_)) {
                 let status = qemu.wait().await;
                 self.state.send_replace(VmState::Exited(exit_info(qemu, status, &self.console)));
@@ -530,35 +581,141 @@ fn child_setup(netns: Option<RawFd>, fds: &[(RawFd, RawFd)]) -> std::io::Result<
     Ok(())
 }
 
-/// File in the run directory listing `<name> <pid>` of every helper process.
+/// File in the run directory listing `<name> <pid> <start time> <session>` of every helper
+/// process (each the leader of its own process group), for [`kill_leftovers`].
 const PIDS_FILE: &str = "pids";
 
+/// Appends `<name> <pid> <start time> <session id>` of a helper that leads its own process group
+/// to `<run_dir>/pids`. The start time (clock ticks after boot, `/proc/<pid>/stat` field 22)
+/// tells the process from a later one that got the same pid; the session tells the group's
+/// members from strangers once the leader is gone.
+pub fn record_pid(run_dir: &Path, name: &str, pid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let line = match proc_stat(pid) {
+        Some(st) => format!("{name} {pid} {} {}", st.starttime, st.session),
+        None => format!("{name} {pid}"),
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(PIDS_FILE))
+        .and_then(|mut f| writeln!(f, "{line}"))
+}
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    zombie: bool,
+    pgrp: i32,
+    session: i32,
+    starttime: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Parses `/proc/<pid>/stat`; the command name (field 2) may hold spaces and parentheses, so
+/// fields are counted after its last `)`.
+fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let f: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    // f[0] is field 3 (state), so field n is f[n - 3].
+    Some(ProcStat {
+        zombie: matches!(*f.first()?, "Z" | "X"),
+        pgrp: f.get(2)?.parse().ok()?,
+        session: f.get(3)?.parse().ok()?,
+        starttime: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// Every process on the host with its stat.
+fn all_processes() -> Vec<(u32, ProcStat)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
+        .collect()
+}
+
+/// One line of the pids file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PidRecord {
+    pid: u32,
+    /// Start time and session (absent in records of older shims).
+    identity: Option<(u64, i32)>,
+}
+
+fn parse_pid_record(line: &str) -> Option<PidRecord> {
+    let mut f = line.split_whitespace().skip(1);
+    let pid = f.next()?.parse().ok().filter(|p| *p > 1)?;
+    let identity = match (f.next().and_then(|s| s.parse().ok()), f.next().and_then(|s| s.parse().ok())) {
+        (Some(start), Some(session)) => Some((start, session)),
+        _ => None,
+    };
+    Some(PidRecord { pid, identity })
+}
+
 /// Kills what a VM left behind when its owner died without stopping it (a shim killed with
-/// SIGKILL): every process listed in `<run_dir>/pids` whose command line still names the run
-/// directory (so a recycled pid is never hit), then the run directory itself. Returns the pids
-/// that were killed.
+/// SIGKILL), as the live path does: for every helper listed in `<run_dir>/pids`, its whole
+/// process group (virtiofsd and others fork workers of their own). A recycled pid is never hit:
+/// the group is killed only while its leader is the very process recorded (same pid and start
+/// time). When the leader is gone, its group number cannot have been reused while members
+/// remain, and the members are killed one by one if they are in the dead shim's session and
+/// younger than the leader. Records without start time (older shims) are trusted only while the
+/// process's command line names the run directory. Then the run directory is removed. Returns
+/// the pids that were killed.
 pub fn kill_leftovers(run_dir: &Path) -> Result<Vec<u32>> {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
     let listed = match std::fs::read_to_string(run_dir.join(PIDS_FILE)) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_err(format!("read {}", run_dir.join(PIDS_FILE).display()))(e)),
     };
+    let records: Vec<PidRecord> = listed.lines().filter_map(parse_pid_record).collect();
     let needle = run_dir.as_os_str().as_encoded_bytes();
+    let names_run_dir = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+    };
     let mut killed = Vec::new();
-    for pid in listed.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok()) {
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
-            let p = nix::unistd::Pid::from_raw(pid as i32);
-            if nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                killed.push(pid);
+    let mut groups = Vec::new();
+    let processes = if records.is_empty() { Vec::new() } else { all_processes() };
+    for rec in &records {
+        let leader = processes.iter().find(|(p, _)| *p == rec.pid).map(|(_, st)| *st);
+        let ours = match (rec.identity, leader) {
+            (Some((start, _)), Some(st)) => st.starttime == start,
+            (None, Some(_)) => names_run_dir(rec.pid),
+            (_, None) => false,
+        };
+        let members = processes.iter().filter(|(_, st)| st.pgrp == rec.pid as i32 && !st.zombie);
+        if ours && leader.is_some_and(|st| st.pgrp == rec.pid as i32) {
+            if killpg(Pid::from_raw(rec.pid as i32), Signal::SIGKILL).is_ok() {
+                killed.extend(members.map(|(p, _)| *p));
+                groups.push(rec.pid as i32);
+            }
+        } else if ours {
+            // Left its group (helpers never do): the process alone.
+            if kill(Pid::from_raw(rec.pid as i32), Signal::SIGKILL).is_ok() {
+                killed.push(rec.pid);
+            }
+        } else if let (Some((start, session)), None) = (rec.identity, leader) {
+            for (pid, _) in members.filter(|(_, st)| st.session == session && st.starttime >= start) {
+                if kill(Pid::from_raw(*pid as i32), Signal::SIGKILL).is_ok() {
+                    killed.push(*pid);
+                }
             }
         }
     }
     // They are not our children: wait until they are gone (or zombies of their reaper).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while killed.iter().any(|p| process_running(*p)) && std::time::Instant::now() < deadline {
+    let alive = || {
+        killed.iter().any(|p| process_running(*p))
+            || (!groups.is_empty() && all_processes().iter().any(|(_, st)| !st.zombie && groups.contains(&st.pgrp)))
+    };
+    while alive() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    killed.sort_unstable();
+    killed.dedup();
     match std::fs::remove_dir_all(run_dir) {
         Ok(()) => Ok(killed),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
@@ -568,9 +725,7 @@ pub fn kill_leftovers(run_dir: &Path) -> Result<Vec<u32>> {
 
 /// A process exists and is not a zombie.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
+    proc_stat(pid).is_some_and(|st| !st.zombie)
 }
 
 /// Opens `/dev/vhost-vsock` and claims a free guest CID on it (as Kata does); the fd is then
@@ -607,13 +762,25 @@ impl Hypervisor for Qemu {
     }
 
     async fn start(&self) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        if inner.qemu.is_some() {
+        let mut life = self.lifecycle.lock().await;
+        if self.procs().qemu.is_some() {
             return Err(Error::InvalidRequest("the VM was already started".into()));
         }
-        if let Err(e) = self.start_inner(&mut inner).await {
+        if life.stopping || *self.stop_requested.borrow() {
+            return Err(Error::InvalidRequest("the VM was stopped; a stopped VM cannot be started again".into()));
+        }
+        // A stop during the boot ends it at once instead of waiting for it.
+        let mut stop_requested = self.stop_requested.subscribe();
+        let mut staged = Procs::default();
+        let result = tokio::select! {
+            r = self.start_inner(&mut staged) => r,
+            _ = stop_requested.wait_for(|s| *s) => Err(Error::VmFailed("the VM was stopped while it started".into())),
+        };
+        self.publish(&staged);
+        drop(staged);
+        if let Err(e) = result {
             // Nothing of a failed start survives: processes, sockets, run directory.
-            self.stop_processes(&mut inner).await;
+            self.stop_processes(&mut life).await;
             let _ = std::fs::remove_dir_all(&self.run_dir);
             // A QEMU that exited says more than "connection lost".
             if let VmState::Exited(info) = &*self.state.borrow() {
@@ -627,12 +794,13 @@ impl Hypervisor for Qemu {
     }
 
     async fn stop(&self) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        if inner.stopping && matches!(*self.state.borrow(), VmState::Exited(_)) {
+        self.stop_requested.send_replace(true);
+        let mut life = self.lifecycle.lock().await;
+        if life.stopping && matches!(*self.state.borrow(), VmState::Exited(_)) {
             return Ok(());
         }
         info!(self.log, "stopping VM");
-        self.stop_processes(&mut inner).await;
+        self.stop_processes(&mut life).await;
         Ok(())
     }
 
@@ -669,36 +837,27 @@ impl Hypervisor for Qemu {
 
     async fn resize_memory(&self, total: MemoryMiB) -> Result<MemoryMiB> {
         let qmp = self.running_qmp().await?;
-        let mut inner = self.inner.lock().await;
-        inner.hotplug.resize_memory(&qmp, total, &self.log).await
+        self.hotplug.lock().await.resize_memory(&qmp, total, &self.log).await
     }
 
     async fn resize_vcpus(&self, count: u32) -> Result<u32> {
         let qmp = self.running_qmp().await?;
-        let mut inner = self.inner.lock().await;
-        inner.hotplug.resize_vcpus(&qmp, count).await
+        self.hotplug.lock().await.resize_vcpus(&qmp, count).await
     }
 
     async fn add_device(&self, device: Device) -> Result<DeviceAddress> {
         let qmp = self.running_qmp().await?;
-        let mut inner = self.inner.lock().await;
-        inner.hotplug.add_device(&qmp, device).await
+        self.hotplug.lock().await.add_device(&qmp, device).await
     }
 
     async fn remove_device(&self, id: &str) -> Result<()> {
         let qmp = self.running_qmp().await?;
-        let mut inner = self.inner.lock().await;
-        inner.hotplug.remove_device(&qmp, id).await
+        self.hotplug.lock().await.remove_device(&qmp, id).await
     }
 
     async fn pids(&self) -> Vec<u32> {
-        let inner = self.inner.lock().await;
-        inner
-            .qemu
-            .iter()
-            .map(|c| c.pid())
-            .chain(inner.vsockd.iter().chain(inner.virtiofsd.iter()).map(|c| c.pid()))
-            .collect()
+        let procs = self.procs();
+        procs.qemu.iter().chain(procs.vsockd.iter()).chain(procs.virtiofsd.iter()).map(|c| c.pid()).collect()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -731,5 +890,271 @@ impl Hypervisor for Qemu {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(format!("remove run directory {}", self.run_dir.display()))(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn log() -> Logger {
+        Logger::root(slog::Discard, slog::o!())
+    }
+
+    impl Qemu {
+        async fn attach_for_test(&self, qemu: Arc<ChildProcess>, qmp: Arc<Qmp>, spec: &VmSpec) {
+            *self.hotplug.lock().await = hotplug::State::new(spec);
+            self.publish(&Procs { qemu: Some(qemu.clone()), qmp: Some(qmp.clone()), ..Procs::default() });
+            self.state.send_replace(VmState::Running);
+            self.spawn_monitor(qemu, qmp);
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("podvisor-qemu-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A QMP peer that answers every command with success (and `quit` by closing, as QEMU does)
+    /// but never sends an event: a guest that never acknowledges a hot-plug. Each command name
+    /// it receives is sent on the returned channel.
+    fn silent_guest_qmp(sock: &Path) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let listener = tokio::net::UnixListener::bind(sock).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\r\n").await.unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let command = v["execute"].as_str().unwrap_or("").to_string();
+                let value = match command.as_str() {
+                    "query-status" => serde_json::json!({"status": "running", "running": true}),
+                    _ => serde_json::json!({}),
+                };
+                let reply = serde_json::json!({"return": value, "id": v["id"]});
+                let _ = w.write_all(format!("{reply}\r\n").as_bytes()).await;
+                let quit = command == "quit";
+                let _ = tx.send(command);
+                if quit {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// A VM whose "QEMU" is a sleeping process and whose QMP peer is [`silent_guest_qmp`].
+    async fn vm_with_silent_guest(name: &str) -> (Arc<Qemu>, tokio::sync::mpsc::UnboundedReceiver<String>, PathBuf) {
+        let dir = scratch(name);
+        let config = QemuConfig { default_memory: 256, default_maxmemory: 1024, ..QemuConfig::default() };
+        let vm = Qemu::with_run_root("vm", config, log(), &dir);
+        std::fs::create_dir_all(vm.run_dir()).unwrap();
+        let sock = dir.join("fake-qmp.sock");
+        let commands = silent_guest_qmp(&sock);
+        let qmp = Arc::new(Qmp::connect(&sock, Duration::from_secs(5)).await.unwrap());
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("1000");
+        let (qemu, _) = ChildProcess::spawn("QEMU", cmd, Path::new("sleep"), "", &vm.log, "qemuPid").unwrap();
+        let spec = vm.spec(AccelChoice::Tcg { reason: "test".into() }, VsockDevice::Kernel { cid: 3, vhostfd: None });
+        vm.attach_for_test(Arc::new(qemu), qmp, &spec).await;
+        vm.console.push("guest says hi".into());
+        (Arc::new(vm), commands, dir)
+    }
+
+    /// While a memory hot-plug waits for a guest acknowledgement that never comes, the fast
+    /// calls answer at once: pids, the QEMU pid, the console tail, the state, a QMP command
+    /// (pause). Then stop ends the VM without waiting for the hot-plug, which fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fast_calls_answer_while_a_hotplug_waits_for_the_guest() {
+        let (vm, mut commands, dir) = vm_with_silent_guest("hotplug-wait").await;
+        let plug = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.resize_memory(MemoryMiB(384)).await }
+        });
+        // Once device_add is answered the hot-plug waits for ACPI_DEVICE_OST.
+        while commands.recv().await.as_deref() != Some("device_add") {}
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!plug.is_finished(), "the hot-plug should be waiting for the guest");
+        let fast = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        let pids = tokio::time::timeout(fast, vm.pids()).await.expect("pids() waited for the hot-plug");
+        let pids_took = started.elapsed();
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        let qemu_pid = tokio::time::timeout(fast, vm.qemu_pid()).await.expect("qemu_pid() waited for the hot-plug");
+        assert_eq!(qemu_pid, Some(pids[0]));
+        assert_eq!(vm.console_tail(), vec!["guest says hi".to_string()]);
+        tokio::time::timeout(fast, vm.pause()).await.expect("pause waited for the hot-plug").unwrap();
+        tokio::time::timeout(fast, vm.resume()).await.expect("resume waited for the hot-plug").unwrap();
+        eprintln!("pids() during a blocked hot-plug took {pids_took:?}");
+        assert!(!plug.is_finished(), "the hot-plug should still be waiting for the guest");
+        // stop does not wait for the hot-plug either; QMP closing ends the hot-plug's wait.
+        tokio::time::timeout(Duration::from_secs(5), vm.stop()).await.expect("stop waited for the hot-plug").unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(2), plug).await.expect("the hot-plug outlived QMP").unwrap();
+        assert!(err.is_err(), "{err:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A block device QEMU accepted stays recorded even when its address cannot be found, so
+    /// its id and root port are not handed out again while QEMU still has it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_qemu_accepted_stays_recorded_when_the_lookup_fails() {
+        let (vm, _commands, dir) = vm_with_silent_guest("device-lookup").await;
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let dev = Device::Block { id: "blk0".into(), path: image.clone(), read_only: true };
+        let err = vm.add_device(dev.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("query-pci does not list it"), "{err}");
+        let again = vm.add_device(dev).await.unwrap_err().to_string();
+        assert!(again.contains("blk0 is already in use"), "{again}");
+        vm.stop().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn proc_stat_fields_are_counted_after_the_command_name() {
+        let line = "4242 (a) b (c) S 1 4242 99 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+        let st = parse_proc_stat(line).unwrap();
+        assert_eq!(st, ProcStat { zombie: false, pgrp: 4242, session: 99, starttime: 123456 });
+        assert!(parse_proc_stat("4242 (x) Z 1 2").is_none(), "too short");
+        assert_eq!(parse_pid_record("qemu 77 123456 99"), Some(PidRecord { pid: 77, identity: Some((123456, 99)) }));
+        assert_eq!(parse_pid_record("qemu 77"), Some(PidRecord { pid: 77, identity: None }));
+        assert_eq!(parse_pid_record("qemu 1 5 5"), None, "never pid 1");
+        assert_eq!(parse_pid_record("qemu x"), None);
+    }
+
+    fn group_members(pgrp: u32) -> Vec<u32> {
+        all_processes().into_iter().filter(|(_, st)| st.pgrp == pgrp as i32 && !st.zombie).map(|(p, _)| p).collect()
+    }
+
+    fn wait_for_members(pgrp: u32, n: usize) -> Vec<u32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let members = group_members(pgrp);
+            if members.len() >= n {
+                return members;
+            }
+            assert!(std::time::Instant::now() < deadline, "group {pgrp} has {members:?}, expected {n} members");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A group whose leader exits at once and leaves a `sleep` behind in its group.
+    fn orphaned_group() -> (u32, ProcStat) {
+        use std::os::unix::process::CommandExt;
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & read x"])
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = sh.id();
+        let st = proc_stat(pid).unwrap();
+        wait_for_members(pid, 2);
+        drop(sh.stdin.take());
+        sh.wait().unwrap();
+        assert_eq!(group_members(pid).len(), 1, "the sleep outlives its leader");
+        (pid, st)
+    }
+
+    /// `delete` after a dead shim kills each recorded helper's whole process group (children
+    /// and grandchildren), and the members of a group whose leader is gone; it leaves alone a
+    /// process that got a recorded pid later, and a group of another session.
+    #[test]
+    fn leftovers_are_killed_by_process_group_and_recycled_pids_are_spared() {
+        use std::os::unix::process::CommandExt;
+        let dir = scratch("leftovers");
+        let run_dir = dir.join("vm");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        // A helper with two children (grandchildren of this test).
+        let mut helper = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & sleep 1000 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        record_pid(&run_dir, "virtiofsd", helper.id()).unwrap();
+        let helper_group = wait_for_members(helper.id(), 3);
+        // A helper that died and left a child in its group.
+        let (orphaned, orphaned_st) = orphaned_group();
+        let mut text = std::fs::read_to_string(run_dir.join(PIDS_FILE)).unwrap();
+        text.push_str(&format!("vhost-device-vsock {orphaned} {} {}\n", orphaned_st.starttime, orphaned_st.session));
+        std::fs::write(run_dir.join(PIDS_FILE), text).unwrap();
+        let orphan = group_members(orphaned);
+        // A stranger's group whose leader is gone: recorded with another session.
+        let (foreign, foreign_st) = orphaned_group();
+        // A process that got a recorded pid later: another start time.
+        let mut recycled = std::process::Command::new("sleep").arg("1000").process_group(0).spawn().unwrap();
+        let rst = proc_stat(recycled.id()).unwrap();
+        let mut text = std::fs::read_to_string(run_dir.join(PIDS_FILE)).unwrap();
+        text.push_str(&format!("qemu {} {} {}\n", recycled.id(), rst.starttime + 1, rst.session));
+        text.push_str(&format!("qemu {foreign} {} {}\n", foreign_st.starttime, foreign_st.session + 1));
+        std::fs::write(run_dir.join(PIDS_FILE), text).unwrap();
+
+        let killed = kill_leftovers(&run_dir).unwrap();
+
+        let status = helper.wait().unwrap();
+        let survivors: Vec<u32> = helper_group.iter().chain(&orphan).copied().filter(|p| process_running(*p)).collect();
+        let recycled_alive = process_running(recycled.id());
+        let foreign_alive = !group_members(foreign).is_empty();
+        let _ = recycled.kill();
+        let _ = recycled.wait();
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(foreign as i32), nix::sys::signal::Signal::SIGKILL);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(survivors.is_empty(), "still running: {survivors:?}");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        for p in helper_group.iter().chain(&orphan) {
+            assert!(killed.contains(p), "{p} not reported in {killed:?}");
+        }
+        assert!(recycled_alive, "a process that got a recorded pid later was killed");
+        assert!(foreign_alive, "a group of another session was killed");
+        assert!(!run_dir.exists());
+    }
+
+    /// A boot that waits (a "QEMU" that never opens its QMP socket) holds no lock that `pids`
+    /// needs, and `stop` ends it at once instead of waiting for the boot's timeout; nothing of it
+    /// is left running.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_cuts_a_boot_short_and_pids_answer_meanwhile() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("boot-stop");
+        let fake = dir.join("fake-qemu");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let vm = Arc::new(Qemu::with_run_root("vm", QemuConfig { path: fake, ..QemuConfig::default() }, log(), &dir));
+        std::fs::create_dir_all(vm.run_dir()).unwrap();
+        let start = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.start().await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let qemu_pid = loop {
+            if let Some(pid) = vm.qemu_pid().await {
+                break pid;
+            }
+            assert!(!start.is_finished(), "the start ended early: {:?}", start.await);
+            assert!(std::time::Instant::now() < deadline, "the fake QEMU never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let pids =
+            tokio::time::timeout(Duration::from_millis(100), vm.pids()).await.expect("pids() waited for the boot");
+        assert!(pids.contains(&qemu_pid), "{pids:?}");
+        assert!(!start.is_finished(), "the boot should be waiting for qmp.sock");
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), vm.stop()).await.expect("stop waited for the boot").unwrap();
+        let stop_took = started.elapsed();
+        let err = tokio::time::timeout(Duration::from_secs(1), start).await.expect("the boot went on").unwrap();
+        let err = err.expect_err("a stopped boot must fail").to_string();
+        assert!(err.contains("stopped while it started"), "{err}");
+        eprintln!("stop during a boot took {stop_took:?}");
+        for pid in pids {
+            assert!(!process_running(pid), "pid {pid} survived the stop");
+        }
+        assert!(vm.start().await.is_err(), "a stopped VM must not start again");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
