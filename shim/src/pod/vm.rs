@@ -123,7 +123,7 @@ impl Pod {
             .filter(|p| !p.is_empty());
         let hostname = oci.hostname().clone().unwrap_or_default();
         let netns = spec::netns_path(oci);
-        let shared = SharedDir::new(&self.sandbox_id);
+        let shared = SharedDir::new(&self.sandbox_id).with_log(self.log.clone());
         let cancel = Arc::new(Notify::new());
         *self.vm.lock().unwrap() = VmSlot::Booting(cancel.clone());
         let mut cgroup = None;
