@@ -146,6 +146,9 @@ pub trait Agent: Send + Sync {
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError>;
 }
 
+/// Longest container id accepted from the agent (containerd's ids have at most 76 bytes).
+const MAX_CONTAINER_ID: usize = 255;
+
 /// Largest chunk asked for per `ReadStdout`/`ReadStderr` call.
 const READ_CHUNK: u32 = 64 * 1024;
 
@@ -625,6 +628,16 @@ impl Agent for KataAgent {
     async fn get_oom_event(&self) -> Result<String, AgentError> {
         let r =
             call("GetOOMEvent", None, self.agent.get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new())).await?;
+        // The id is logged and published as an event: no more than an id's worth of bytes.
+        if r.container_id.len() > MAX_CONTAINER_ID {
+            return Err(AgentError::Rpc {
+                rpc: "GetOOMEvent",
+                message: format!(
+                    "the agent answered a {}-byte container id (at most {MAX_CONTAINER_ID}); the guest is misbehaving",
+                    r.container_id.len()
+                ),
+            });
+        }
         Ok(r.container_id)
     }
 
@@ -802,6 +815,19 @@ mod tests {
         assert_eq!(
             err,
             "agent ReadStderr: the agent answered 102400 bytes to a read of at most 65536; the guest is misbehaving"
+        );
+        drop(agent);
+        tokio::time::timeout(Duration::from_secs(5), fake).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_oom_event_with_an_overlong_container_id_is_refused() {
+        // OOMEvent's container_id has Metrics' field number and type (1: string).
+        let (agent, fake) = start(Fake::Answer(1000), LONG);
+        let err = agent.get_oom_event().await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "agent GetOOMEvent: the agent answered a 1000-byte container id (at most 255); the guest is misbehaving"
         );
         drop(agent);
         tokio::time::timeout(Duration::from_secs(5), fake).await.unwrap().unwrap();
