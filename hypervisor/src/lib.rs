@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console;
 pub mod host;
 pub mod network;
 pub mod process;

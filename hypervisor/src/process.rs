@@ -1,6 +1,7 @@
 //! Ownership of helper processes (QEMU, vhost-device-vsock, virtiofsd): each child runs in its
 //! own process group, is reaped by one waiter task, is killed when its guard is dropped, and its
-//! stderr is logged and kept (last lines) for error messages.
+//! stderr is logged (rate-limited, lines cut at 4 KiB: see `console`) and kept (last lines,
+//! bounded) for error messages.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -9,32 +10,50 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slog::{debug, info, warn, Logger};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdout, Command};
 use tokio::sync::{mpsc, watch};
 
+use crate::console::{read_lines, Record, STDERR_LIMITS};
 use crate::{Error, Result};
 
-/// Number of output lines kept per child for error messages.
-const TAIL_LINES: usize = 40;
+/// Number of output lines kept per child (and of the guest console) for error messages.
+pub const TAIL_LINES: usize = 40;
 
-/// Last lines of some output, shared between a reader task and error paths.
+/// Bytes of those lines kept at most (lines are cut at 4 KiB by [`crate::console`]).
+pub const TAIL_BYTES: usize = 32 * 1024;
+
+/// Last lines of some output, shared between a reader task and error paths. Bounded by
+/// [`TAIL_LINES`] and [`TAIL_BYTES`] (the newest line is always kept).
 #[derive(Clone, Default)]
-pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+pub struct Tail(Arc<Mutex<TailInner>>);
+
+#[derive(Default)]
+struct TailInner {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
 
 impl Tail {
-    /// Appends a line, dropping the oldest beyond the limit.
+    /// Appends a line, dropping the oldest beyond the limits.
     pub fn push(&self, line: String) {
         let mut q = self.0.lock().unwrap();
-        if q.len() == TAIL_LINES {
-            q.pop_front();
+        q.bytes += line.len();
+        q.lines.push_back(line);
+        while q.lines.len() > TAIL_LINES || (q.bytes > TAIL_BYTES && q.lines.len() > 1) {
+            if let Some(old) = q.lines.pop_front() {
+                q.bytes -= old.len();
+            }
         }
-        q.push_back(line);
     }
 
     /// The kept lines, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().iter().cloned().collect()
+        self.0.lock().unwrap().lines.iter().cloned().collect()
+    }
+
+    /// Bytes of text kept.
+    pub fn bytes(&self) -> usize {
+        self.0.lock().unwrap().bytes
     }
 
     /// The kept lines joined for an error message (`(no output)` when empty).
@@ -85,11 +104,15 @@ impl ChildProcess {
             // `Start logging QEMU (qemuPid=123)` ... `Stop logging QEMU (qemuPid=123)`.
             info!(log, "Start logging {} ({}={})", name, pid_key, pid);
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    warn!(log, "{}", line);
-                    tail.push(line);
-                }
+                // Bounded: the guest can make these helpers print (see `console`).
+                read_lines(stderr, STDERR_LIMITS, &tail, |r| match r {
+                    Record::Line(line) => warn!(log, "{}", line),
+                    Record::Suppressed(n) => warn!(
+                        log,
+                        "{}: suppressed {} stderr lines (more than {} lines/s)", name, n, STDERR_LIMITS.per_sec
+                    ),
+                })
+                .await;
                 info!(log, "Stop logging {} ({}={})", name, pid_key, pid);
             });
         }
@@ -257,6 +280,45 @@ mod tests {
         }
         let err = child.died_early(status).to_string();
         assert!(err.contains("exit code 7") && err.contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn tail_is_bounded_in_lines_and_bytes() {
+        let tail = Tail::default();
+        for i in 0..1000 {
+            tail.push(format!("line {i}"));
+        }
+        let lines = tail.lines();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines.last().unwrap(), "line 999");
+        for _ in 0..100 {
+            tail.push("z".repeat(4096));
+        }
+        assert!(tail.bytes() <= TAIL_BYTES, "{}", tail.bytes());
+        assert_eq!(tail.bytes(), tail.lines().iter().map(String::len).sum::<usize>());
+        // The newest line stays even when it alone is over the byte limit.
+        tail.push("w".repeat(TAIL_BYTES + 1));
+        assert_eq!(tail.lines().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flooding_helper_is_rate_limited_and_its_tail_bounded() {
+        // 2000 lines of 20 000 bytes (40 MB) on stderr: lines are cut, the tail stays bounded,
+        // the child is not blocked (its stderr is drained).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"yes "$(head -c 20000 /dev/zero | tr '\0' x)" | head -n 2000 >&2; echo done >&2"#]);
+        let (child, _) = ChildProcess::spawn("test", cmd, Path::new("sh"), "", &log(), "pid").unwrap();
+        assert_eq!(child.wait().await.code(), Some(0));
+        for _ in 0..500 {
+            if child.stderr_tail().lines().last().map(String::as_str) == Some("done") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let lines = child.stderr_tail().lines();
+        assert_eq!(lines.last().map(String::as_str), Some("done"), "{:?}", lines.len());
+        assert!(child.stderr_tail().bytes() <= TAIL_BYTES);
+        assert!(lines[0].ends_with("[line cut: 15904 more bytes]"), "{}", &lines[0][4000..]);
     }
 
     #[tokio::test]

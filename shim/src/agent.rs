@@ -12,7 +12,15 @@ use slog::{debug, info, Logger};
 pub const AGENT_READY_MARKER: &str = "\"msg\":\"agent listening\"";
 
 /// Per-RPC timeout for calls that do not say otherwise.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// DestroySandbox waits at most this long (the guest powers off right after answering).
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest ttrpc message accepted from the agent: ttrpc's own limit. ttrpc 0.10 allocates a
+/// declared length up to this before reading it, and skips (reads and drops in 4 KiB pages) a
+/// longer one; [`FrameGuard`] refuses the longer one at its header instead.
+pub const MAX_MESSAGE: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +146,9 @@ pub trait Agent: Send + Sync {
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError>;
 }
 
+/// Longest container id accepted from the agent (containerd's ids have at most 76 bytes).
+const MAX_CONTAINER_ID: usize = 255;
+
 /// Largest chunk asked for per `ReadStdout`/`ReadStderr` call.
 const READ_CHUNK: u32 = 64 * 1024;
 
@@ -145,6 +156,8 @@ const READ_CHUNK: u32 = 64 * 1024;
 pub struct KataAgent {
     agent: AgentServiceClient,
     health: HealthClient,
+    /// Deadline of every call that does not block by design.
+    timeout: Duration,
 }
 
 fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -163,14 +176,58 @@ fn no_deadline() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(0)
 }
 
+/// Runs one RPC. With `timeout`, fails after it whatever the agent does (ttrpc's own deadline
+/// only covers waiting for the answer, not queueing the request on a connection the guest has
+/// stopped reading). Without, the call waits as long as the connection lives: WaitProcess,
+/// ReadStdout/ReadStderr, WriteStdin and GetOOMEvent block until something happens in the guest.
+async fn call<T>(
+    rpc: &'static str,
+    timeout: Option<Duration>,
+    fut: impl std::future::Future<Output = ttrpc::Result<T>>,
+) -> Result<T, AgentError> {
+    let r = match timeout {
+        Some(t) => match tokio::time::timeout(t, fut).await {
+            Ok(r) => r,
+            Err(_) => return Err(no_answer(rpc, t)),
+        },
+        None => fut.await,
+    };
+    r.map_err(|e| match e {
+        ttrpc::Error::Others(m) if m == "Request deadline elapsed" => no_answer(rpc, timeout.unwrap_or_default()),
+        e => rpc_err(rpc)(e),
+    })
+}
+
+fn no_answer(rpc: &'static str, after: Duration) -> AgentError {
+    AgentError::Rpc {
+        rpc,
+        message: format!("no answer within {after:?}; the guest is hung, overloaded or misbehaving"),
+    }
+}
+
 impl KataAgent {
-    /// Wraps a connected socket.
+    /// Wraps a connected socket. Frames from the agent are checked by [`FrameGuard`]; calls
+    /// time out after [`RPC_TIMEOUT`].
     pub fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<KataAgent> {
+        Self::from_fd_with_timeout(fd, RPC_TIMEOUT)
+    }
+
+    /// [`KataAgent::from_fd`] with another per-call timeout.
+    pub fn from_fd_with_timeout(fd: std::os::fd::OwnedFd, timeout: Duration) -> std::io::Result<KataAgent> {
         let std_stream = std::os::unix::net::UnixStream::from(fd);
         std_stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(std_stream)?;
-        let client = ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
-        Ok(KataAgent { agent: AgentServiceClient::new(client.clone()), health: HealthClient::new(client) })
+        let client =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(FrameGuard::new(stream)));
+        Ok(KataAgent { agent: AgentServiceClient::new(client.clone()), health: HealthClient::new(client), timeout })
+    }
+
+    async fn call<T>(
+        &self,
+        rpc: &'static str,
+        fut: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, AgentError> {
+        call(rpc, Some(self.timeout), fut).await
     }
 
     /// Connects to the agent of `vm`, retrying until it answers `Health.Check`, for at most
@@ -248,11 +305,129 @@ async fn dial_loop(channel: &AgentChannel, timeout: Duration, log: &Logger) -> R
     }
 }
 
+/// Checks the frames the agent sends before ttrpc reads them: a header that is not a response
+/// or data frame, has unknown flags, or declares more than [`MAX_MESSAGE`] bytes fails the
+/// read, so ttrpc drops the connection and fails every pending call with this error (ttrpc
+/// alone would skip an oversized body page by page, as long as the guest keeps sending, and
+/// ignore frames of unknown type, leaving blocking calls waiting forever).
+pub struct FrameGuard<S> {
+    inner: S,
+    header: [u8; ttrpc::proto::MESSAGE_HEADER_LENGTH],
+    /// Header bytes seen of the current frame.
+    have: usize,
+    /// Body bytes still to come of the current frame.
+    body: u64,
+    broken: Option<String>,
+}
+
+impl<S> FrameGuard<S> {
+    /// Wraps a connected stream.
+    pub fn new(inner: S) -> Self {
+        FrameGuard { inner, header: [0; ttrpc::proto::MESSAGE_HEADER_LENGTH], have: 0, body: 0, broken: None }
+    }
+
+    /// Walks bytes just read; the first violation is kept and returned.
+    fn check(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        while !bytes.is_empty() {
+            if self.body > 0 {
+                let n = self.body.min(bytes.len() as u64);
+                self.body -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            let n = (self.header.len() - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == self.header.len() {
+                self.have = 0;
+                let h = &self.header;
+                let length = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+                let stream = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                let (type_, flags) = (h[8], h[9]);
+                let known_flags =
+                    ttrpc::proto::FLAG_REMOTE_CLOSED | ttrpc::proto::FLAG_REMOTE_OPEN | ttrpc::proto::FLAG_NO_DATA;
+                let mut wrong = Vec::new();
+                if type_ != ttrpc::proto::MESSAGE_TYPE_RESPONSE && type_ != ttrpc::proto::MESSAGE_TYPE_DATA {
+                    wrong.push(format!("type {type_:#x} (a response is 0x2, data 0x3)"));
+                }
+                if flags & !known_flags != 0 {
+                    wrong.push(format!("flags {flags:#x}"));
+                }
+                if length as usize > MAX_MESSAGE {
+                    wrong.push(format!("length {length} bytes (at most {MAX_MESSAGE})"));
+                }
+                if !wrong.is_empty() {
+                    let e = format!(
+                        "the agent sent a malformed ttrpc frame for stream {stream}: {}; the guest is misbehaving, \
+                         the connection is closed",
+                        wrong.join(", ")
+                    );
+                    self.broken = Some(e.clone());
+                    return Err(e);
+                }
+                self.body = length as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FrameGuard<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if let Some(e) = &self.broken {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.clone())));
+        }
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = buf.filled()[before..].to_vec();
+                match self.check(&new) {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(e) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FrameGuard<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[async_trait]
 impl Agent for KataAgent {
     async fn check(&self) -> Result<(), AgentError> {
-        let r =
-            self.health.check(ctx(RPC_TIMEOUT), &health::CheckRequest::new()).await.map_err(rpc_err("Health.Check"))?;
+        let r = self.call("Health.Check", self.health.check(ctx(self.timeout), &health::CheckRequest::new())).await?;
         if r.status.enum_value() == Ok(health::health_check_response::ServingStatus::SERVING) {
             Ok(())
         } else {
@@ -261,17 +436,14 @@ impl Agent for KataAgent {
     }
 
     async fn version(&self) -> Result<String, AgentError> {
-        let r = self
-            .health
-            .version(ctx(RPC_TIMEOUT), &health::CheckRequest::new())
-            .await
-            .map_err(rpc_err("Health.Version"))?;
+        let r =
+            self.call("Health.Version", self.health.version(ctx(self.timeout), &health::CheckRequest::new())).await?;
         Ok(r.agent_version)
     }
 
     async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
         let req = pb::GuestDetailsRequest { mem_block_size: true, mem_hotplug_probe: true, ..Default::default() };
-        let r = self.agent.get_guest_details(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("GetGuestDetails"))?;
+        let r = self.call("GetGuestDetails", self.agent.get_guest_details(ctx(self.timeout), &req)).await?;
         Ok(GuestDetails {
             mem_block_size_bytes: r.mem_block_size_bytes,
             agent_version: r.agent_details.as_ref().map(|d| d.version.clone()).unwrap_or_default(),
@@ -281,7 +453,7 @@ impl Agent for KataAgent {
 
     async fn online_cpu_mem(&self, nb_cpus: u32, cpu_only: bool) -> Result<(), AgentError> {
         let req = pb::OnlineCPUMemRequest { wait: true, nb_cpus, cpu_only, ..Default::default() };
-        self.agent.online_cpu_mem(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("OnlineCPUMem"))?;
+        self.call("OnlineCPUMem", self.agent.online_cpu_mem(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
@@ -292,57 +464,56 @@ impl Agent for KataAgent {
             Usec: d.subsec_micros() as i64,
             ..Default::default()
         };
-        self.agent.set_guest_date_time(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SetGuestDateTime"))?;
+        self.call("SetGuestDateTime", self.agent.set_guest_date_time(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn metrics(&self) -> Result<String, AgentError> {
-        let r = self
-            .agent
-            .get_metrics(ctx(RPC_TIMEOUT), &pb::GetMetricsRequest::new())
-            .await
-            .map_err(rpc_err("GetMetrics"))?;
+        let r =
+            self.call("GetMetrics", self.agent.get_metrics(ctx(self.timeout), &pb::GetMetricsRequest::new())).await?;
         Ok(r.metrics)
     }
 
     async fn destroy_sandbox(&self) -> Result<(), AgentError> {
-        self.agent
-            .destroy_sandbox(ctx(Duration::from_secs(10)), &pb::DestroySandboxRequest::new())
-            .await
-            .map_err(rpc_err("DestroySandbox"))?;
+        call(
+            "DestroySandbox",
+            Some(self.timeout.min(DESTROY_TIMEOUT)),
+            self.agent.destroy_sandbox(ctx(self.timeout.min(DESTROY_TIMEOUT)), &pb::DestroySandboxRequest::new()),
+        )
+        .await?;
         Ok(())
     }
 
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError> {
         let req = pb::SetPolicyRequest { policy: policy.into(), ..Default::default() };
-        self.agent.set_policy(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SetPolicy"))?;
+        self.call("SetPolicy", self.agent.set_policy(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> Result<(), AgentError> {
-        self.agent.create_sandbox(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CreateSandbox"))?;
+        self.call("CreateSandbox", self.agent.create_sandbox(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
-        self.agent.create_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CreateContainer"))?;
+        self.call("CreateContainer", self.agent.create_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = pb::StartContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.agent.start_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("StartContainer"))?;
+        self.call("StartContainer", self.agent.start_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = pb::RemoveContainerRequest { container_id: container_id.into(), timeout: 10, ..Default::default() };
-        self.agent.remove_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("RemoveContainer"))?;
+        self.call("RemoveContainer", self.agent.remove_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<(), AgentError> {
-        self.agent.exec_process(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("ExecProcess"))?;
+        self.call("ExecProcess", self.agent.exec_process(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
@@ -353,14 +524,14 @@ impl Agent for KataAgent {
             signal,
             ..Default::default()
         };
-        self.agent.signal_process(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("SignalProcess"))?;
+        self.call("SignalProcess", self.agent.signal_process(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, AgentError> {
         let req =
             pb::WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
-        let r = self.agent.wait_process(no_deadline(), &req).await.map_err(rpc_err("WaitProcess"))?;
+        let r = call("WaitProcess", None, self.agent.wait_process(no_deadline(), &req)).await?;
         Ok(r.status)
     }
 
@@ -371,29 +542,46 @@ impl Agent for KataAgent {
             len: READ_CHUNK,
             ..Default::default()
         };
+        let rpc = if stderr { "ReadStderr" } else { "ReadStdout" };
         let r = if stderr {
-            self.agent.read_stderr(no_deadline(), &req).await.map_err(rpc_err("ReadStderr"))?
+            call(rpc, None, self.agent.read_stderr(no_deadline(), &req)).await?
         } else {
-            self.agent.read_stdout(no_deadline(), &req).await.map_err(rpc_err("ReadStdout"))?
+            call(rpc, None, self.agent.read_stdout(no_deadline(), &req)).await?
         };
+        if r.data.len() > READ_CHUNK as usize {
+            return Err(AgentError::Rpc {
+                rpc,
+                message: format!(
+                    "the agent answered {} bytes to a read of at most {READ_CHUNK}; the guest is misbehaving",
+                    r.data.len()
+                ),
+            });
+        }
         Ok(r.data)
     }
 
     async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
+        let sent = data.len();
         let req = pb::WriteStreamRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             data,
             ..Default::default()
         };
-        let r = self.agent.write_stdin(no_deadline(), &req).await.map_err(rpc_err("WriteStdin"))?;
+        let r = call("WriteStdin", None, self.agent.write_stdin(no_deadline(), &req)).await?;
+        if r.len as usize > sent {
+            return Err(AgentError::Rpc {
+                rpc: "WriteStdin",
+                message: format!("the agent claims {} bytes written of {sent} sent; the guest is misbehaving", r.len),
+            });
+        }
         Ok(r.len)
     }
 
     async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
         let req =
             pb::CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.agent.close_stdin(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("CloseStdin"))?;
+        self.call("CloseStdin", self.agent.close_stdin(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
@@ -411,67 +599,259 @@ impl Agent for KataAgent {
             column: columns,
             ..Default::default()
         };
-        self.agent.tty_win_resize(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("TtyWinResize"))?;
+        self.call("TtyWinResize", self.agent.tty_win_resize(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = pb::PauseContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.agent.pause_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("PauseContainer"))?;
+        self.call("PauseContainer", self.agent.pause_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = pb::ResumeContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.agent.resume_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("ResumeContainer"))?;
+        self.call("ResumeContainer", self.agent.resume_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn stats_container(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError> {
         let req = pb::StatsContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.agent.stats_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("StatsContainer"))
+        self.call("StatsContainer", self.agent.stats_container(ctx(self.timeout), &req)).await
     }
 
     async fn update_container(&self, req: pb::UpdateContainerRequest) -> Result<(), AgentError> {
-        self.agent.update_container(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateContainer"))?;
+        self.call("UpdateContainer", self.agent.update_container(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn get_oom_event(&self) -> Result<String, AgentError> {
-        let r = self
-            .agent
-            .get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new())
-            .await
-            .map_err(rpc_err("GetOOMEvent"))?;
+        let r =
+            call("GetOOMEvent", None, self.agent.get_oom_event(no_deadline(), &pb::GetOOMEventRequest::new())).await?;
+        // The id is logged and published as an event: no more than an id's worth of bytes.
+        if r.container_id.len() > MAX_CONTAINER_ID {
+            return Err(AgentError::Rpc {
+                rpc: "GetOOMEvent",
+                message: format!(
+                    "the agent answered a {}-byte container id (at most {MAX_CONTAINER_ID}); the guest is misbehaving",
+                    r.container_id.len()
+                ),
+            });
+        }
         Ok(r.container_id)
     }
 
     async fn update_interface(&self, interface: types::Interface) -> Result<types::Interface, AgentError> {
         let req = pb::UpdateInterfaceRequest { interface: Some(interface).into(), ..Default::default() };
-        self.agent.update_interface(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateInterface"))
+        self.call("UpdateInterface", self.agent.update_interface(ctx(self.timeout), &req)).await
     }
 
     async fn update_routes(&self, routes: Vec<types::Route>) -> Result<Vec<types::Route>, AgentError> {
         let routes = pb::Routes { Routes: routes, ..Default::default() };
         let req = pb::UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
-        let r = self.agent.update_routes(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("UpdateRoutes"))?;
+        let r = self.call("UpdateRoutes", self.agent.update_routes(ctx(self.timeout), &req)).await?;
         Ok(r.Routes)
     }
 
     async fn add_arp_neighbors(&self, neighbours: Vec<types::ARPNeighbor>) -> Result<(), AgentError> {
         let n = pb::ARPNeighbors { ARPNeighbors: neighbours, ..Default::default() };
         let req = pb::AddARPNeighborsRequest { neighbors: Some(n).into(), ..Default::default() };
-        self.agent.add_arp_neighbors(ctx(RPC_TIMEOUT), &req).await.map_err(rpc_err("AddARPNeighbors"))?;
+        self.call("AddARPNeighbors", self.agent.add_arp_neighbors(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
     async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError> {
-        let r = self.agent.list_interfaces(ctx(RPC_TIMEOUT), &pb::ListInterfacesRequest::new()).await;
-        Ok(r.map_err(rpc_err("ListInterfaces"))?.Interfaces)
+        let req = pb::ListInterfacesRequest::new();
+        Ok(self.call("ListInterfaces", self.agent.list_interfaces(ctx(self.timeout), &req)).await?.Interfaces)
     }
 
     async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError> {
-        let r = self.agent.list_routes(ctx(RPC_TIMEOUT), &pb::ListRoutesRequest::new()).await;
-        Ok(r.map_err(rpc_err("ListRoutes"))?.Routes)
+        let req = pb::ListRoutesRequest::new();
+        Ok(self.call("ListRoutes", self.agent.list_routes(ctx(self.timeout), &req)).await?.Routes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A fake agent on a socket pair that misbehaves on purpose: the client must fail the call
+    //! with an error naming it and what was wrong, and leave no task or socket behind.
+
+    use super::*;
+    use protobuf::Message as _;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use ttrpc::proto::{GenMessage, MessageHeader};
+
+    #[derive(Clone, Copy)]
+    enum Fake {
+        /// Bytes that are not ttrpc.
+        Garbage,
+        /// A response header declaring 5 MiB, then nothing.
+        Oversized,
+        /// Reads requests, never answers.
+        Silent,
+        /// A valid response of this payload size (the body sent in small pieces).
+        Answer(usize),
+    }
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    fn alive_tasks() -> usize {
+        tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    }
+
+    /// A client with per-call `timeout`, and the fake agent's task (which ends once it sees the
+    /// client's socket closed: the proof that nothing holds it any more).
+    fn start(fake: Fake, timeout: Duration) -> (KataAgent, tokio::task::JoinHandle<()>) {
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let agent = KataAgent::from_fd_with_timeout(client.into(), timeout).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut server = tokio::net::UnixStream::from_std(server).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok(req) = GenMessage::read_from(&mut server).await {
+                let stream = req.header.stream_id;
+                match fake {
+                    Fake::Garbage => server.write_all(b"this is not a ttrpc message\n").await.unwrap(),
+                    Fake::Oversized => {
+                        MessageHeader::new_response(stream, 5 << 20).write_to(&mut server).await.unwrap()
+                    }
+                    Fake::Silent => {}
+                    Fake::Answer(size) => {
+                        let body = pb::Metrics { metrics: "m".repeat(size), ..Default::default() };
+                        let resp =
+                            ttrpc::proto::Response { payload: body.write_to_bytes().unwrap(), ..Default::default() };
+                        let payload = resp.write_to_bytes().unwrap();
+                        MessageHeader::new_response(stream, payload.len() as u32).write_to(&mut server).await.unwrap();
+                        for piece in payload.chunks(1000) {
+                            server.write_all(piece).await.unwrap();
+                        }
+                    }
+                }
+            }
+            // The client closed its end (or broke the framing): wait for the close itself.
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+        });
+        (agent, task)
+    }
+
+    /// Drops the client and checks that its socket gets closed and no task of it is left.
+    async fn assert_nothing_left(agent: KataAgent, fake: tokio::task::JoinHandle<()>, baseline: usize) {
+        drop(agent);
+        tokio::time::timeout(Duration::from_secs(5), fake)
+            .await
+            .expect("the client's socket is still open 5 s after the client was dropped")
+            .unwrap();
+        for _ in 0..500 {
+            if alive_tasks() <= baseline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(alive_tasks(), baseline, "tasks left behind by the client");
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_agent_fails_the_call_at_once() {
+        let baseline = alive_tasks();
+        let (agent, fake) = start(Fake::Garbage, LONG);
+        let started = Instant::now();
+        let err = agent.check().await.unwrap_err().to_string();
+        assert!(started.elapsed() < LONG / 2, "{:?}", started.elapsed());
+        assert!(err.starts_with("agent Health.Check:") && err.contains("malformed ttrpc frame"), "{err}");
+        assert!(err.contains("type 0x6e") && err.contains("length 1952999795 bytes (at most 4194304)"), "{err}");
+        // Later calls fail too (the connection is closed), blocking ones included.
+        let err = agent.wait_process("c", "").await.unwrap_err().to_string();
+        assert!(err.starts_with("agent WaitProcess:"), "{err}");
+        assert_nothing_left(agent, fake, baseline).await;
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_fails_even_a_call_without_deadline() {
+        let baseline = alive_tasks();
+        let (agent, fake) = start(Fake::Oversized, LONG);
+        // ReadStdout has no deadline: only the frame check can end it.
+        let err = tokio::time::timeout(LONG, agent.read_stream("c", "", false))
+            .await
+            .expect("ReadStdout still waiting after an oversized answer")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent ReadStdout:"), "{err}");
+        assert!(err.contains("length 5242880 bytes (at most 4194304)"), "{err}");
+        assert_nothing_left(agent, fake, baseline).await;
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_fails_the_call_after_its_timeout() {
+        let baseline = alive_tasks();
+        let timeout = Duration::from_millis(300);
+        let (agent, fake) = start(Fake::Silent, timeout);
+        let started = Instant::now();
+        let err = agent.metrics().await.unwrap_err().to_string();
+        let took = started.elapsed();
+        assert_eq!(err, "agent GetMetrics: no answer within 300ms; the guest is hung, overloaded or misbehaving");
+        assert!(took >= timeout && took < Duration::from_secs(10), "{took:?}");
+        // The connection stays usable for the next call (which times out the same way).
+        let err = agent.start_container("c").await.unwrap_err().to_string();
+        assert!(err.starts_with("agent StartContainer: no answer within 300ms"), "{err}");
+        assert_nothing_left(agent, fake, baseline).await;
+    }
+
+    #[tokio::test]
+    async fn answers_up_to_the_limit_pass_the_frame_check() {
+        let (agent, fake) = start(Fake::Answer(3 << 20), LONG);
+        assert_eq!(agent.metrics().await.unwrap().len(), 3 << 20);
+        assert_eq!(agent.metrics().await.unwrap().len(), 3 << 20);
+        drop(agent);
+        tokio::time::timeout(Duration::from_secs(5), fake).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_answer_larger_than_asked_is_refused() {
+        // Metrics and ReadStdout answers share the field number and type of their payload
+        // (1: string / bytes), so a Metrics answer stands in for a 100 KiB ReadStdout answer.
+        let (agent, fake) = start(Fake::Answer(100 << 10), LONG);
+        let err = agent.read_stream("c", "", true).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "agent ReadStderr: the agent answered 102400 bytes to a read of at most 65536; the guest is misbehaving"
+        );
+        drop(agent);
+        tokio::time::timeout(Duration::from_secs(5), fake).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_oom_event_with_an_overlong_container_id_is_refused() {
+        // OOMEvent's container_id has Metrics' field number and type (1: string).
+        let (agent, fake) = start(Fake::Answer(1000), LONG);
+        let err = agent.get_oom_event().await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "agent GetOOMEvent: the agent answered a 1000-byte container id (at most 255); the guest is misbehaving"
+        );
+        drop(agent);
+        tokio::time::timeout(Duration::from_secs(5), fake).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn frame_check_follows_frames_across_reads() {
+        let mut g = FrameGuard::new(());
+        let mut frames = Vec::new();
+        for (len, type_) in [(3u32, 2u8), (0, 3), (5, 2)] {
+            frames.extend_from_slice(&len.to_be_bytes());
+            frames.extend_from_slice(&1u32.to_be_bytes());
+            frames.extend_from_slice(&[type_, 0]);
+            frames.extend(std::iter::repeat(b'x').take(len as usize));
+        }
+        for b in frames.chunks(1) {
+            g.check(b).unwrap();
+        }
+        // A request frame (type 1) is not something the agent may send us.
+        let mut bad = 0u32.to_be_bytes().to_vec();
+        bad.extend_from_slice(&7u32.to_be_bytes());
+        bad.extend_from_slice(&[1, 0x80]);
+        let err = g.check(&bad).unwrap_err();
+        assert!(err.contains("stream 7: type 0x1 (a response is 0x2, data 0x3), flags 0x80"), "{err}");
+        assert_eq!(g.check(b"").unwrap_err(), err, "the first violation sticks");
     }
 }

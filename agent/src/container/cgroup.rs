@@ -7,7 +7,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
 use agent_protocol::agent as pb;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// Where the guest's cgroup2 hierarchy is mounted (by `init.rs`).
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -59,6 +64,11 @@ impl Cgroup {
     /// The `oom_kill` count of `memory.events` (None without the memory controller).
     pub fn oom_kills(&self) -> Option<u64> {
         parse_keyed(&self.read("memory.events")?).get("oom_kill").copied()
+    }
+
+    /// Its `memory.events` file (absent without the memory controller).
+    pub fn memory_events(&self) -> PathBuf {
+        self.dir().join("memory.events")
     }
 
     /// Removes the cgroup and its descendants (deepest first); they must be empty of
@@ -296,6 +306,56 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Waits for changes of cgroups' `memory.events` files, without polling: the kernel raises a
+/// file-modified event (inotify `IN_MODIFY`) on every change of that file (cgroup v2). Events
+/// are coalesced: one wake-up may stand for many changes.
+pub struct EventsWatch {
+    ready: AsyncFd<InotifyFd>,
+}
+
+/// The inotify instance, by its fd for the reactor.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl EventsWatch {
+    pub fn new() -> std::io::Result<Self> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        // SAFETY: the AsyncFd owns the Inotify, so the fd stays open (and the same file) for as
+        // long as it is registered.
+        let ready = unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self { ready })
+    }
+
+    /// Watches `cgroup`'s `memory.events` (again: a no-op). `false` when the file does not
+    /// exist (no memory controller, or the cgroup is gone).
+    pub fn add(&self, cgroup: &Cgroup) -> std::io::Result<bool> {
+        match self.ready.get_ref().0.add_watch(&cgroup.memory_events(), AddWatchFlags::IN_MODIFY) {
+            Ok(_) => Ok(true),
+            Err(nix::errno::Errno::ENOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until a watched file changed (or one was removed) since the last call.
+    pub async fn changed(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.ready.readable().await?;
+            match self.ready.get_ref().0.read_events() {
+                Ok(events) if !events.is_empty() => return Ok(()),
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +429,34 @@ mod tests {
         assert!(!cg.dir().exists());
         remove_empty_parents(&root, &cg.rel);
         assert!(!root.join("podvisor").exists());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_watch_wakes_on_a_change_of_memory_events_only() {
+        let (root, cg) = fixture("watch", &[("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")]);
+        let other = Cgroup::new(&root, "/podvisor/sb/c2");
+        std::fs::create_dir_all(other.dir()).unwrap();
+        let watch = EventsWatch::new().unwrap();
+        assert!(watch.add(&cg).unwrap());
+        assert!(watch.add(&cg).unwrap(), "adding twice is harmless");
+        assert!(!watch.add(&other).unwrap(), "no memory.events: nothing to watch");
+        // Another file of the cgroup changing is no reason to wake.
+        std::fs::write(cg.dir().join("memory.current"), "4096\n").unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(200), watch.changed()).await.is_err());
+        let path = cg.memory_events();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::fs::write(path, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(10), watch.changed())
+            .await
+            .expect("no wake-up 10 s after memory.events changed")
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(cg.oom_kills(), Some(1));
+        // Consumed: quiet again until the next change.
+        assert!(tokio::time::timeout(Duration::from_millis(200), watch.changed()).await.is_err());
         std::fs::remove_dir_all(root).unwrap();
     }
 

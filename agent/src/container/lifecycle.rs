@@ -144,6 +144,7 @@ impl Containers {
         guard.armed = false;
         info!(self.log, "container created"; "container_id" => id, "pid" => container.init.pid, "cgroup" => container.cgroup.rel.display().to_string());
         self.inner.lock().unwrap().containers.insert(id.to_string(), container);
+        self.container_added();
         Ok(())
     }
 

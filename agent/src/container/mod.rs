@@ -92,6 +92,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Finished exec processes remembered per container (exit status for late Wait/Read calls).
 const FINISHED_EXECS: usize = 1024;
+/// GetOOMEvent scans the containers' OOM counts at most once per this interval (a container
+/// at its memory limit can change `memory.events` thousands of times a second).
+const OOM_SCAN_GAP: Duration = Duration::from_millis(10);
 
 /// Libcontainer's view of a created container, as far as the agent tracks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +216,8 @@ pub struct Containers {
     counter: AtomicU64,
     /// Wakes GetOOMEvent when an OOM kill was queued in `pending_oom`.
     oom_queued: tokio::sync::Notify,
+    /// Wakes GetOOMEvent when a container was added (its `memory.events` is to be watched).
+    containers_added: tokio::sync::Notify,
     /// Set by DestroySandbox: GetOOMEvent stops waiting, so that the ttrpc server's graceful
     /// shutdown does not wait for it before the guest powers off.
     destroyed: AtomicBool,
@@ -232,6 +237,7 @@ impl Containers {
             inner: Mutex::new(Inner::default()),
             counter: AtomicU64::new(0),
             oom_queued: tokio::sync::Notify::new(),
+            containers_added: tokio::sync::Notify::new(),
             destroyed: AtomicBool::new(false),
         }
     }
@@ -406,25 +412,55 @@ impl Containers {
     /// GetOOMEvent: waits until a container's `memory.events` `oom_kill` count grows and
     /// returns that container's id. Counts are checked as soon as a process of a container is
     /// waited for (WaitProcess) and before a container is removed, so the event of an OOM-killed
-    /// init is ready when its exit status is; otherwise polled every 200 ms while someone waits.
+    /// init is ready when its exit status is; otherwise whenever a container's `memory.events`
+    /// changes (inotify, no polling; at most one scan per [`OOM_SCAN_GAP`]).
     /// After DestroySandbox, what is still queued is returned, then UNAVAILABLE.
     pub async fn next_oom(&self) -> Result<String> {
+        let watch = cgroup::EventsWatch::new()
+            .map_err(|e| Error::internal(format!("GetOOMEvent: cannot watch memory.events (inotify): {e}")))?;
+        let mut last_scan: Option<tokio::time::Instant> = None;
         loop {
             let queued = self.oom_queued.notified();
+            let added = self.containers_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
             if let Some(id) = self.inner.lock().unwrap().pending_oom.pop_front() {
                 return Ok(id);
             }
             if self.destroyed.load(Ordering::Relaxed) {
                 return Err(Error::new(Code::UNAVAILABLE, "GetOOMEvent: the sandbox was destroyed"));
             }
+            if let Some(at) = last_scan {
+                tokio::time::sleep_until(at + OOM_SCAN_GAP).await;
+            }
+            last_scan = Some(tokio::time::Instant::now());
             let containers: Vec<Arc<Container>> = self.inner.lock().unwrap().containers.values().cloned().collect();
+            // Watch first, then read: a change between the two still wakes the next wait.
+            for c in &containers {
+                if let Err(e) = watch.add(&c.cgroup) {
+                    warn!(self.log, "GetOOMEvent: cannot watch memory.events"; "container_id" => &c.id, "error" => %e);
+                }
+            }
             for c in containers {
                 if self.oom_grew(&c) {
                     return Ok(c.id.clone());
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), queued).await;
+            tokio::select! {
+                _ = queued => {}
+                _ = added => {}
+                r = watch.changed() => {
+                    if let Err(e) = r {
+                        return Err(Error::internal(format!("GetOOMEvent: waiting for memory.events: {e}")));
+                    }
+                }
+            }
         }
+    }
+
+    /// A container was added: a waiting GetOOMEvent watches its `memory.events` too.
+    pub(super) fn container_added(&self) {
+        self.containers_added.notify_waiters();
     }
 
     /// Whether the container's OOM kill count grew since last seen (then logged).

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use slog::{info, warn, Logger};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{watch, Mutex};
 
 use crate::config::QemuConfig;
@@ -313,16 +312,11 @@ impl Qemu {
         let qemu = Arc::new(qemu);
         inner.qemu = Some(qemu.clone());
         if let Some(out) = stdout {
-            let tail = self.console.clone();
-            let log = self.log.new(slog::o!("source" => "console"));
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let line = line.trim_end_matches('\r').to_string();
-                    info!(log, "reading guest console"; "vmconsole" => &line);
-                    tail.push(line);
-                }
-            });
+            crate::console::spawn_console_reader(
+                out,
+                self.console.clone(),
+                self.log.new(slog::o!("source" => "console")),
+            );
         }
         let qmp_path = self.run_dir.join("qmp.sock");
         self.publish(inner);
