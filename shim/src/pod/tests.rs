@@ -288,6 +288,37 @@ async fn oom_kills_are_published_and_written_for_cri_o() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_answers_from_a_hostile_guest_are_bounded() {
+    let env = Env::new();
+    step(env.pod.create(env.request("c1", None, None))).await.unwrap();
+    step(env.pod.start("c1", "")).await.unwrap();
+    let agent = env.backend.agent();
+    for _ in 0..40 {
+        agent.oom("no-such-container");
+    }
+    for _ in 0..1000 {
+        agent.oom("c1");
+    }
+    let started = std::time::Instant::now();
+    wait_until("an OOM event for c1", || {
+        env.events().iter().any(|e| matches!(e, Event::TaskOom { container_id } if container_id == "c1"))
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let ooms: Vec<_> = env.events().into_iter().filter(|e| matches!(e, Event::TaskOom { .. })).collect();
+    assert!(
+        ooms.iter().all(|e| matches!(e, Event::TaskOom { container_id } if container_id == "c1")),
+        "an id the pod does not have was published: {ooms:?}"
+    );
+    let allowed = (started.elapsed().as_millis() / super::vm::OOM_EVENT_INTERVAL.as_millis()) as usize + 1;
+    assert!(ooms.len() <= allowed, "{} OOM events in {:?}: not rate-bounded", ooms.len(), started.elapsed());
+    agent.exit("c1", "c1", 137);
+    step(env.pod.process("c1", "").unwrap().wait()).await;
+    step(env.pod.delete("c1", "")).await.unwrap();
+    env.assert_nothing_held().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_killed_before_start_ends_there() {
     let env = Env::new();
     step(env.pod.create(env.request("c1", None, None))).await.unwrap();

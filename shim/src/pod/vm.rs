@@ -277,29 +277,45 @@ impl Pod {
         }
     }
 
-    /// Publishes OOM kills reported by the agent (and writes `<bundle>/oom` for CRI-O).
+    /// Publishes OOM kills reported by the agent (and writes `<bundle>/oom` for CRI-O). The guest
+    /// is not trusted: ids of containers this pod does not have are dropped, and answers are
+    /// taken at most every [`OOM_EVENT_INTERVAL`], so a guest answering in a tight loop cannot
+    /// flood the log or the event stream.
     fn spawn_oom_watch(self: &Arc<Self>, agent: Arc<dyn Agent>) {
         let pod = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut dropped = 0u64;
             // Ends when the VM is gone (the RPC fails) or the pod is dropped.
             while let Ok(id) = agent.get_oom_event().await {
+                let next = tokio::time::Instant::now() + OOM_EVENT_INTERVAL;
                 let Some(pod) = pod.upgrade() else { return };
-                if id.is_empty() {
-                    continue;
-                }
-                warn!(pod.log, "container OOM-killed in the guest"; "container" => &id);
-                if let Ok(c) = pod.container(&id) {
-                    if c.crio {
-                        if let Err(e) = std::fs::write(c.bundle.join("oom"), b"") {
-                            warn!(pod.log, "cannot write the oom file"; "container" => &id, "error" => %e);
+                match pod.container(&id) {
+                    Ok(c) => {
+                        warn!(pod.log, "container OOM-killed in the guest"; "container" => &id);
+                        if c.crio {
+                            if let Err(e) = std::fs::write(c.bundle.join("oom"), b"") {
+                                warn!(pod.log, "cannot write the oom file"; "container" => &id, "error" => %e);
+                            }
+                        }
+                        pod.publish(Event::TaskOom { container_id: id });
+                    }
+                    Err(_) => {
+                        dropped += 1;
+                        if dropped.is_power_of_two() {
+                            warn!(pod.log, "the agent reported OOM kills of containers this pod does not have; dropped";
+                                "container" => id.chars().take(80).collect::<String>(), "dropped" => dropped);
                         }
                     }
                 }
-                pod.publish(Event::TaskOom { container_id: id });
+                drop(pod);
+                tokio::time::sleep_until(next).await;
             }
         });
     }
 }
+
+/// The shortest time between two OOM answers the shim takes from the agent.
+pub(super) const OOM_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn remove_cgroup(log: &slog::Logger, cgroup: Option<SandboxCgroup>) {
     if let Some(Err(c)) = cgroup.map(SandboxCgroup::remove) {
