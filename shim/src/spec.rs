@@ -415,7 +415,8 @@ pub fn for_guest(
             for ns in nss.iter_mut() {
                 if let Some(p) = ns.path() {
                     warnings.push(format!(
-                        "namespace {:?} path {} is a host path; the guest creates its own",
+                        "namespace {:?} path {} is a host path: dropped (in the guest the container joins \
+                         the pod's namespaces or gets new ones)",
                         ns.typ(),
                         p.display()
                     ));

@@ -47,9 +47,9 @@ impl Drop for CreateGuard<'_> {
 }
 
 impl Containers {
-    /// CreateContainer: mounts the container's storages, writes the normalised bundle and
-    /// creates the container with its init process waiting for StartContainer. Output is
-    /// buffered from now on.
+    /// CreateContainer: mounts the container's storages, writes the bundle (the spec with the
+    /// agent's rules applied) and creates the container with its init process waiting for
+    /// StartContainer. Output is buffered from now on.
     pub async fn create_container(&self, req: &pb::CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
         if !spec::valid_id(id) {
