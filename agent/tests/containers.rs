@@ -243,7 +243,9 @@ fn code(e: &ttrpc::Error) -> (Code, String) {
     }
 }
 
-/// An OCI spec the way containerd writes one (runc's defaults), as the shim sends it.
+/// An OCI spec the way containerd writes one (runc's defaults), as the shim sends it (its
+/// rules applied: no AppArmor profile, no network namespace, a cgroup namespace; see the owner
+/// list in the agent's `container::spec`). `noNewPrivileges: false` arrives absent.
 fn spec(rootfs: &Path, args: &[&str], terminal: bool) -> agent_protocol::oci::Spec {
     let mut s = serde_json::to_value(libcontainer::oci_spec::runtime::Spec::default()).unwrap();
     s["root"] = json!({"path": rootfs, "readonly": true});
@@ -251,19 +253,15 @@ fn spec(rootfs: &Path, args: &[&str], terminal: bool) -> agent_protocol::oci::Sp
     s["process"]["terminal"] = json!(terminal);
     s["process"]["env"] = json!(["PATH=/bin"]);
     s["process"]["noNewPrivileges"] = json!(false);
-    s["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");
     s["mounts"]
         .as_array_mut()
         .unwrap()
         .push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}));
     let l = &mut s["linux"];
     l["cgroupsPath"] = json!("kubepods-besteffort-pod1.slice:cri-containerd:x");
-    l["namespaces"].as_array_mut().unwrap().push(json!({"type": "cgroup"}));
-    for n in l["namespaces"].as_array_mut().unwrap() {
-        if n["type"] == "network" {
-            n["path"] = json!("/var/run/netns/cni-does-not-exist");
-        }
-    }
+    let namespaces = l["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|n| n["type"] != "network");
+    namespaces.push(json!({"type": "cgroup"}));
     l["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
         "syscalls": [{"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]});
     let spec: libcontainer::oci_spec::runtime::Spec = serde_json::from_value(s).unwrap();
@@ -688,9 +686,10 @@ async fn containers_over_ttrpc() {
 const SHARED_NS: &str = "/run/kata-containers/sharedns";
 const POD_SHM: &str = "/run/kata-containers/sandbox/shm";
 
-/// A pod container's spec as containerd's CRI writes it (after the shim's rewrite): `/dev/shm`
-/// bound from the guest's pod tmpfs; `join` = the namespace paths of an app container (the
-/// pause container's, host paths), else the sandbox's own new namespaces.
+/// A pod container's spec as containerd's CRI writes it, after the shim's rules: `/dev/shm`
+/// bound from the guest's pod tmpfs, no namespace paths (the agent joins the pod's), no network
+/// namespace, a cgroup namespace; `join` = an app container, else the sandbox container (net
+/// sysctls, hostname, the infra container's oomScoreAdj).
 fn pod_spec(rootfs: &Path, args: &[&str], join: bool) -> agent_protocol::oci::Spec {
     let mut s = serde_json::to_value(libcontainer::oci_spec::runtime::Spec::default()).unwrap();
     s["root"] = json!({"path": rootfs, "readonly": true});
@@ -703,13 +702,7 @@ fn pod_spec(rootfs: &Path, args: &[&str], join: bool) -> agent_protocol::oci::Sp
     );
     let l = &mut s["linux"];
     l["cgroupsPath"] = json!("kubepods-besteffort-pod1.slice:cri-containerd:x");
-    l["namespaces"] = if join {
-        // (No cgroup entry: containerd on a cgroup v1 host.)
-        json!([{"type": "pid", "path": "/proc/999999/ns/pid"}, {"type": "ipc", "path": "/proc/999999/ns/ipc"},
-               {"type": "uts", "path": "/proc/999999/ns/uts"}, {"type": "mount"}, {"type": "network", "path": "/proc/999999/ns/net"}])
-    } else {
-        json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/var/run/netns/cni-x"}])
-    };
+    l["namespaces"] = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}]);
     if !join {
         // containerd 2.x (enable_unprivileged_ports/icmp) and CRI-O's infra container.
         l["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"});
@@ -878,7 +871,7 @@ async fn pod_shares_namespaces_and_shm() {
         assert_eq!((out, st), (format!("podhost\nipc:[{ipc_ino}]\nuts:[{uts_ino}]\n"), 0), "namespaces of {cid}");
     }
 
-    // a private cgroup namespace (added by the agent): the container's cgroup is its root
+    // a private cgroup namespace (added by the shim): the container's cgroup is its root
     // (v1 hierarchies of a hybrid host are listed too: only the v2 line counts.)
     let (cg, _) = run_in(&agent, "a", "cg", "cat /proc/self/cgroup").await;
     assert!(cg.lines().any(|l| l == "0::/"), "a's cgroup v2 path: {cg:?}");

@@ -18,18 +18,19 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use netlink::Netlink;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType};
+use netlink::text::{format_mac, is_kernel_route_dest, is_link_local};
+use netlink::{read, Netlink};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType, TcAttribute,
     TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key,
     TcU32Selector, TcU32SelectorFlags,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
 
 /// How the pod's network reaches the guest (Kata's `internetworking_model`, `[runtime]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -326,35 +327,10 @@ fn in_netns<T: Send>(
 }
 
 fn discover(ops: &mut Ops) -> Result<GuestNetwork, NetworkError> {
-    let dump = NLM_F_DUMP;
-    let links =
-        ops.nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), dump).map_err(ops.err("list links"))?;
-    let addrs = ops
-        .nl
-        .request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), dump)
-        .map_err(ops.err("list addresses"))?;
-    let routes =
-        ops.nl.request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), dump).map_err(ops.err("list routes"))?;
-    let neighs = ops
-        .nl
-        .request(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), dump)
-        .map_err(ops.err("list neighbours"))?;
-    let links: Vec<LinkMessage> = links
-        .into_iter()
-        .filter_map(|m| if let RouteNetlinkMessage::NewLink(l) = m { Some(l) } else { None })
-        .collect();
-    let addrs: Vec<AddressMessage> = addrs
-        .into_iter()
-        .filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None })
-        .collect();
-    let routes: Vec<RouteMessage> = routes
-        .into_iter()
-        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
-        .collect();
-    let neighs: Vec<NeighbourMessage> = neighs
-        .into_iter()
-        .filter_map(|m| if let RouteNetlinkMessage::NewNeighbour(n) = m { Some(n) } else { None })
-        .collect();
+    let links = ops.nl.links().map_err(ops.err("list links"))?;
+    let addrs = ops.nl.addresses().map_err(ops.err("list addresses"))?;
+    let routes = ops.nl.routes().map_err(ops.err("list routes"))?;
+    let neighs = ops.nl.neighbours().map_err(ops.err("list neighbours"))?;
     Ok(guest_network(&links, &addrs, &routes, &neighs))
 }
 
@@ -373,29 +349,15 @@ fn guest_network(
         if link.header.flags.contains(LinkFlags::Loopback) {
             continue;
         }
-        let mut ifc = NetInterface {
-            name: String::new(),
-            mac: String::new(),
-            mtu: 0,
-            addresses: Vec::new(),
-            kind: String::new(),
+        let fields = read::link(link);
+        let mac = fields.mac.filter(|m| m.len() == 6 && m.iter().any(|b| *b != 0));
+        let ifc = NetInterface {
+            name: fields.name,
+            mac: mac.as_deref().map(format_mac).unwrap_or_default(),
+            mtu: fields.mtu.unwrap_or(0),
+            addresses: addrs.iter().filter(|a| a.header.index == link.header.index).filter_map(address_of).collect(),
+            kind: fields.kind.unwrap_or_default(),
         };
-        for a in &link.attributes {
-            match a {
-                LinkAttribute::IfName(n) => ifc.name = n.clone(),
-                LinkAttribute::Address(m) if m.len() == 6 && m.iter().any(|b| *b != 0) => ifc.mac = format_mac(m),
-                LinkAttribute::Mtu(m) => ifc.mtu = *m,
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        if let LinkInfo::Kind(k) = i {
-                            ifc.kind = k.to_string();
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        ifc.addresses = addrs.iter().filter(|a| a.header.index == link.header.index).filter_map(address_of).collect();
         if ifc.name == "lo" || ifc.mac.is_empty() || ifc.addresses.is_empty() || ifc.name.ends_with("_kata") {
             continue;
         }
@@ -407,81 +369,32 @@ fn guest_network(
     GuestNetwork { interfaces, routes, neighbours }
 }
 
+/// An address of a pod interface; IPv6 link-local ones are left out (the guest makes its own).
 fn address_of(a: &AddressMessage) -> Option<IpNet> {
-    let mut addr = None;
-    for attr in &a.attributes {
-        match attr {
-            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on p2p links).
-            AddressAttribute::Local(ip) => addr = Some(*ip),
-            AddressAttribute::Address(ip) if addr.is_none() => addr = Some(*ip),
-            _ => {}
-        }
-    }
-    let addr = addr?;
-    if let IpAddr::V6(v6) = addr {
-        if v6.segments()[0] & 0xffc0 == 0xfe80 {
-            return None;
-        }
-    }
-    Some(IpNet { addr, prefix: a.header.prefix_len })
+    let (addr, prefix) = read::address(a)?;
+    (addr.is_ipv4() || !is_link_local(&addr)).then_some(IpNet { addr, prefix })
 }
 
+/// A main-table unicast route over a pod interface; IPv6 link-local and multicast routes are
+/// the guest kernel's own business.
 fn route_of(r: &RouteMessage, names: &std::collections::HashMap<u32, String>) -> Option<NetRoute> {
-    let mut table = u32::from(r.header.table);
-    let (mut dest, mut gateway, mut source, mut oif) = (None, None, None, None);
-    for a in &r.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dest = route_ip(d),
-            RouteAttribute::Gateway(g) => gateway = route_ip(g),
-            RouteAttribute::PrefSource(s) => source = route_ip(s),
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast {
+    let f = read::route(r);
+    if !f.is_main_unicast() || f.dest.is_some_and(|(ip, _)| ip.is_ipv6() && is_kernel_route_dest(&ip)) {
         return None;
     }
-    let device = names.get(&oif?)?.clone();
-    let ipv6 = r.header.address_family == AddressFamily::Inet6;
-    let dest = dest.map(|addr| IpNet { addr, prefix: r.header.destination_prefix_length });
-    if let Some(IpNet { addr: IpAddr::V6(v6), .. }) = dest {
-        // Link-local and multicast routes are the guest kernel's own business.
-        if v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] & 0xff00 == 0xff00 {
-            return None;
-        }
-    }
-    Some(NetRoute { dest, gateway, source, device, scope: r.header.scope.into(), ipv6, flags: r.header.flags.bits() })
+    let device = names.get(&f.oif?)?.clone();
+    let dest = f.dest.map(|(addr, prefix)| IpNet { addr, prefix });
+    Some(NetRoute { dest, gateway: f.gateway, source: f.source, device, scope: f.scope, ipv6: f.ipv6, flags: f.flags })
 }
 
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
+/// A permanent neighbour entry on a pod interface.
 fn neighbour_of(n: &NeighbourMessage, names: &std::collections::HashMap<u32, String>) -> Option<NetNeighbour> {
     if n.header.state != NeighbourState::Permanent {
         return None;
     }
     let device = names.get(&n.header.ifindex)?.clone();
-    let (mut ip, mut mac) = (None, None);
-    for a in &n.attributes {
-        match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
-            NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => mac = Some(format_mac(m)),
-            _ => {}
-        }
-    }
-    Some(NetNeighbour { ip: ip?, mac: mac?, device, state: n.header.state.into(), flags: n.header.flags.bits() })
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    let (ip, mac) = read::neighbour(n).filter(|(_, mac)| mac.len() == 6)?;
+    Some(NetNeighbour { ip, mac: format_mac(&mac), device, state: n.header.state.into(), flags: n.header.flags.bits() })
 }
 
 /// Creates the tap for `ifc`, brings it up with the veth's MTU, and adds the two redirects.
@@ -620,8 +533,10 @@ fn open_tap(name: &str) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-    use netlink_packet_route::neighbour::NeighbourFlags;
-    use netlink_packet_route::route::RouteScope;
+    use netlink_packet_route::address::AddressAttribute;
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags};
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope, RouteType};
+    use netlink_packet_route::AddressFamily;
     use std::collections::HashMap;
 
     fn link(index: u32, name: &str, mac: &[u8], loopback: bool) -> LinkMessage {

@@ -1,14 +1,22 @@
 //! A blocking NETLINK_ROUTE socket with request/answer matching: the one piece the shim's pod
 //! network setup (host side, inside the pod netns) and the agent's guest network RPCs share.
-//! Messages are built and parsed with `netlink-packet-route`.
+//! Messages are built and parsed with `netlink-packet-route`; [`read`] takes the fields both
+//! sides use out of them, [`text`] parses and formats addresses as Kata's agent API carries them.
 
 #![deny(missing_docs)]
+
+pub mod read;
+pub mod text;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 pub use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::link::LinkMessage;
+use netlink_packet_route::neighbour::NeighbourMessage;
+use netlink_packet_route::route::RouteMessage;
 pub use netlink_packet_route::RouteNetlinkMessage;
 
 /// A blocking NETLINK_ROUTE socket, in the network namespace of the thread that opened it.
@@ -70,16 +78,53 @@ impl Netlink {
     }
 }
 
+/// Dumps of one kind of object: a `Get*` request with `NLM_F_DUMP`, keeping the answers of
+/// the matching `New*` kind.
+macro_rules! dump {
+    ($(#[$doc:meta])* $name:ident, $get:ident, $new:ident, $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(&mut self) -> io::Result<Vec<$ty>> {
+            let all = self.request(RouteNetlinkMessage::$get(<$ty>::default()), NLM_F_DUMP)?;
+            Ok(all.into_iter().filter_map(|m| if let RouteNetlinkMessage::$new(x) = m { Some(x) } else { None }).collect())
+        }
+    };
+}
+
+impl Netlink {
+    dump!(
+        /// Every link (`ip link`).
+        links, GetLink, NewLink, LinkMessage
+    );
+    dump!(
+        /// Every address (`ip addr`).
+        addresses, GetAddress, NewAddress, AddressMessage
+    );
+    dump!(
+        /// Every route of every table (`ip route show table all`).
+        routes, GetRoute, NewRoute, RouteMessage
+    );
+    dump!(
+        /// Every neighbour entry (`ip neigh`).
+        neighbours, GetNeighbour, NewNeighbour, NeighbourMessage
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_route::link::LinkMessage;
 
-    /// A dump of this network namespace's links includes `lo`.
+    /// Dumps of this network namespace: `lo` is there with 127.0.0.1/8 and its local route.
     #[test]
-    fn dumps_links() {
+    fn dumps_links_addresses_and_routes() {
         let mut nl = Netlink::open().unwrap();
-        let links = nl.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP).unwrap();
-        assert!(!links.is_empty());
+        let links = nl.links().unwrap();
+        let lo = links.iter().find(|l| read::link(l).name == "lo").expect("lo is listed");
+        let addrs = nl.addresses().unwrap();
+        let lo_addrs: Vec<_> =
+            addrs.iter().filter(|a| a.header.index == lo.header.index).filter_map(read::address).collect();
+        assert!(lo_addrs.contains(&("127.0.0.1".parse().unwrap(), 8)), "{lo_addrs:?}");
+        let routes = nl.routes().unwrap();
+        assert!(routes.iter().any(|r| read::route(r).oif == Some(lo.header.index)), "a route via lo (local table)");
+        nl.neighbours().unwrap();
     }
 }

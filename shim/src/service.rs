@@ -122,7 +122,7 @@ fn proto_status(s: Status) -> api::Status {
 fn exec_process(any: &Any) -> Result<agent_protocol::oci::Process, ttrpc::Error> {
     let mut process: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
         .map_err(|e| invalid(format!("exec spec ({}) is not an OCI process: {e}", any.type_url)))?;
-    crate::spec::ensure_path(&mut process);
+    crate::spec::process_for_guest(&mut process);
     let mut spec = oci_spec::runtime::Spec::default();
     spec.set_process(Some(process));
     Ok(agent_protocol::convert::spec_to_grpc(&spec).Process.take().unwrap_or_default())

@@ -1,10 +1,44 @@
-//! Turning the host's OCI spec (`<bundle>/config.json`) into the spec the guest runs: the
-//! rootfs and every host bind-mount source are replaced by their paths on the virtio-fs share,
-//! host namespace paths are dropped (they mean nothing in the guest), and host hooks are dropped.
+//! Turning the host's OCI spec (`<bundle>/config.json`) into the spec the guest runs, on typed
+//! `oci-spec` values: the shim decides everything about the guest spec that does not need the
+//! guest; the agent adds only what the guest alone knows.
+//!
+//! # Who owns which rule
+//!
+//! Every rule that turns a host's OCI spec into the spec run in the guest has exactly one
+//! owner. The same list is in the docs of the agent's `container::spec` module.
+//!
+//! Shim (this module: [`for_guest`], [`process_for_guest`], [`take_block_devices`]):
+//! * `root.path` → the rootfs's path on the virtio-fs share; bind sources → their share paths;
+//!   the mounts below a plain `ro` bind → binds of their own with their own flag;
+//! * the pod's `/dev/shm` → the guest's pod tmpfs ([`GUEST_SHM`]); memory-backed emptyDirs →
+//!   guest tmpfs ([`GUEST_EPHEMERAL`]);
+//! * block devices (`linux.devices` of type `b`) taken out: they are hot-plugged;
+//! * namespaces: host paths dropped (they mean nothing in the guest), the `network` entry
+//!   removed (the pod network is the VM's: containers share it), a `cgroup` entry added when
+//!   missing (cgroup v2's default: the container sees its own cgroup on /sys/fs/cgroup);
+//! * OCI hooks removed (host programs); AppArmor profile, SELinux labels and Intel RDT removed
+//!   (the VM has none of them);
+//! * an empty `ociVersion` becomes `1.0.2` (libcontainer runs 1.x specs only);
+//! * cgroup-v1-only memory settings (`kernel`, `kernelTCP`, `swappiness`) removed: the guest is
+//!   cgroup v2;
+//! * process (of the spec and of every exec): `PATH` ([`DEFAULT_PATH`]) set when missing, empty
+//!   `cwd` → `/`.
+//!
+//! `agent_protocol::convert` (the protobuf has no presence): `noNewPrivileges: false` and
+//! zero realtime CPU settings arrive as absent (libcontainer 0.7 would skip seccomp with an
+//! explicit `false`).
+//!
+//! Agent (guest-local facts): `linux.cgroupsPath` in the guest's tree; joining the pod's
+//! `ipc`/`uts` namespaces (entries added when missing) and the sandbox container's `pid`
+//! namespace; `rootfsPropagation` in libcontainer's words; `net.*` sysctls applied to the
+//! guest's network namespace; propagated bind sources made shared mounts; `HOME` from the
+//! guest rootfs's `/etc/passwd`; the hot-plugged block devices' guest nodes and allow rules.
+//! The agent also rejects what it cannot run (missing rootfs or bind source in the guest,
+//! empty args, relative cwd, a namespace path from the host, unknown propagation).
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 
 /// Why a spec cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -314,8 +348,9 @@ pub fn host_binds(spec: &Spec) -> Result<Vec<HostBind>, SpecError> {
     Ok(out)
 }
 
-/// Rewrites `spec` for the guest: `guest_root` as rootfs, `guest_sources[i]` as the source of
-/// `binds[i]`, no namespace paths, no hooks. Returns warnings for what was dropped.
+/// Applies the shim's rules (see the module docs) to `spec`: `guest_root` as rootfs,
+/// `guest_sources[i]` as the source of `binds[i]`, and the rest of the list. Returns warnings
+/// for what was dropped that a user may have meant (namespace paths, hooks).
 pub fn for_guest(
     mut spec: Spec,
     guest_root: &str,
@@ -370,12 +405,18 @@ pub fn for_guest(
             }
         }
     }
+    if spec.version().is_empty() {
+        spec.set_version("1.0.2".into());
+    }
     if let Some(linux) = spec.linux_mut() {
         if let Some(nss) = linux.namespaces_mut() {
+            // The pod's network lives in the VM: containers share the guest's.
+            nss.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in nss.iter_mut() {
                 if let Some(p) = ns.path() {
                     warnings.push(format!(
-                        "namespace {:?} path {} is a host path; the guest creates its own",
+                        "namespace {:?} path {} is a host path: dropped (in the guest the container joins \
+                         the pod's namespaces or gets new ones)",
                         ns.typ(),
                         p.display()
                     ));
@@ -383,9 +424,21 @@ pub fn for_guest(
                 }
             }
         }
+        let nss = linux.namespaces_mut().get_or_insert_with(Vec::new);
+        if !nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
+            // The guest is cgroup v2 only, where a private cgroup namespace is the default
+            // (containerd and Docker on v2 hosts); a v1 host's spec has no entry.
+            let mut ns = LinuxNamespace::default();
+            ns.set_typ(LinuxNamespaceType::Cgroup);
+            nss.push(ns);
+        }
+        linux.set_mount_label(None).set_intel_rdt(None);
+        if let Some(memory) = linux.resources_mut().as_mut().and_then(|r| r.memory_mut().as_mut()) {
+            memory.set_kernel(None).set_kernel_tcp(None).set_swappiness(None);
+        }
     }
     if let Some(p) = spec.process_mut() {
-        ensure_path(p);
+        process_for_guest(p);
     }
     if spec.hooks().is_some() {
         warnings.push("OCI hooks are not run (they are host programs and the container runs in a VM)".into());
@@ -398,13 +451,19 @@ pub fn for_guest(
 /// --rootfs`), so that a bare command is found as `execvp` would.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Adds [`DEFAULT_PATH`] to a process environment without `PATH`.
-pub fn ensure_path(p: &mut oci_spec::runtime::Process) {
+/// The shim's rules for a process, of the spec or of an exec (see the module docs):
+/// [`DEFAULT_PATH`] when the environment has no `PATH`, `/` for an empty `cwd`, no AppArmor
+/// profile or SELinux label.
+pub fn process_for_guest(p: &mut oci_spec::runtime::Process) {
     let mut env = p.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(DEFAULT_PATH.to_string());
         p.set_env(Some(env));
     }
+    if p.cwd().as_os_str().is_empty() {
+        p.set_cwd(PathBuf::from("/"));
+    }
+    p.set_apparmor_profile(None).set_selinux_label(None);
 }
 
 #[cfg(test)]
@@ -451,11 +510,78 @@ mod tests {
         assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
         assert_eq!(m[1].source().as_deref(), Some(Path::new("/run/g/m1")));
         assert_eq!(m[2].source().as_deref(), Some(Path::new("/run/g/m2")));
-        assert!(g.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
         assert!(g.hooks().is_none());
-        assert!(g.process().as_ref().unwrap().env().as_ref().unwrap().contains(&DEFAULT_PATH.to_string()));
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// Every rule of the shim that does not touch mounts, on one spec as containerd's CRI
+    /// writes it for an app container on a cgroup v1 host with AppArmor and SELinux.
+    #[test]
+    fn host_only_settings_are_dropped_and_defaults_set() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "",
+            "process": {"args": ["sh"], "cwd": "", "env": ["A=1"], "user": {"uid": 0, "gid": 0},
+                        "apparmorProfile": "cri-containerd.apparmor.d", "selinuxLabel": "system_u:system_r:container_t:s0",
+                        "noNewPrivileges": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "linux": {
+                "namespaces": [{"type": "pid", "path": "/proc/7/ns/pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
+                               {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "mount"}],
+                "mountLabel": "system_u:object_r:container_file_t:s0",
+                "intelRdt": {"l3CacheSchema": "L3:0=ffff0"},
+                "resources": {"memory": {"limit": 1000000, "swappiness": 60, "kernel": 5, "kernelTCP": 6},
+                              "cpu": {"shares": 2}}
+            }
+        }));
+        let (g, warnings) = for_guest(s, "/r", &[], &[]);
+        let g = serde_json::to_value(&g).unwrap();
+        assert_eq!(g["ociVersion"], "1.0.2");
+        assert!(g.get("hooks").is_none());
+        assert_eq!(
+            g["linux"]["namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}, {"type": "cgroup"}]),
+            "host paths dropped, no network namespace, a cgroup namespace"
+        );
+        for gone in ["mountLabel", "intelRdt"] {
+            assert!(g["linux"].get(gone).is_none(), "{gone}: {g}");
+        }
+        assert_eq!(g["linux"]["resources"], serde_json::json!({"memory": {"limit": 1000000}, "cpu": {"shares": 2}}));
+        let p = &g["process"];
+        assert_eq!(p["env"], serde_json::json!(["A=1", DEFAULT_PATH]));
+        assert_eq!(p["cwd"], "/");
+        assert!(p.get("apparmorProfile").is_none() && p.get("selinuxLabel").is_none(), "{p}");
+        assert_eq!(p["noNewPrivileges"], true);
+        assert_eq!(warnings.len(), 3, "two namespace paths and the hooks: {warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("/proc/7/ns/ipc")), "{warnings:?}");
+
+        // A spec that has its own PATH, cwd and cgroup namespace keeps them.
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.1.0",
+            "process": {"args": ["sh"], "cwd": "/srv", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
+            "linux": {"namespaces": [{"type": "cgroup"}, {"type": "mount"}]}
+        }));
+        let (g, warnings) = for_guest(s, "/r", &[], &[]);
+        let g = serde_json::to_value(&g).unwrap();
+        assert_eq!(g["ociVersion"], "1.1.0");
+        assert_eq!(g["process"]["env"], serde_json::json!(["PATH=/bin"]));
+        assert_eq!(g["process"]["cwd"], "/srv");
+        assert_eq!(g["linux"]["namespaces"], serde_json::json!([{"type": "cgroup"}, {"type": "mount"}]));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    /// An exec's process gets the same process rules as the spec's.
+    #[test]
+    fn exec_processes_get_the_process_rules() {
+        let mut p: oci_spec::runtime::Process = serde_json::from_value(serde_json::json!({
+            "args": ["ls"], "cwd": "", "user": {"uid": 0, "gid": 0}, "apparmorProfile": "cri-containerd.apparmor.d",
+            "selinuxLabel": "system_u:system_r:container_t:s0"
+        }))
+        .unwrap();
+        process_for_guest(&mut p);
+        assert_eq!(p.env().as_deref(), Some(&[DEFAULT_PATH.to_string()][..]));
+        assert_eq!(p.cwd(), Path::new("/"));
+        assert!(p.apparmor_profile().is_none() && p.selinux_label().is_none());
     }
 
     /// A plain read-only bind with a writable tmpfs below it on the host: the tmpfs becomes a

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_protocol::agent as pb;
-use serde_json::{json, Value};
+use libcontainer::oci_spec::runtime::{
+    LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxResources, Spec,
+};
 
 /// How long a hot-plugged disk may take to appear.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -173,34 +175,36 @@ pub fn check(d: &pb::Device, index: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Adds the block device node and its allow rule to the spec (as JSON). An existing
-/// `linux.devices` entry for the same container path is replaced.
-pub fn add_to_spec(spec: &mut Value, container_path: &str, dev: &BlockDevice) {
-    if !spec.is_object() {
-        return;
-    }
-    let linux = member(spec, "linux", json!({}));
-    let node = json!({
-        "path": container_path, "type": "b", "major": dev.major, "minor": dev.minor,
-        "fileMode": 0o660, "uid": 0, "gid": 0,
-    });
-    let devices = member(linux, "devices", json!([])).as_array_mut().expect("made an array");
-    devices.retain(|d| d.get("path").and_then(Value::as_str) != Some(container_path));
+/// Adds the block device node (the guest's major:minor) and its allow rule to the spec. An
+/// existing `linux.devices` entry for the same container path is replaced. (An agent rule; see
+/// the owner list in [`super::spec`].)
+pub fn add_to_spec(spec: &mut Spec, container_path: &str, dev: &BlockDevice) -> Result<(), String> {
+    let linux = spec.linux_mut().as_mut().ok_or("OCI.Linux: missing")?;
+    let (major, minor) = (dev.major as i64, dev.minor as i64);
+    let node = LinuxDeviceBuilder::default()
+        .path(container_path)
+        .typ(LinuxDeviceType::B)
+        .major(major)
+        .minor(minor)
+        .file_mode(0o660u32)
+        .uid(0u32)
+        .gid(0u32)
+        .build()
+        .map_err(|e| format!("device node {container_path}: {e}"))?;
+    let devices = linux.devices_mut().get_or_insert_with(Vec::new);
+    devices.retain(|d| d.path() != Path::new(container_path));
     devices.push(node);
-    let resources = member(linux, "resources", json!({}));
-    let rules = member(resources, "devices", json!([])).as_array_mut().expect("made an array");
-    rules.push(json!({"allow": true, "type": "b", "major": dev.major, "minor": dev.minor, "access": "rwm"}));
-}
-
-/// `object[key]`, set to `empty` first when it is missing or not of `empty`'s JSON type.
-/// `object` must be a JSON object.
-fn member<'a>(object: &'a mut Value, key: &str, empty: Value) -> &'a mut Value {
-    let same_type = |v: &Value| v.is_object() == empty.is_object() && v.is_array() == empty.is_array();
-    let entry = object.as_object_mut().expect("a JSON object").entry(key).or_insert_with(|| empty.clone());
-    if !same_type(entry) {
-        *entry = empty;
-    }
-    entry
+    let rule = LinuxDeviceCgroupBuilder::default()
+        .allow(true)
+        .typ(LinuxDeviceType::B)
+        .major(major)
+        .minor(minor)
+        .access("rwm")
+        .build()
+        .map_err(|e| format!("device rule {container_path}: {e}"))?;
+    let resources = linux.resources_mut().get_or_insert_with(LinuxResources::default);
+    resources.devices_mut().get_or_insert_with(Vec::new).push(rule);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -315,27 +319,30 @@ mod tests {
 
     #[test]
     fn spec_gets_the_node_and_an_allow_rule() {
-        let mut spec = json!({"linux": {
+        use serde_json::json;
+        let typed = |v: serde_json::Value| -> Spec { serde_json::from_value(v).unwrap() };
+        let mut spec = typed(json!({"ociVersion": "1.0.2", "linux": {
             "devices": [{"path": "/dev/xvda", "type": "b", "major": 8, "minor": 0}, {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
             "resources": {"devices": [{"allow": false, "access": "rwm"}]}
-        }});
-        add_to_spec(&mut spec, "/dev/xvda", &BlockDevice { name: "vda".into(), major: 254, minor: 16 });
+        }}));
+        add_to_spec(&mut spec, "/dev/xvda", &BlockDevice { name: "vda".into(), major: 254, minor: 16 }).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(
-            spec["linux"]["devices"],
+            v["linux"]["devices"],
             json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
                    {"path": "/dev/xvda", "type": "b", "major": 254, "minor": 16, "fileMode": 0o660, "uid": 0, "gid": 0}])
         );
         assert_eq!(
-            spec["linux"]["resources"]["devices"],
+            v["linux"]["resources"]["devices"],
             json!([{"allow": false, "access": "rwm"}, {"allow": true, "type": "b", "major": 254, "minor": 16, "access": "rwm"}])
         );
-        let mut bare = json!({});
-        add_to_spec(&mut bare, "/dev/b", &BlockDevice { name: "vdb".into(), major: 254, minor: 0 });
-        assert_eq!(bare["linux"]["devices"][0]["path"], "/dev/b");
-        assert_eq!(bare["linux"]["resources"]["devices"][0]["allow"], true);
-        let mut odd = json!({"linux": {"devices": null, "resources": 3}});
-        add_to_spec(&mut odd, "/dev/c", &BlockDevice { name: "vdc".into(), major: 254, minor: 32 });
-        assert_eq!(odd["linux"]["devices"][0]["path"], "/dev/c", "a null devices list is replaced");
-        assert_eq!(odd["linux"]["resources"]["devices"][0]["minor"], 32, "a non-object resources is replaced");
+        let mut bare = typed(json!({"ociVersion": "1.0.2", "linux": {}}));
+        add_to_spec(&mut bare, "/dev/b", &BlockDevice { name: "vdb".into(), major: 254, minor: 0 }).unwrap();
+        let v = serde_json::to_value(&bare).unwrap();
+        assert_eq!(v["linux"]["devices"][0]["path"], "/dev/b");
+        assert_eq!(v["linux"]["resources"]["devices"][0]["allow"], true);
+        let mut none = typed(json!({"ociVersion": "1.0.2"}));
+        let e = add_to_spec(&mut none, "/dev/c", &BlockDevice { name: "vdc".into(), major: 254, minor: 32 });
+        assert_eq!(e, Err("OCI.Linux: missing".to_string()));
     }
 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{agent as pb, convert};
+use libcontainer::oci_spec::runtime::Process;
 use nix::sys::signal::Signal;
-use serde_json::Value;
 use slog::{info, warn};
 use ttrpc::Code;
 
@@ -47,9 +47,9 @@ impl Drop for CreateGuard<'_> {
 }
 
 impl Containers {
-    /// CreateContainer: mounts the container's storages, writes the normalised bundle and
-    /// creates the container with its init process waiting for StartContainer. Output is
-    /// buffered from now on.
+    /// CreateContainer: mounts the container's storages, writes the bundle (the spec with the
+    /// agent's rules applied) and creates the container with its init process waiting for
+    /// StartContainer. Output is buffered from now on.
     pub async fn create_container(&self, req: &pb::CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
         if !spec::valid_id(id) {
@@ -76,11 +76,9 @@ impl Containers {
         guard.storages =
             sandbox::mount_storages(&req.storages).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
 
-        let converted = convert::spec_from_grpc(oci).map_err(|e| Error::invalid(format!("container {id}: OCI.{e}")))?;
-        let mut json = serde_json::to_value(&converted)
-            .map_err(|e| Error::internal(format!("container {id}: encode spec: {e}")))?;
+        let mut oci = convert::spec_from_grpc(oci).map_err(|e| Error::invalid(format!("container {id}: OCI.{e}")))?;
         let cgroup_rel = spec::cgroup_path(&self.sandbox_id(), id);
-        let facts = spec::normalize(&mut json, &cgroup_rel, &join, &Self::path_exists)
+        let facts = spec::normalize(&mut oci, &cgroup_rel, &join, &Self::path_exists)
             .map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         for note in &facts.notes {
             info!(self.log, "spec adjusted for the guest"; "container_id" => id, "change" => note);
@@ -97,14 +95,15 @@ impl Containers {
                 .map_err(|e| Error::new(Code::DEADLINE_EXCEEDED, e))?;
             info!(self.log, "block device found"; "container_id" => id, "device_id" => &d.id, "pci_path" => &d.vm_path,
                   "guest_device" => format!("/dev/{} ({}:{})", found.name, found.major, found.minor), "container_path" => &d.container_path);
-            device::add_to_spec(&mut json, &d.container_path, &found);
+            device::add_to_spec(&mut oci, &d.container_path, &found)
+                .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
         }
-        let rootfs = PathBuf::from(json["root"]["path"].as_str().unwrap_or("/"));
-        let console = console_size(&json["process"]);
+        let rootfs = oci.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("/"));
+        let console = oci.process().as_ref().and_then(console_size);
         let bundle = self.bundle_dir(id);
         let _ = std::fs::remove_dir_all(&bundle);
         guard.bundle = Some(bundle.clone());
-        write_json(&bundle.join("config.json"), &json).map_err(|e| Error::internal(format!("container {id}: {e}")))?;
+        write_json(&bundle.join("config.json"), &oci).map_err(|e| Error::internal(format!("container {id}: {e}")))?;
 
         let cg = cgroup::Cgroup::new(&self.cgroup_root, &cgroup_rel);
         guard.cgroup = Some(cgroup_rel.clone());
@@ -224,15 +223,13 @@ impl Containers {
         process: &agent_protocol::oci::Process,
     ) -> Result<()> {
         let id = c.id.as_str();
-        let wrapper = agent_protocol::oci::Spec { Process: Some(process.clone()).into(), ..Default::default() };
-        let converted = convert::spec_from_grpc(&wrapper).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
-        let mut pjson =
-            serde_json::to_value(converted.process()).map_err(|e| Error::internal(format!("{what}: {e}")))?;
-        let terminal = spec::normalize_process(&mut pjson, &c.rootfs, "process")
+        let mut process =
+            convert::process_from_grpc(process).map_err(|e| Error::invalid(format!("{what}: Process.{e}")))?;
+        let terminal = spec::normalize_process(&mut process, &c.rootfs, "process")
             .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
         let file = c.bundle.join(format!("exec-{}.json", self.next()));
-        write_json(&file, &pjson).map_err(|e| Error::internal(format!("{what}: {e}")))?;
-        let console = console_size(&pjson);
+        write_json(&file, &process).map_err(|e| Error::internal(format!("{what}: {e}")))?;
+        let console = console_size(&process);
         let op_file = file.clone();
         let spawned = self
             .spawn_process(id, exec_id, terminal, console, |console_socket| Op::Exec {
@@ -430,12 +427,12 @@ impl Containers {
 }
 
 /// `process.consoleSize` as (rows, columns).
-fn console_size(process: &Value) -> Option<(u32, u32)> {
-    let b = process.get("consoleSize")?;
-    Some((b.get("height")?.as_u64()? as u32, b.get("width")?.as_u64()? as u32))
+fn console_size(process: &Process) -> Option<(u32, u32)> {
+    let b = process.console_size()?;
+    Some((u32::try_from(b.height()).ok()?, u32::try_from(b.width()).ok()?))
 }
 
-fn write_json(path: &Path, value: &Value) -> std::result::Result<(), String> {
+fn write_json(path: &Path, value: &impl serde::Serialize) -> std::result::Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     }
@@ -450,7 +447,9 @@ mod tests {
 
     #[test]
     fn console_size_is_rows_and_columns() {
-        assert_eq!(console_size(&json!({"consoleSize": {"height": 24, "width": 80}})), Some((24, 80)));
-        assert_eq!(console_size(&json!({})), None);
+        let p = |v| serde_json::from_value::<Process>(v).unwrap();
+        let sized = p(json!({"cwd": "/", "user": {"uid": 0, "gid": 0}, "consoleSize": {"height": 24, "width": 80}}));
+        assert_eq!(console_size(&sized), Some((24, 80)));
+        assert_eq!(console_size(&p(json!({"cwd": "/", "user": {"uid": 0, "gid": 0}}))), None);
     }
 }

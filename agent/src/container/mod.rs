@@ -5,10 +5,11 @@
 //! * [`reaper`]: the only place that waits for children.
 //! * [`process`]: one process (init or exec): stdio buffers, signal, wait.
 //! * [`lifecycle`]: create / start / exec / pause / resume / remove.
-//! * [`spec`], [`cgroup`]: spec normalisation, cgroup paths, stats, limits.
+//! * [`spec`], [`cgroup`]: the guest-local facts applied to the spec (the rule-owner list),
+//!   cgroup paths, stats, limits.
 //!
 //! Layout on the guest's tmpfs (`run_dir`, `/run/podvisor` in the guest): `containers/` is
-//! libcontainer's state, `bundles/<id>/config.json` the normalised spec, `console/` the
+//! libcontainer's state, `bundles/<id>/config.json` the spec as run, `console/` the
 //! console sockets of terminals being set up. Cgroups live at `/podvisor/<sandbox>/<id>`.
 //!
 //! A pod: CreateSandbox makes the shared IPC/UTS namespaces and `/dev/shm` (see

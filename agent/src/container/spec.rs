@@ -1,30 +1,55 @@
-//! Turning the spec the host sent into one libcontainer can run in the guest.
+//! What the agent applies to the spec the shim sent before libcontainer runs it: only facts
+//! the guest alone knows, on the typed [`Spec`] that `agent_protocol::convert` makes (no JSON
+//! editing, one conversion).
 //!
-//! The spec arrives as protobuf (`oci::Spec`), is converted by `agent_protocol::convert`, and is
-//! then adjusted here as JSON (the `config.json` of the bundle):
+//! # Who owns which rule
 //!
-//! * `linux.cgroupsPath` is the host's (`/default/<id>`, `kubepods-...:cri-containerd:<id>`):
-//!   it is replaced by [`cgroup_path`], an absolute path under `/podvisor/<sandbox>/`.
-//! * namespaces ([`Join`]): the `network` namespace is removed altogether, so containers share
-//!   the guest's network (the pod network lives in the VM, as with Kata). `ipc` and `uts` join
-//!   the pod's shared namespaces (entries added when missing) once CreateSandbox made them.
-//!   A `pid` entry joins the sandbox container's pid namespace when the pod shares one, else it
-//!   is a new namespace (host paths mean nothing here). Other namespace paths that do not exist
-//!   in the guest are dropped (a new namespace is created). A `cgroup` namespace is added when
-//!   missing (cgroup v2's default: the container sees its own cgroup on /sys/fs/cgroup).
-//! * `net.*` sysctls are taken out of the spec (libcontainer refuses them without a network
-//!   namespace of the container's own) and returned in [`Facts`]: the agent applies them to the
-//!   guest's network namespace, which is the pod's (as Kata does).
-//! * OCI hooks are host programs (Kata runs them on the host): removed.
-//! * `noNewPrivileges: false` is removed (libcontainer 0.7 would skip seccomp with it);
-//!   AppArmor and SELinux labels are removed (the guest has neither).
-//! * `PATH` (containerd's default) and `HOME` (from the rootfs's `/etc/passwd`, else `/`) are set
-//!   when missing; `cwd` defaults to `/`.
-//! * v1-only memory and realtime CPU settings that cgroup v2 rejects are removed.
+//! Every rule that turns a host's OCI spec into the spec run in the guest has exactly one
+//! owner. The same list is in the docs of the shim's `spec` module.
+//!
+//! Shim (`shim/src/spec.rs`, `for_guest` / `process_for_guest`, on the host's typed spec):
+//! * `root.path` → the rootfs's path on the virtio-fs share; bind sources → their share paths;
+//!   the mounts below a plain `ro` bind → binds of their own with their own flag;
+//! * the pod's `/dev/shm` → the guest's pod tmpfs; memory-backed emptyDirs → guest tmpfs;
+//! * block devices (`linux.devices` of type `b`) taken out: they are hot-plugged;
+//! * namespaces: host paths dropped, the `network` entry removed (the pod network is the VM's),
+//!   a `cgroup` entry added when missing (cgroup v2's default);
+//! * OCI hooks removed (host programs); AppArmor profile, SELinux labels and Intel RDT removed
+//!   (the VM has none of them);
+//! * an empty `ociVersion` becomes `1.0.2` (libcontainer runs 1.x specs only);
+//! * cgroup-v1-only memory settings (`kernel`, `kernelTCP`, `swappiness`) removed: the guest is
+//!   cgroup v2;
+//! * process (of the spec and of every exec): `PATH` set when missing, empty `cwd` → `/`.
+//!
+//! `agent_protocol::convert` (the protobuf has no presence): `noNewPrivileges: false` and
+//! zero realtime CPU settings arrive as absent (libcontainer 0.7 would skip seccomp with an
+//! explicit `false`).
+//!
+//! Agent (this module; guest-local facts):
+//! * `linux.cgroupsPath` → [`cgroup_path`], `/podvisor/<sandbox>/<id>` in the guest's tree;
+//! * `ipc` and `uts` join the pod's namespaces made by CreateSandbox (entries added when
+//!   missing); a `pid` entry joins the sandbox container's pid namespace when the pod shares
+//!   one ([`Join`]), else it is new ([`Facts::own_pid_ns`]);
+//! * `rootfsPropagation` in libcontainer 0.7's words (`rshared` → `shared`, ...);
+//! * `net.*` sysctls taken out (libcontainer refuses them without a network namespace of the
+//!   container's own) and returned in [`Facts`]: the agent writes them to the guest's network
+//!   namespace, which is the pod's (as Kata does);
+//! * bind sources with shared or slave propagation listed in [`Facts::propagated_sources`]
+//!   (made shared mounts in the guest);
+//! * `HOME` from the guest rootfs's `/etc/passwd` (else `/`) when missing, for the spec's
+//!   process and every exec;
+//! * hot-plugged block devices: the guest's node (its own major:minor) and an allow rule
+//!   (`device::add_to_spec`).
+//!
+//! Checks the agent keeps (sane rejection, errors name the field): `root.path` absolute and
+//! present in the guest, bind sources present in the guest, `process.args` not empty, `cwd`
+//! absolute, `linux` present, no namespace path from the host (the shim drops them; the agent
+//! joins only the pod's), `rootfsPropagation` a known mode, sysctl keys inside `/proc/sys`,
+//! ids safe as file names.
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use libcontainer::oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Process, Spec};
 
 /// The guest cgroup (relative to the cgroup2 mount) of a container: `/podvisor/<sandbox>/<id>`.
 pub fn cgroup_path(sandbox_id: &str, container_id: &str) -> PathBuf {
@@ -42,13 +67,13 @@ pub fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-/// What normalisation learned about the spec.
+/// What the agent learned about the spec while applying its rules.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Facts {
     /// The container has its own pid namespace (killing init kills everything in it).
     pub own_pid_ns: bool,
     pub terminal: bool,
-    /// Changes worth a log line (dropped namespace paths, hooks, ...).
+    /// Changes worth a log line (namespaces joined, ...).
     pub notes: Vec<String>,
     /// `net.*` sysctls taken out of the spec, for the guest's network namespace.
     pub net_sysctls: Vec<(String, String)>,
@@ -68,56 +93,54 @@ pub struct Join {
     pub pid: Option<PathBuf>,
 }
 
-/// Adjusts a runtime spec (as JSON) for libcontainer in the guest; see the module docs.
+fn is_bind(typ: Option<&str>, options: &[String]) -> bool {
+    typ == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// Applies the agent's rules (see the module docs) to the spec the shim sent.
 /// `exists` answers whether a guest path exists (a parameter for tests). Errors name the field.
 pub fn normalize(
-    spec: &mut Value,
+    spec: &mut Spec,
     cgroups_path: &Path,
     join: &Join,
     exists: &dyn Fn(&Path) -> bool,
 ) -> Result<Facts, String> {
     let mut facts = Facts::default();
-    let obj = spec.as_object_mut().ok_or("OCI: not an object")?;
-    if obj.get("ociVersion").and_then(Value::as_str).unwrap_or("").is_empty() {
-        obj.insert("ociVersion".into(), json!("1.0.2"));
-    }
-    let root = obj.get("root").and_then(|r| r.get("path")).and_then(Value::as_str).unwrap_or("").to_string();
-    if root.is_empty() {
+    let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
+    if root.as_os_str().is_empty() {
         return Err("OCI.Root.Path: missing".into());
     }
-    if !root.starts_with('/') {
+    if !root.is_absolute() {
         return Err(format!("OCI.Root.Path: {root:?} is not an absolute guest path"));
     }
-    if !exists(Path::new(&root)) {
-        return Err(format!("OCI.Root.Path: {root} does not exist in the guest (is the rootfs shared?)"));
+    if !exists(&root) {
+        return Err(format!("OCI.Root.Path: {} does not exist in the guest (is the rootfs shared?)", root.display()));
     }
-    if obj.remove("hooks").is_some_and(|h| !h.is_null()) {
-        facts.notes.push("OCI hooks removed: they are host programs".into());
-    }
-    for (i, m) in obj.get("mounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        let opts: Vec<&str> =
-            m.get("options").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-        let is_bind =
-            m.get("type").and_then(Value::as_str) == Some("bind") || opts.iter().any(|o| *o == "bind" || *o == "rbind");
-        let src = m.get("source").and_then(Value::as_str).unwrap_or("");
-        if is_bind && !exists(Path::new(src)) {
-            let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
-            return Err(format!("OCI.Mounts[{i}].source: bind source {src:?} (for {dst}) does not exist in the guest"));
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let opts = m.options().clone().unwrap_or_default();
+        if !is_bind(m.typ().as_deref(), &opts) {
+            continue;
         }
-        let propagates = opts.iter().any(|o| matches!(*o, "rshared" | "shared" | "rslave" | "slave"));
-        if is_bind && propagates && !facts.propagated_sources.iter().any(|p| p == Path::new(src)) {
-            facts.propagated_sources.push(PathBuf::from(src));
+        let src = m.source().clone().unwrap_or_default();
+        if !exists(&src) {
+            return Err(format!(
+                "OCI.Mounts[{i}].source: bind source {src:?} (for {}) does not exist in the guest",
+                m.destination().display()
+            ));
+        }
+        let propagates = opts.iter().any(|o| matches!(o.as_str(), "rshared" | "shared" | "rslave" | "slave"));
+        if propagates && !facts.propagated_sources.contains(&src) {
+            facts.propagated_sources.push(src);
         }
     }
-    let process = obj.get_mut("process").ok_or("OCI.Process: missing")?;
-    facts.terminal = normalize_process(process, Path::new(&root), "OCI.Process")?;
+    let process = spec.process_mut().as_mut().ok_or("OCI.Process: missing")?;
+    facts.terminal = normalize_process(process, &root, "OCI.Process")?;
 
-    let linux = obj.entry("linux").or_insert_with(|| json!({}));
-    let linux = linux.as_object_mut().ok_or("OCI.Linux: not an object")?;
-    linux.insert("cgroupsPath".into(), json!(cgroups_path.to_string_lossy()));
+    let linux = spec.linux_mut().as_mut().ok_or("OCI.Linux: missing")?;
+    linux.set_cgroups_path(Some(cgroups_path.to_path_buf()));
     // runc's `rshared`/`rslave`/`rprivate`/`runbindable` (what CRI sets for propagated mounts);
     // libcontainer 0.7 knows them without the `r` and applies them recursively anyway.
-    if let Some(p) = linux.get("rootfsPropagation").and_then(Value::as_str).map(str::to_string) {
+    if let Some(p) = linux.rootfs_propagation().clone() {
         let plain = match p.as_str() {
             "rshared" | "shared" => "shared",
             "rslave" | "slave" => "slave",
@@ -131,94 +154,43 @@ pub fn normalize(
                 ))
             }
         };
-        if plain.is_empty() {
-            linux.remove("rootfsPropagation");
-        } else {
-            linux.insert("rootfsPropagation".into(), json!(plain));
+        linux.set_rootfs_propagation((!plain.is_empty()).then(|| plain.to_string()));
+    }
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    for (i, n) in namespaces.iter_mut().enumerate() {
+        if let Some(p) = n.path() {
+            return Err(format!(
+                "OCI.Linux.Namespaces[{i}].Path: {} is not a namespace of this guest: the guest joins only the \
+                 pod's ipc, uts and pid namespaces (the shim drops the host's paths)",
+                p.display()
+            ));
         }
-    }
-    for key in ["mountLabel", "intelRdt"] {
-        linux.remove(key);
-    }
-    let ns = linux.entry("namespaces").or_insert_with(|| json!([]));
-    if !ns.is_array() {
-        return Err("OCI.Linux.Namespaces: not a list".into());
-    }
-    let ns = ns.as_array_mut().unwrap();
-    let mut kept = Vec::new();
-    for mut n in ns.drain(..) {
-        let kind = n.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-        let host_path = n.get("path").and_then(Value::as_str).filter(|p| !p.is_empty()).map(str::to_string);
-        let Some(o) = n.as_object_mut() else { return Err("OCI.Linux.Namespaces: an entry is not an object".into()) };
-        let shared = match kind.as_str() {
-            "network" => {
-                facts.notes.push("network namespace removed: containers use the guest's network".into());
-                continue;
-            }
-            "ipc" => Some(&join.ipc),
-            "uts" => Some(&join.uts),
-            "pid" => Some(&join.pid),
-            _ => None,
+        let path = match n.typ() {
+            LinuxNamespaceType::Ipc => &join.ipc,
+            LinuxNamespaceType::Uts => &join.uts,
+            LinuxNamespaceType::Pid => &join.pid,
+            _ => continue,
         };
-        match shared {
-            Some(path) => {
-                o.remove("path");
-                if let Some(p) = path {
-                    o.insert("path".into(), json!(p.to_string_lossy()));
-                } else if let Some(p) = &host_path {
-                    facts.notes.push(format!("{kind} namespace path {p} is the host's: a new namespace is created"));
-                }
-            }
-            None => {
-                if let Some(p) = host_path.filter(|p| !exists(Path::new(p))) {
-                    facts.notes.push(format!(
-                        "{kind} namespace path {p} does not exist in the guest: a new namespace is created"
-                    ));
-                    o.remove("path");
-                }
-            }
-        }
-        if kind == "pid" {
-            facts.own_pid_ns = o.get("path").is_none();
-        }
-        kept.push(n);
-    }
-    for (kind, path) in [("ipc", &join.ipc), ("uts", &join.uts)] {
-        let listed = kept.iter().any(|k| k.get("type").and_then(Value::as_str) == Some(kind));
-        if let (false, Some(p)) = (listed, path) {
-            facts.notes.push(format!("{kind} namespace added: the container joins the pod's"));
-            kept.push(json!({"type": kind, "path": p.to_string_lossy()}));
+        n.set_path(path.clone());
+        if n.typ() == LinuxNamespaceType::Pid {
+            facts.own_pid_ns = path.is_none();
         }
     }
-    if !kept.iter().any(|k| k.get("type").and_then(Value::as_str) == Some("cgroup")) {
-        // The guest is cgroup v2 only, where a private cgroup namespace is the default
-        // (containerd and Docker on v2 hosts): the container sees its own cgroup (memory.max,
-        // cpu.max) on /sys/fs/cgroup, not the guest's tree. A v1 host's spec has no entry.
-        facts.notes.push("cgroup namespace added: the container sees its own cgroup".into());
-        kept.push(json!({"type": "cgroup"}));
+    for (typ, path) in [(LinuxNamespaceType::Ipc, &join.ipc), (LinuxNamespaceType::Uts, &join.uts)] {
+        if let (false, Some(p)) = (namespaces.iter().any(|n| n.typ() == typ), path) {
+            facts.notes.push(format!("{typ:?} namespace added: the container joins the pod's"));
+            let mut n = LinuxNamespace::default();
+            n.set_typ(typ).set_path(Some(p.clone()));
+            namespaces.push(n);
+        }
     }
-    *ns = kept;
-    if let Some(sysctl) = linux.get_mut("sysctl").and_then(Value::as_object_mut) {
+    linux.set_namespaces(Some(namespaces));
+    if let Some(sysctl) = linux.sysctl_mut().as_mut() {
         let net: Vec<String> =
             sysctl.keys().filter(|k| k.starts_with("net.") || k.starts_with("net/")).cloned().collect();
         for key in net {
             let value = sysctl.remove(&key).unwrap_or_default();
-            let value = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
             facts.net_sysctls.push((key, value));
-        }
-    }
-    if let Some(res) = linux.get_mut("resources").and_then(Value::as_object_mut) {
-        if let Some(mem) = res.get_mut("memory").and_then(Value::as_object_mut) {
-            for key in ["kernel", "kernelTCP", "swappiness"] {
-                mem.remove(key);
-            }
-        }
-        if let Some(cpu) = res.get_mut("cpu").and_then(Value::as_object_mut) {
-            for key in ["realtimeRuntime", "realtimePeriod"] {
-                if cpu.get(key).and_then(Value::as_i64) == Some(0) {
-                    cpu.remove(key);
-                }
-            }
         }
     }
     Ok(facts)
@@ -234,41 +206,22 @@ pub fn sysctl_file(key: &str) -> Result<PathBuf, String> {
     Ok(Path::new("/proc/sys").join(rel))
 }
 
-/// The PATH a process gets when its spec has none (containerd's and Docker's default).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Adjusts a process (of the spec or of an exec); returns whether it wants a terminal.
-/// `field` prefixes error messages (`OCI.Process`, `ExecProcessRequest.process`).
-pub fn normalize_process(process: &mut Value, rootfs: &Path, field: &str) -> Result<bool, String> {
-    let p = process.as_object_mut().ok_or(format!("{field}: not an object"))?;
-    if p.get("args").and_then(Value::as_array).is_none_or(|a| a.is_empty()) {
+/// Applies the agent's process rules (of the spec or of an exec) and checks the process;
+/// returns whether it wants a terminal. `field` prefixes error messages (`OCI.Process`,
+/// `process`).
+pub fn normalize_process(p: &mut Process, rootfs: &Path, field: &str) -> Result<bool, String> {
+    if p.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(format!("{field}.Args: empty: nothing to run"));
     }
-    let cwd = p.get("cwd").and_then(Value::as_str).unwrap_or("").to_string();
-    if cwd.is_empty() {
-        p.insert("cwd".into(), json!("/"));
-    } else if !cwd.starts_with('/') {
-        return Err(format!("{field}.Cwd: {cwd:?} is not absolute"));
+    if !p.cwd().is_absolute() {
+        return Err(format!("{field}.Cwd: {:?} is not absolute", p.cwd()));
     }
-    if p.get("noNewPrivileges") == Some(&json!(false)) {
-        p.remove("noNewPrivileges");
+    let mut env = p.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home_dir(rootfs, p.user().uid())));
+        p.set_env(Some(env));
     }
-    for key in ["apparmorProfile", "selinuxLabel"] {
-        p.remove(key);
-    }
-    let uid = p.get("user").and_then(|u| u.get("uid")).and_then(Value::as_u64).unwrap_or(0) as u32;
-    let env = p.entry("env").or_insert_with(|| json!([]));
-    if let Some(env) = env.as_array_mut() {
-        let has = |env: &Vec<Value>, key: &str| env.iter().any(|e| e.as_str().is_some_and(|s| s.starts_with(key)));
-        if !has(env, "PATH=") {
-            // libcontainer needs PATH to find a bare command (`ctr run --rootfs` sets no env).
-            env.push(json!(DEFAULT_PATH));
-        }
-        if !has(env, "HOME=") {
-            env.push(json!(format!("HOME={}", home_dir(rootfs, uid))));
-        }
-    }
-    Ok(p.get("terminal").and_then(Value::as_bool).unwrap_or(false))
+    Ok(p.terminal().unwrap_or(false))
 }
 
 /// The home directory of `uid` from `<rootfs>/etc/passwd`, or `/` (runc's rule).
@@ -287,29 +240,42 @@ fn home_from_passwd(passwd: &str, uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
+    /// A spec as the shim sends it (its rules applied), before the agent's.
     fn base() -> Value {
         json!({
             "ociVersion": "1.1.0",
             "root": {"path": "/run/kata-containers/shared/containers/c1/rootfs"},
-            "process": {"args": ["sh"], "cwd": "", "noNewPrivileges": false,
-                        "apparmorProfile": "cri-containerd.apparmor.d", "user": {"uid": 0, "gid": 0}},
-            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "process": {"args": ["sh"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
             "mounts": [{"destination": "/etc/hosts", "type": "bind",
                         "source": "/run/kata-containers/shared/containers/c1-hosts", "options": ["rbind", "ro"]}],
             "linux": {
                 "cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:c1",
-                "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
-                               {"type": "ipc", "path": "/proc/4242/ns/ipc"}, {"type": "mount"}],
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}, {"type": "cgroup"}],
                 "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
-                "resources": {"memory": {"limit": 1000000, "swappiness": 0, "kernel": 5},
-                              "cpu": {"realtimeRuntime": 0, "shares": 2}}
+                "resources": {"memory": {"limit": 1000000}, "cpu": {"shares": 2}}
             }
         })
     }
 
+    fn typed(v: Value) -> Spec {
+        serde_json::from_value(v).unwrap()
+    }
+
     fn guest(p: &Path) -> bool {
         p.starts_with("/run/kata-containers/shared")
+    }
+
+    /// Runs the agent's rules on `v`; the result as JSON, for comparisons.
+    fn run(v: Value, join: &Join) -> Result<(Value, Facts), String> {
+        let mut s = typed(v);
+        let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), join, &guest)?;
+        Ok((serde_json::to_value(&s).unwrap(), facts))
+    }
+
+    fn namespaces(v: &Value) -> Value {
+        v["linux"]["namespaces"].clone()
     }
 
     #[test]
@@ -317,30 +283,22 @@ mod tests {
         assert_eq!(cgroup_path("sb1", "c1"), PathBuf::from("/podvisor/sb1/c1"));
         assert_eq!(cgroup_path("", "c1"), PathBuf::from("/podvisor/sandbox/c1"));
         assert_eq!(cgroup_path("../x", "c1"), PathBuf::from("/podvisor/sandbox/c1"));
-        let mut s = base();
+        let mut s = typed(base());
         normalize(&mut s, &cgroup_path("sb1", "c1"), &Join::default(), &guest).unwrap();
-        assert_eq!(s["linux"]["cgroupsPath"], "/podvisor/sb1/c1");
+        assert_eq!(s.linux().as_ref().unwrap().cgroups_path().as_deref(), Some(Path::new("/podvisor/sb1/c1")));
     }
 
     #[test]
-    fn normalizes_for_the_guest() {
-        let mut s = base();
-        let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
+    fn applies_only_guest_facts() {
+        let (s, facts) = run(base(), &Join::default()).unwrap();
         assert!(facts.own_pid_ns && !facts.terminal);
-        assert!(s.get("hooks").is_none());
-        let p = &s["process"];
-        assert!(p.get("noNewPrivileges").is_none());
-        assert!(p.get("apparmorProfile").is_none());
-        assert_eq!(p["cwd"], "/");
-        assert_eq!(p["env"], json!([DEFAULT_PATH, "HOME=/"]));
-        let ns = s["linux"]["namespaces"].as_array().unwrap();
-        assert_eq!(
-            ns,
-            &vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"}), json!({"type": "cgroup"})]
-        );
-        assert_eq!(s["linux"]["resources"]["memory"], json!({"limit": 1000000}));
-        assert_eq!(s["linux"]["resources"]["cpu"], json!({"shares": 2}));
-        assert!(facts.notes.iter().any(|n| n.contains("/proc/4242/ns/ipc")), "{:?}", facts.notes);
+        assert_eq!(s["process"]["env"], json!(["PATH=/bin", "HOME=/"]));
+        assert_eq!(s["process"]["cwd"], "/");
+        assert_eq!(namespaces(&s), json!([{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}, {"type": "cgroup"}]));
+        assert_eq!(s["linux"]["resources"], json!({"memory": {"limit": 1000000}, "cpu": {"shares": 2}}));
+        assert_eq!(s["root"], base()["root"], "the rootfs path is the shim's");
+        assert_eq!(s["mounts"], base()["mounts"], "mount sources are the shim's");
+        assert!(facts.notes.is_empty(), "{:?}", facts.notes);
     }
 
     /// CRI's propagation (`rootfsPropagation` rshared/rslave, mount options) in libcontainer's
@@ -349,53 +307,69 @@ mod tests {
     fn mount_propagation_is_kept_in_libcontainers_words() {
         let prop = "/run/kata-containers/shared/containers/propagated/ab-vol";
         for (cri, libcontainer) in [("rshared", "shared"), ("rslave", "slave"), ("rprivate", "private")] {
-            let mut s = base();
-            s["linux"]["rootfsPropagation"] = json!(cri);
-            s["mounts"] = json!([
+            let mut v = base();
+            v["linux"]["rootfsPropagation"] = json!(cri);
+            v["mounts"] = json!([
                 {"destination": "/a", "type": "bind", "source": prop, "options": ["rbind", "rshared", "rw"]},
                 {"destination": "/b", "type": "bind", "source": prop, "options": ["rbind", "rslave", "ro"]},
                 {"destination": "/etc/hosts", "type": "bind", "source": "/run/kata-containers/shared/containers/h",
                  "options": ["rbind", "rprivate", "ro"]}
             ]);
-            let facts = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
+            let (s, facts) = run(v, &Join::default()).unwrap();
             assert_eq!(s["linux"]["rootfsPropagation"], libcontainer);
             assert_eq!(facts.propagated_sources, vec![PathBuf::from(prop)], "once, and not the private one");
         }
-        let mut s = base();
-        s["linux"]["rootfsPropagation"] = json!("sideways");
-        let e = normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap_err();
+        let mut v = base();
+        v["linux"]["rootfsPropagation"] = json!("sideways");
+        let e = run(v, &Join::default()).unwrap_err();
         assert!(e.contains("RootfsPropagation") && e.contains("sideways"), "{e}");
     }
 
     #[test]
-    fn keeps_true_no_new_privileges_and_existing_home() {
-        let mut s = base();
-        s["process"]["noNewPrivileges"] = json!(true);
-        s["process"]["env"] = json!(["PATH=/bin", "HOME=/data"]);
-        normalize(&mut s, Path::new("/podvisor/s/c1"), &Join::default(), &guest).unwrap();
-        assert_eq!(s["process"]["noNewPrivileges"], true);
+    fn keeps_an_existing_home() {
+        let mut v = base();
+        v["process"]["env"] = json!(["PATH=/bin", "HOME=/data"]);
+        let (s, _) = run(v, &Join::default()).unwrap();
         assert_eq!(s["process"]["env"], json!(["PATH=/bin", "HOME=/data"]));
     }
 
     #[test]
+    fn home_comes_from_the_rootfs() {
+        let root = std::env::temp_dir().join(format!("podvisor-agent-home-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nwww:x:33:33::/var/www:/bin/false\n")
+            .unwrap();
+        let mut p: Process =
+            serde_json::from_value(json!({"args": ["id"], "cwd": "/", "user": {"uid": 33, "gid": 33}})).unwrap();
+        let terminal = normalize_process(&mut p, &root, "process");
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(terminal, Ok(false));
+        assert_eq!(p.env().as_deref(), Some(&["HOME=/var/www".to_string()][..]));
+    }
+
+    #[test]
     fn errors_name_the_field() {
-        let mut s = base();
-        s["root"]["path"] = json!("/nope");
-        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err().starts_with("OCI.Root.Path"));
-        let mut s = base();
-        s["process"]["args"] = json!([]);
-        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest)
-            .unwrap_err()
-            .starts_with("OCI.Process.Args"));
-        let mut s = base();
-        s["mounts"][0]["source"] = json!("/host/only");
-        let e = normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap_err();
-        assert!(e.starts_with("OCI.Mounts[0].source") && e.contains("/etc/hosts"), "{e}");
-        let mut s = base();
-        s["process"]["cwd"] = json!("relative");
-        assert!(normalize(&mut s, Path::new("/x"), &Join::default(), &guest)
-            .unwrap_err()
-            .starts_with("OCI.Process.Cwd"));
+        let cases: [(&str, Value, &str); 7] = [
+            ("/root/path", json!("/nope"), "OCI.Root.Path"),
+            ("/root/path", json!("relative"), "OCI.Root.Path"),
+            ("/process/args", json!([]), "OCI.Process.Args"),
+            ("/mounts/0/source", json!("/host/only"), "OCI.Mounts[0].source"),
+            ("/process/cwd", json!("relative"), "OCI.Process.Cwd"),
+            ("/process/cwd", json!(""), "OCI.Process.Cwd"),
+            ("/linux/namespaces/2", json!({"type": "mount", "path": "/proc/1/ns/mnt"}), "OCI.Linux.Namespaces[2].Path"),
+        ];
+        for (pointer, value, field) in cases {
+            let mut v = base();
+            *v.pointer_mut(pointer).unwrap() = value;
+            let e = run(v, &Join::default()).unwrap_err();
+            assert!(e.starts_with(field), "{pointer}: {e}");
+        }
+        let mut v = base();
+        v["mounts"][0]["source"] = json!("/host/only");
+        assert!(run(v, &Join::default()).unwrap_err().contains("/etc/hosts"));
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("linux");
+        assert!(run(v, &Join::default()).unwrap_err().starts_with("OCI.Linux: missing"));
     }
 
     fn pod() -> Join {
@@ -408,52 +382,50 @@ mod tests {
 
     #[test]
     fn shared_pid_namespace_is_joined_only_when_given() {
-        // A host path for pid (containerd's /proc/<pause>/ns/pid) means nothing in the guest,
-        // even if such a file happens to exist there.
-        let mut s = base();
-        s["linux"]["namespaces"] = json!([{"type": "pid", "path": "/run/kata-containers/shared/pidns"}]);
-        let f = normalize(&mut s, Path::new("/x"), &Join::default(), &guest).unwrap();
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "pid"}]);
+        let (s, f) = run(v.clone(), &Join::default()).unwrap();
         assert!(f.own_pid_ns);
-        assert_eq!(s["linux"]["namespaces"][0], json!({"type": "pid"}));
-        let mut s = base();
-        s["linux"]["namespaces"] = json!([{"type": "pid"}]);
+        assert_eq!(namespaces(&s), json!([{"type": "pid"}]));
         let join = Join { pid: Some("/proc/77/ns/pid".into()), ..Join::default() };
-        assert!(!normalize(&mut s, Path::new("/x"), &join, &guest).unwrap().own_pid_ns);
-        assert_eq!(s["linux"]["namespaces"][0], json!({"type": "pid", "path": "/proc/77/ns/pid"}));
+        let (s, f) = run(v, &join).unwrap();
+        assert!(!f.own_pid_ns);
+        assert_eq!(namespaces(&s), json!([{"type": "pid", "path": "/proc/77/ns/pid"}]));
         // No pid entry: the guest's pid namespace (as before), never a joined one.
-        let mut s = base();
-        s["linux"]["namespaces"] = json!([{"type": "mount"}]);
-        assert!(!normalize(&mut s, Path::new("/x"), &join, &guest).unwrap().own_pid_ns);
-        assert!(!s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "pid"));
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "mount"}]);
+        let (s, f) = run(v, &join).unwrap();
+        assert!(!f.own_pid_ns);
+        assert_eq!(namespaces(&s), json!([{"type": "mount"}]));
     }
 
     #[test]
     fn pod_ipc_and_uts_are_joined_and_added_when_missing() {
-        let mut s = base();
-        s["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc", "path": "/var/run/ipcns/abc"}, {"type": "uts"},
-                                           {"type": "network", "path": "/var/run/netns/x"}, {"type": "mount"}]);
-        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+        let (s, _) = run(v, &pod()).unwrap();
         assert_eq!(
-            s["linux"]["namespaces"],
+            namespaces(&s),
             json!([{"type": "pid"}, {"type": "ipc", "path": "/run/kata-containers/sharedns/ipc"},
-                   {"type": "uts", "path": "/run/kata-containers/sharedns/uts"}, {"type": "mount"}, {"type": "cgroup"}])
+                   {"type": "uts", "path": "/run/kata-containers/sharedns/uts"}, {"type": "mount"}])
         );
-        let mut s = base();
-        s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "cgroup"}]);
-        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "cgroup"}]);
+        let (s, f) = run(v, &pod()).unwrap();
         assert_eq!(
-            s["linux"]["namespaces"],
+            namespaces(&s),
             json!([{"type": "mount"}, {"type": "cgroup"}, {"type": "ipc", "path": "/run/kata-containers/sharedns/ipc"},
                    {"type": "uts", "path": "/run/kata-containers/sharedns/uts"}])
         );
+        assert_eq!(f.notes.len(), 2, "{:?}", f.notes);
     }
 
     #[test]
     fn net_sysctls_are_taken_out_for_the_guest() {
-        let mut s = base();
-        s["linux"]["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647",
+        let mut v = base();
+        v["linux"]["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647",
                                        "kernel.shm_rmid_forced": "1"});
-        let f = normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        let (s, f) = run(v, &pod()).unwrap();
         assert_eq!(s["linux"]["sysctl"], json!({"kernel.shm_rmid_forced": "1"}));
         let mut net = f.net_sysctls.clone();
         net.sort();
@@ -475,9 +447,9 @@ mod tests {
     #[test]
     fn infra_oom_score_adj_is_kept() {
         // CRI-O's infra container: process.oomScoreAdj = -998 is fine inside the guest.
-        let mut s = base();
-        s["process"]["oomScoreAdj"] = json!(-998);
-        normalize(&mut s, Path::new("/x"), &pod(), &guest).unwrap();
+        let mut v = base();
+        v["process"]["oomScoreAdj"] = json!(-998);
+        let (s, _) = run(v, &pod()).unwrap();
         assert_eq!(s["process"]["oomScoreAdj"], -998);
     }
 
