@@ -890,7 +890,7 @@ impl Hypervisor for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     fn log() -> Logger {
         Logger::root(slog::Discard, slog::o!())
