@@ -20,6 +20,7 @@
 
 pub mod driver;
 pub mod proto_gen;
+pub mod samples;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,7 @@ pub fn targets() -> Vec<Target> {
                 Box::new(move |data| agent_request_gen(&types, data))
             },
         },
-        Target { name: "oci_spec_gen", short_iters: 1500, dict: &[], make: || Box::new(oci_spec_gen) },
+        Target { name: "oci_spec_gen", short_iters: 1000, dict: &[], make: || Box::new(oci_spec_gen) },
         Target { name: "oci_json", short_iters: 800, dict: JSON_DICT, make: || Box::new(oci_json) },
         Target { name: "config_text", short_iters: 1500, dict: TOML_DICT, make: || Box::new(config_text) },
         Target { name: "config_gen", short_iters: 1500, dict: &[], make: || Box::new(config_gen) },
@@ -285,15 +286,37 @@ fn agent_request(data: &[u8]) {
     }
 }
 
+/// A realistic request of type `d` to mutate (the default message for most types).
+fn base_request(d: &MessageDescriptor) -> Box<dyn MessageDyn> {
+    match d.name() {
+        "CreateContainerRequest" => Box::new(samples::create_request()),
+        "ExecProcessRequest" => Box::new(samples::exec_request()),
+        "UpdateContainerRequest" => Box::new(samples::update_request()),
+        _ => d.new_instance(),
+    }
+}
+
+/// Byte 0: the request type (index in `AGENT_SERVICE_RPCS`); bit 7 set: a realistic request
+/// mutated field by field, else a request generated from scratch.
 fn agent_request_gen(types: &[MessageDescriptor], data: &[u8]) {
     let Some((&which, bytes)) = data.split_first() else { return };
-    let d = &types[which as usize % types.len()];
-    let m = proto_gen::from_bytes(bytes, d, OCI_WORDS, 6);
+    let d = &types[(which & 0x7f) as usize % types.len()];
+    let m = if which & 0x80 != 0 {
+        proto_gen::mutated(bytes, &*base_request(d), OCI_WORDS, 6)
+    } else {
+        proto_gen::from_bytes(bytes, d, OCI_WORDS, 6)
+    };
     check_request(&*m);
 }
 
+/// Byte 0 odd: a CRI container's spec mutated field by field; even: a generated spec.
 fn oci_spec_gen(data: &[u8]) {
-    let spec = proto_gen::from_bytes(data, &oci::Spec::descriptor(), OCI_WORDS, 6);
+    let Some((&mode, bytes)) = data.split_first() else { return };
+    let spec = if mode % 2 == 1 {
+        proto_gen::mutated(bytes, &samples::guest_spec(), OCI_WORDS, 6)
+    } else {
+        proto_gen::from_bytes(bytes, &oci::Spec::descriptor(), OCI_WORDS, 6)
+    };
     spec_round_trip(spec.downcast_ref::<oci::Spec>().expect("an oci::Spec"));
 }
 
@@ -790,17 +813,17 @@ pub fn check_stats(stats: &pb::StatsContainerResponse) {
     metrics::encode(stats, metrics::Flavor::V2).expect("v2 metrics encode");
 }
 
-/// Byte 0 even: the rest is protobuf bytes; odd: the answer is generated from the rest.
+/// Byte 0 mod 3: 0 the rest is protobuf bytes; 1 the answer is generated from the rest; 2 a
+/// busy container's statistics mutated field by field.
 fn stats_metrics(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let stats = if mode % 2 == 0 {
-        match pb::StatsContainerResponse::parse_from_bytes(rest) {
-            Ok(s) => s,
+    let m = match mode % 3 {
+        0 => match pb::StatsContainerResponse::parse_from_bytes(rest) {
+            Ok(s) => Box::new(s),
             Err(_) => return,
-        }
-    } else {
-        let m = proto_gen::from_bytes(rest, &pb::StatsContainerResponse::descriptor(), STATS_WORDS, 6);
-        m.downcast_ref::<pb::StatsContainerResponse>().expect("StatsContainerResponse").clone()
+        },
+        1 => proto_gen::from_bytes(rest, &pb::StatsContainerResponse::descriptor(), STATS_WORDS, 6),
+        _ => proto_gen::mutated(rest, &samples::stats(), STATS_WORDS, 6),
     };
-    check_stats(&stats);
+    check_stats(m.downcast_ref::<pb::StatsContainerResponse>().expect("StatsContainerResponse"));
 }

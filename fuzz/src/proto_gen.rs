@@ -133,3 +133,83 @@ pub fn from_bytes(data: &[u8], d: &MessageDescriptor, dict: &[&str], depth: u32)
     let mut u = Unstructured::new(data);
     message(&mut u, d, dict, depth).unwrap_or_else(|_| d.new_instance())
 }
+
+/// One reflective mutation somewhere in `m`: a field at a random depth gets a new value or is
+/// cleared, or a repeated/map field gains an element or is emptied. Starting from a realistic
+/// message, this keeps inputs valid protobuf while varying what the code under test sees.
+pub fn mutate(u: &mut Unstructured, m: &mut dyn MessageDyn, dict: &[&str], depth: u32) -> Result<()> {
+    let fields: Vec<_> = m.descriptor_dyn().fields().collect();
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let f = u.choose(&fields)?.clone();
+    match f.runtime_field_type() {
+        RuntimeFieldType::Singular(t) => {
+            let descend = matches!(t, RuntimeType::Message(_)) && depth > 0 && u.ratio(3, 4)?;
+            if descend {
+                // `mut_message` creates the sub-message when absent.
+                return mutate(u, f.mut_message(m), dict, depth - 1);
+            }
+            if u.ratio(1, 4)? {
+                f.clear_field(m);
+            } else {
+                let v = value(u, &t, dict, 3)?;
+                f.set_singular_field(m, v);
+            }
+        }
+        RuntimeFieldType::Repeated(t) => {
+            let len = f.get_repeated(m).len();
+            let is_message = matches!(t, RuntimeType::Message(_));
+            match u.int_in_range(0..=5u8)? {
+                0..=2 if len > 0 => {
+                    let i = u.choose_index(len)?;
+                    let new = if is_message && depth > 0 {
+                        let mut e = match f.get_repeated(m).get(i) {
+                            protobuf::reflect::ReflectValueRef::Message(e) => e.clone_box(),
+                            _ => unreachable!("a message list holds messages"),
+                        };
+                        mutate(u, &mut *e, dict, depth - 1)?;
+                        ReflectValueBox::Message(e)
+                    } else {
+                        value(u, &t, dict, 3)?
+                    };
+                    f.mut_repeated(m).set(i, new);
+                }
+                3 if len > 0 => {
+                    // Duplicate an element.
+                    let i = u.choose_index(len)?;
+                    let e = f.get_repeated(m).get(i).to_box();
+                    f.mut_repeated(m).push(e);
+                }
+                4 => f.mut_repeated(m).clear(),
+                _ => {
+                    let v = value(u, &t, dict, 3)?;
+                    f.mut_repeated(m).push(v);
+                }
+            }
+        }
+        RuntimeFieldType::Map(k, t) => {
+            if u.ratio(1, 5)? {
+                f.mut_map(m).clear();
+            } else {
+                let key = value(u, &k, dict, 2)?;
+                let v = value(u, &t, dict, 3)?;
+                f.mut_map(m).insert(key, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `base` after 1 to 8 [`mutate`] steps driven by the input.
+pub fn mutated(data: &[u8], base: &dyn MessageDyn, dict: &[&str], depth: u32) -> Box<dyn MessageDyn> {
+    let mut u = Unstructured::new(data);
+    let mut m = base.clone_box();
+    let steps = u.int_in_range(1..=8u8).unwrap_or(1);
+    for _ in 0..steps {
+        if mutate(&mut u, &mut *m, dict, depth).is_err() {
+            break;
+        }
+    }
+    m
+}
