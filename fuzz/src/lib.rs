@@ -144,6 +144,12 @@ const JSON_DICT: &[&[u8]] = &[
     b"\"linux\":",
     b"\"process\":",
     b"\"resources\":",
+    b"\"cgroupsPath\": \"kubepods-burstable-pod1.slice:cri-containerd:c1\"",
+    b"\"cgroupsPath\": \"/../x\"",
+    b"-.slice",
+    b"\"quota\": 9223372036854775807",
+    b"\"period\": 1",
+    b"\"limit\": -1",
 ];
 
 const TOML_DICT: &[&[u8]] = &[
@@ -320,8 +326,29 @@ fn oci_spec_gen(data: &[u8]) {
     spec_round_trip(spec.downcast_ref::<oci::Spec>().expect("an oci::Spec"));
 }
 
+/// What the shim reads out of a bundle's spec besides converting it: the VM growth a
+/// container's limits ask for, the host cgroup of `linux.cgroupsPath`, mount options.
+fn shim_spec_reads(spec: &oci_spec::runtime::Spec) {
+    use podvisor_shim::{host_cgroup, limits::Limits, mounts};
+    let linux = spec.linux().as_ref();
+    let limits = Limits::of(linux.and_then(|l| l.resources().as_ref()));
+    let _ = (Limits::default().growth_to(&limits), limits.max(&Limits::default()), limits.growth_to(&limits));
+    if let Some(path) = linux.and_then(|l| l.cgroups_path().as_ref()) {
+        if let Ok(Some(rel)) = host_cgroup::relative_path(&path.to_string_lossy()) {
+            assert!(
+                rel.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+                "cgroup path {rel:?} leaves the cgroup root"
+            );
+        }
+    }
+    for m in spec.mounts().iter().flatten() {
+        let _ = mounts::split_options(m.options().as_deref().unwrap_or_default());
+    }
+}
+
 fn oci_json(data: &[u8]) {
     let Ok(spec) = serde_json::from_slice::<oci_spec::runtime::Spec>(data) else { return };
+    shim_spec_reads(&spec);
     let g = convert::spec_to_grpc(&spec);
     if let Err(e) = convert::spec_from_grpc(&g) {
         panic!("spec_to_grpc output of a parsed config.json does not convert back: {e}");
