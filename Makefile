@@ -54,9 +54,11 @@ demo: deps guest-image
 fuzz:
 	@secs=$${FUZZ_SECONDS:-60}; seed=$${FUZZ_SEED:-$$(date +%s)}; rc=0; \
 	$(CARGO) run -q -p podvisor-fuzz -- --seconds $$secs --seed $$seed --crash-dir $(CURDIR)/fuzz/crashes || rc=1; \
+	mkdir -p fuzz/crashes; rm -f fuzz/crashes/agent-report.txt; \
 	PODVISOR_FUZZ_SECONDS=$$secs PODVISOR_FUZZ_SEED=$$seed PODVISOR_FUZZ_CRASH_DIR=$(CURDIR)/fuzz/crashes \
-	  $(CARGO) test -q -p podvisor-agent --bin kata-agent fuzz_targets -- --nocapture --test-threads=1 || rc=1; \
-	exit $$rc
+	PODVISOR_FUZZ_REPORT=$(CURDIR)/fuzz/crashes/agent-report.txt \
+	  $(CARGO) test -q -p podvisor-agent --bin kata-agent fuzz_targets -- --test-threads=1 || rc=1; \
+	cat fuzz/crashes/agent-report.txt; exit $$rc
 
 check: build
 	target/release/containerd-shim-kata-v2 check

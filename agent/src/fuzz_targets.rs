@@ -4,6 +4,8 @@
 //! * `agent_policy_input`: any AgentService request (raw protobuf bytes or generated field by
 //!   field) → `policy::message_json` (the policy's `input`) → `AgentPolicy::check` against a
 //!   policy that reads the input's fields.
+//! * `agent_set_policy`: any text as `SetPolicy`'s policy → `AgentPolicy::set` (regorus parses,
+//!   compiles and evaluates it), then one `check` when it loaded.
 //! * `agent_spec`: a `CreateContainerRequest` / `ExecProcessRequest` → `convert::spec_from_grpc`
 //!   → `spec::normalize` / `spec::normalize_process`, `device::check`, `spec::valid_id`,
 //!   `spec::cgroup_path` and `spec::sysctl_file` of the sysctls taken out.
@@ -242,7 +244,7 @@ mod oci_spec_check {
 }
 
 fn report(r: driver::Report) {
-    eprintln!("{}", r.details());
+    r.publish();
     r.assert_clean();
     assert!(r.tried > r.corpus as u64, "{}: no mutant was tried", r.target);
 }
@@ -265,4 +267,56 @@ fn agent_spec() {
     let cfg = driver::Config::short(600);
     let dict: &[&[u8]] = &[b"\x0a\x02c1", b"\x12\x00"];
     report(driver::fuzz("agent_spec", &corpus("agent_spec"), dict, &cfg, |data| spec_path(&bases, data)));
+}
+
+/// Rego tokens for `agent_set_policy`.
+const REGO_DICT: &[&[u8]] = &[
+    b"package agent_policy\n",
+    b"import future.keywords.in\n",
+    b"import future.keywords.every\n",
+    b"import future.keywords.if\n",
+    b"default ",
+    b" := ",
+    b" = ",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"(",
+    b")",
+    b"input.",
+    b"data.",
+    b"some x in ",
+    b"every x in ",
+    b"not ",
+    b"count(",
+    b"regex.match(",
+    b"base64.decode(",
+    b"sprintf(",
+    b"print(",
+    b"with input as ",
+    b"AllowRequestsFailingPolicy",
+    b"CreateContainerRequest",
+    b"ExecProcessRequest",
+    b"true",
+    b"false",
+    b"null",
+    b"`",
+    b"\\u0000",
+    b"9223372036854775808",
+    b"1e400",
+    b"\n",
+];
+
+#[test]
+fn agent_set_policy() {
+    let cfg = driver::Config::short(300);
+    let exec = pb::ExecProcessRequest { container_id: "c1".into(), ..Default::default() };
+    let input = policy::message_json(&exec);
+    report(driver::fuzz("agent_set_policy", &corpus("agent_set_policy"), REGO_DICT, &cfg, |data| {
+        let engine = AgentPolicy::new(slog::Logger::root(slog::Discard, slog::o!()));
+        if engine.set(&String::from_utf8_lossy(data)).is_ok() {
+            let _ = engine.check("ExecProcess", "ExecProcessRequest", || Ok(input.clone()));
+        }
+    }));
 }

@@ -128,6 +128,25 @@ impl Report {
         s
     }
 
+    /// Prints [`Report::details`] to stderr and, when `PODVISOR_FUZZ_REPORT` names a file,
+    /// appends them there (`make fuzz` collects the agent's targets, whose test output libtest
+    /// captures, that way).
+    pub fn publish(&self) {
+        let details = self.details();
+        eprintln!("{details}");
+        if let Some(file) = std::env::var_os("PODVISOR_FUZZ_REPORT").filter(|f| !f.is_empty()) {
+            use std::io::Write;
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .and_then(|mut f| writeln!(f, "{details}"));
+            if let Err(e) = appended {
+                eprintln!("cannot append the fuzz report to {}: {e}", PathBuf::from(file).display());
+            }
+        }
+    }
+
     /// Panics with [`Report::details`] when anything crashed or ran slow.
     pub fn assert_clean(&self) {
         assert!(self.crashes.is_empty() && self.slow.is_empty(), "{}", self.details());

@@ -7,7 +7,7 @@ use podvisor_fuzz::{run_short, targets};
 
 fn short(name: &str) {
     let report = run_short(name);
-    eprintln!("{}", report.summary());
+    report.publish();
     report.assert_clean();
     assert!(report.tried > report.corpus as u64, "{name}: no mutant was tried");
 }
