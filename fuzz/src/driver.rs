@@ -33,7 +33,8 @@ pub struct Config {
     pub max_len: usize,
     /// Where crashing inputs are saved (`<dir>/<target>/crash-<hash>`); `None`: not saved.
     pub crash_dir: Option<PathBuf>,
-    /// An input running longer than this is reported as slow.
+    /// An input running longer than this is reported as slow (and saved as `slow-<hash>` next
+    /// to the crashes); not a failure.
     pub slow: Duration,
 }
 
@@ -55,7 +56,7 @@ impl Config {
             seed: env("PODVISOR_FUZZ_SEED").and_then(|v| v.parse().ok()).unwrap_or(0x5eed_0f_f022),
             max_len: 4096,
             crash_dir: env("PODVISOR_FUZZ_CRASH_DIR").map(PathBuf::from),
-            slow: Duration::from_secs(2),
+            slow: Duration::from_secs(3),
         }
     }
 }
@@ -147,9 +148,11 @@ impl Report {
         }
     }
 
-    /// Panics with [`Report::details`] when anything crashed or ran slow.
+    /// Panics with [`Report::details`] when anything crashed. Slow inputs are only reported:
+    /// on a loaded machine any input can stall (a hang of an async target is a crash: it
+    /// panics after 5 s).
     pub fn assert_clean(&self) {
-        assert!(self.crashes.is_empty() && self.slow.is_empty(), "{}", self.details());
+        assert!(self.crashes.is_empty(), "{}", self.details());
     }
 }
 
@@ -393,6 +396,11 @@ pub fn fuzz(name: &str, corpus_dir: &Path, dict: &[&[u8]], cfg: &Config, mut tar
         let took = t.elapsed();
         if took > cfg.slow && report.slow.len() < 5 {
             report.slow.push((input.to_vec(), took));
+            if let Some(dir) = &cfg.crash_dir {
+                let dir = dir.join(name);
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(dir.join(format!("slow-{:016x}", fnv(input))), input);
+            }
         }
         let Some(message) = outcome else { return };
         if let Some(c) = report.crashes.iter_mut().find(|c| c.message == message) {
