@@ -13,6 +13,7 @@
 //! | `qmp_stream` | everything QEMU writes on the QMP socket | `Qmp::from_stream`, its reader task, `execute`, `parse_message` |
 //! | `hvsock_reply` | the vsock daemon's answer to `CONNECT <port>` | `vsock::read_connect_reply` |
 //! | `agent_answer` | the agent's ttrpc answer to one shim RPC (framed, raw, or generated) | ttrpc's client, `KataAgent`'s methods, `metrics::encode` of stats |
+//! | `shim_strings` | single strings from the spec and the configuration | `host_cgroup::relative_path`, `expand_slice`, `mounts::split_options`, `InternetworkingModel::parse`, `decode_agent_policy` |
 //! | `stats_metrics` | a `StatsContainerResponse` (protobuf bytes or generated) | `metrics::to_v1`, `to_v2`, `encode` |
 //!
 //! The agent's own targets (request → policy input, request → guest spec) live in
@@ -108,6 +109,7 @@ pub fn targets() -> Vec<Target> {
             },
         },
         Target { name: "stats_metrics", short_iters: 1500, dict: PROTO_DICT, make: || Box::new(stats_metrics) },
+        Target { name: "shim_strings", short_iters: 2000, dict: STRING_DICT, make: || Box::new(shim_strings) },
     ]
 }
 
@@ -853,4 +855,38 @@ fn stats_metrics(data: &[u8]) {
         _ => proto_gen::mutated(rest, &samples::stats(), STATS_WORDS, 6),
     };
     check_stats(m.downcast_ref::<pb::StatsContainerResponse>().expect("StatsContainerResponse"));
+}
+
+const STRING_DICT: &[&[u8]] = &[
+    b":",
+    b".slice",
+    b"-.slice",
+    b"kubepods-burstable-pod1.slice",
+    b"cri-containerd",
+    b"/",
+    b"..",
+    b"-",
+    b",",
+    b"rbind",
+    b"ro",
+    b"tcfilter",
+    b"=",
+];
+
+/// Strings the shim takes apart: `linux.cgroupsPath` (both forms), mount options, the
+/// internetworking model, the policy annotation. A cgroup path that parses stays below the root.
+fn shim_strings(data: &[u8]) {
+    use podvisor_shim::{annotations, host_cgroup, mounts};
+    let text = String::from_utf8_lossy(data);
+    if let Ok(Some(rel)) = host_cgroup::relative_path(&text) {
+        assert!(rel.is_relative(), "{rel:?}");
+        assert!(rel.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{rel:?}");
+    }
+    if let Ok(p) = host_cgroup::expand_slice(&text) {
+        assert!(p.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{p:?}");
+    }
+    let options: Vec<String> = text.split(',').map(str::to_string).collect();
+    let _ = mounts::split_options(&options);
+    let _ = hypervisor::InternetworkingModel::parse(&text);
+    let _ = annotations::decode_agent_policy(&text);
 }

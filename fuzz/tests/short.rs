@@ -76,3 +76,8 @@ fn agent_answer() {
 fn stats_metrics() {
     short("stats_metrics");
 }
+
+#[test]
+fn shim_strings() {
+    short("shim_strings");
+}
