@@ -12,7 +12,7 @@ SHAREDIR   ?= /usr/share/kata-containers
 DEFAULTSDIR ?= /usr/share/defaults/kata-containers
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build agent guest-image test bench demo install check clean
+.PHONY: all deps build agent guest-image test bench demo install check clean fuzz
 
 all: build guest-image
 
@@ -47,6 +47,18 @@ bench: deps guest-image
 demo: deps guest-image
 	$(CARGO) build --release -p podvisor-shim
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo
+
+# The long fuzzing pass (fuzz/README.md): every target for FUZZ_SECONDS (default 60) with seed
+# FUZZ_SEED (default: the time); crashing inputs go to fuzz/crashes/<target>/. Debug builds, so
+# that integer overflows panic as they do in `cargo test`.
+fuzz:
+	@secs=$${FUZZ_SECONDS:-60}; seed=$${FUZZ_SEED:-$$(date +%s)}; rc=0; \
+	$(CARGO) run -q -p podvisor-fuzz -- --seconds $$secs --seed $$seed --crash-dir $(CURDIR)/fuzz/crashes || rc=1; \
+	mkdir -p fuzz/crashes; rm -f fuzz/crashes/agent-report.txt; \
+	PODVISOR_FUZZ_SECONDS=$$secs PODVISOR_FUZZ_SEED=$$seed PODVISOR_FUZZ_CRASH_DIR=$(CURDIR)/fuzz/crashes \
+	PODVISOR_FUZZ_REPORT=$(CURDIR)/fuzz/crashes/agent-report.txt \
+	  $(CARGO) test -q -p podvisor-agent --bin kata-agent fuzz_targets -- --test-threads=1 || rc=1; \
+	cat fuzz/crashes/agent-report.txt; exit $$rc
 
 check: build
 	target/release/containerd-shim-kata-v2 check

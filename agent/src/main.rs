@@ -12,6 +12,8 @@
 //!   re-parented to it) and exits 0 after DestroySandbox.
 
 mod container;
+#[cfg(test)]
+mod fuzz_targets;
 mod guest;
 mod init;
 mod logging;

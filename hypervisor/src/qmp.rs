@@ -135,6 +135,12 @@ impl Qmp {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| QmpError::Disconnected(format!("connect {}: {e}", path.display())))?;
+        Qmp::from_stream(stream, timeout).await
+    }
+
+    /// Reads the greeting and negotiates capabilities on a connected stream (the fuzz tests use
+    /// one end of a socket pair).
+    pub async fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Qmp, QmpError> {
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(timeout, lines.next_line())

@@ -53,27 +53,7 @@ impl AgentChannel {
             AgentChannel::HybridVsock { uds, port } => {
                 let mut s = UnixStream::connect(uds).await?;
                 s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-                // Read the reply byte by byte so that no guest byte after the newline is consumed.
-                let mut reply = Vec::new();
-                loop {
-                    let b = s.read_u8().await.map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!("connection closed after CONNECT {port} (guest not listening yet?)"),
-                        )
-                    })?;
-                    if b == b'\n' {
-                        break;
-                    }
-                    reply.push(b);
-                    if reply.len() > 64 {
-                        return Err(std::io::Error::other("overlong reply to CONNECT"));
-                    }
-                }
-                let reply = String::from_utf8_lossy(&reply);
-                if !reply.starts_with("OK ") {
-                    return Err(std::io::Error::other(format!("CONNECT {port} answered {reply:?}")));
-                }
+                read_connect_reply(&mut s, *port).await?;
                 Ok(s.into_std()?.into())
             }
             AgentChannel::Vsock { cid, port } => {
@@ -93,6 +73,30 @@ impl AgentChannel {
             }
         }
     }
+}
+
+/// Reads the daemon's answer to `CONNECT <port>\n`: one line (at most 64 bytes) starting with
+/// `OK `. Reads byte by byte so that no guest byte after the newline is consumed. Public for the
+/// fuzz tests.
+pub async fn read_connect_reply<R: tokio::io::AsyncRead + Unpin>(s: &mut R, port: u32) -> std::io::Result<()> {
+    let mut reply = Vec::new();
+    loop {
+        let b = s.read_u8().await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("connection closed after CONNECT {port} (guest not listening yet?)"))
+        })?;
+        if b == b'\n' {
+            break;
+        }
+        reply.push(b);
+        if reply.len() > 64 {
+            return Err(std::io::Error::other("overlong reply to CONNECT"));
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    if !reply.starts_with("OK ") {
+        return Err(std::io::Error::other(format!("CONNECT {port} answered {reply:?}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -123,7 +123,13 @@ pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> 
         .transpose()?;
     if let (Some(q), Some(p)) = (quota, period) {
         if q > 0 && p > 0 {
-            applied.sandbox_vcpus = (q as u64).div_ceil(p) as u32;
+            let vcpus = (q as u64).div_ceil(p);
+            if vcpus > 240 {
+                return Err(format!(
+                    "annotations io.kubernetes.cri.sandbox-cpu-quota={q} and sandbox-cpu-period={p} ask for {vcpus} vCPUs; a VM has at most 240"
+                ));
+            }
+            applied.sandbox_vcpus = vcpus as u32;
             applied.sized_by_manager = true;
         }
     }

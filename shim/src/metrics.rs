@@ -95,7 +95,7 @@ impl Guest<'_> {
     fn kernel(&self) -> u64 {
         match self.memory.stats.get("kernel") {
             Some(k) => *k,
-            None => self.mem("kernel_stack") + self.mem("slab"),
+            None => self.mem("kernel_stack").saturating_add(self.mem("slab")),
         }
     }
 
@@ -114,10 +114,10 @@ impl Guest<'_> {
                 };
                 let o = &mut out[i];
                 match (e.op.to_ascii_lowercase().as_str(), bytes) {
-                    ("read", true) => o.rbytes += e.value,
-                    ("write", true) => o.wbytes += e.value,
-                    ("read", false) => o.rios += e.value,
-                    ("write", false) => o.wios += e.value,
+                    ("read", true) => o.rbytes = o.rbytes.saturating_add(e.value),
+                    ("write", true) => o.wbytes = o.wbytes.saturating_add(e.value),
+                    ("read", false) => o.rios = o.rios.saturating_add(e.value),
+                    ("write", false) => o.wios = o.wios.saturating_add(e.value),
                     _ => {}
                 }
             }
@@ -281,9 +281,10 @@ pub fn to_v2(stats: &pb::StatsContainerResponse) -> v2::Metrics {
         slab_unreclaimable: m("slab_unreclaimable"),
         pgfault: m("pgfault"),
         pgmajfault: m("pgmajfault"),
-        workingset_refault: m("workingset_refault").max(m("workingset_refault_anon") + m("workingset_refault_file")),
+        workingset_refault: m("workingset_refault")
+            .max(m("workingset_refault_anon").saturating_add(m("workingset_refault_file"))),
         workingset_activate: m("workingset_activate")
-            .max(m("workingset_activate_anon") + m("workingset_activate_file")),
+            .max(m("workingset_activate_anon").saturating_add(m("workingset_activate_file"))),
         workingset_nodereclaim: m("workingset_nodereclaim"),
         pgrefill: m("pgrefill"),
         pgscan: m("pgscan"),
