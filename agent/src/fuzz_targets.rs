@@ -206,14 +206,14 @@ fn spec_path(bases: &Bases, data: &[u8]) {
         }
         let Some(oci) = req.OCI.as_ref() else { return };
         let Ok(converted) = agent_protocol::convert::spec_from_grpc(oci) else { return };
-        let mut json = serde_json::to_value(&converted).expect("a converted spec serialises");
+        let mut typed = converted;
         let cgroup = spec::cgroup_path("sb1", if spec::valid_id(id) { id } else { "c1" });
-        if let Ok(facts) = spec::normalize(&mut json, &cgroup, &join, &exists) {
+        if let Ok(facts) = spec::normalize(&mut typed, &cgroup, &join, &exists) {
             for (key, _) in &facts.net_sysctls {
                 let _ = spec::sysctl_file(key);
             }
             // What the agent writes as the bundle's config.json must read back as a spec.
-            let text = serde_json::to_string(&json).expect("a normalised spec serialises");
+            let text = serde_json::to_string(&typed).expect("a normalised spec serialises");
             let back: Result<oci_spec_check::Spec, _> = serde_json::from_str(&text);
             assert!(back.is_ok(), "the normalised spec no longer parses: {:?}\n{text}", back.err());
         }
@@ -233,8 +233,8 @@ fn spec_path(bases: &Bases, data: &[u8]) {
         let Some(process) = req.process.as_ref() else { return };
         let wrapper = agent_protocol::oci::Spec { Process: Some(process.clone()).into(), ..Default::default() };
         let Ok(converted) = agent_protocol::convert::spec_from_grpc(&wrapper) else { return };
-        let mut pjson = serde_json::to_value(converted.process()).expect("a process serialises");
-        let _ = spec::normalize_process(&mut pjson, Path::new("/nonexistent/podvisor-fuzz-rootfs"), "process");
+        let Some(mut process) = converted.process().clone() else { return };
+        let _ = spec::normalize_process(&mut process, Path::new("/nonexistent/podvisor-fuzz-rootfs"), "process");
     }
 }
 
