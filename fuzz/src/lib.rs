@@ -380,29 +380,6 @@ fn config_text(data: &[u8]) {
     }
 }
 
-const QEMU_KEYS: &[&str] = &[
-    "path",
-    "kernel",
-    "initrd",
-    "image",
-    "machine_type",
-    "kernel_params",
-    "default_vcpus",
-    "default_maxvcpus",
-    "default_memory",
-    "memory_slots",
-    "default_maxmemory",
-    "enable_debug",
-    "accelerator",
-    "vhost_user_vsock_daemon",
-    "virtio_fs_daemon",
-    "virtio_fs_cache",
-    "virtio_fs_extra_args",
-    "enable_annotations",
-    "valid_hypervisor_paths",
-    "block_device_driver",
-    "bogus",
-];
 const AGENT_KEYS: &[&str] = &["dial_timeout", "enable_debug", "kernel_modules", "debug_console_enabled", "x"];
 const RUNTIME_KEYS: &[&str] = &["enable_debug", "sandbox_cgroup_only", "internetworking_model", "sandbox_bind_mounts"];
 const CONFIG_WORDS: &[&str] = &[
@@ -489,7 +466,7 @@ fn toml_doc(u: &mut Unstructured) -> arbitrary::Result<toml::Table> {
     let mut doc = toml::Table::new();
     let mut hv = toml::Table::new();
     if u.ratio(7, 8)? {
-        hv.insert("qemu".into(), Value::Table(toml_table(u, QEMU_KEYS, 1)?));
+        hv.insert("qemu".into(), Value::Table(toml_table(u, hypervisor::config::KNOWN_KEYS, 1)?));
     } else {
         hv.insert("qemu".into(), toml_value(u, 1)?);
     }

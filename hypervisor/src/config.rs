@@ -372,8 +372,8 @@ impl QemuConfig {
     }
 }
 
-/// Keys this driver reads.
-const KNOWN_KEYS: &[&str] = &[
+/// Keys this driver reads (any other key under `[hypervisor.qemu]` gets a warning naming it).
+pub const KNOWN_KEYS: &[&str] = &[
     "path",
     "kernel",
     "initrd",

@@ -273,40 +273,15 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex as StdMutex;
     use std::time::Instant;
 
     use async_trait::async_trait;
     use containerd_shim_protos::shim_async::{create_events, Events};
     use protobuf::well_known_types::empty::Empty;
     use protobuf::Message;
-    use slog::{Drain, OwnedKVList, Record, KV};
     use ttrpc::asynchronous::{Server, TtrpcContext};
 
-    /// A logger whose records ("LEVEL msg k=v …") the test can read.
-    fn capture_log() -> (Logger, Arc<StdMutex<Vec<String>>>) {
-        struct Capture(Arc<StdMutex<Vec<String>>>);
-        struct Pairs(String);
-        impl slog::Serializer for Pairs {
-            fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
-                self.0.push_str(&format!(" {key}={val}"));
-                Ok(())
-            }
-        }
-        impl Drain for Capture {
-            type Ok = ();
-            type Err = slog::Never;
-            fn log(&self, record: &Record, values: &OwnedKVList) -> Result<(), slog::Never> {
-                let mut pairs = Pairs(format!("{} {}", record.level().as_str(), record.msg()));
-                let _ = record.kv().serialize(record, &mut pairs);
-                let _ = values.serialize(record, &mut pairs);
-                self.0.lock().unwrap().push(pairs.0);
-                Ok(())
-            }
-        }
-        let lines = Arc::new(StdMutex::new(Vec::new()));
-        (Logger::root(Capture(lines.clone()), slog::o!()), lines)
-    }
+    use crate::logging::capture_log;
 
     /// Records what it is sent; optionally refuses everything.
     struct FakeContainerd {

@@ -481,6 +481,33 @@ impl Fallback {
     }
 }
 
+/// A logger whose records ("LEVEL msg k=v …") the test can read.
+#[cfg(test)]
+pub(crate) fn capture_log() -> (slog::Logger, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use slog::{Drain, OwnedKVList, Record, KV};
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    struct Pairs(String);
+    impl slog::Serializer for Pairs {
+        fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+            self.0.push_str(&format!(" {key}={val}"));
+            Ok(())
+        }
+    }
+    impl Drain for Capture {
+        type Ok = ();
+        type Err = slog::Never;
+        fn log(&self, record: &Record, values: &OwnedKVList) -> Result<(), slog::Never> {
+            let mut pairs = Pairs(format!("{} {}", record.level().as_str(), record.msg()));
+            let _ = record.kv().serialize(record, &mut pairs);
+            let _ = values.serialize(record, &mut pairs);
+            self.0.lock().unwrap().push(pairs.0);
+            Ok(())
+        }
+    }
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    (slog::Logger::root(Capture(lines.clone()), slog::o!()), lines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

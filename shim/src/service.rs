@@ -311,28 +311,8 @@ mod tests {
     /// log-only publisher logs the topic and the event's text form).
     #[tokio::test]
     async fn pod_events_become_containerd_events() {
-        use slog::{Drain, OwnedKVList, Record, KV};
-        use std::sync::Mutex;
-        struct Capture(Arc<Mutex<Vec<String>>>);
-        struct Pairs(String);
-        impl slog::Serializer for Pairs {
-            fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
-                self.0.push_str(&format!(" {key}={val}"));
-                Ok(())
-            }
-        }
-        impl Drain for Capture {
-            type Ok = ();
-            type Err = slog::Never;
-            fn log(&self, record: &Record, _: &OwnedKVList) -> Result<(), slog::Never> {
-                let mut pairs = Pairs(String::new());
-                let _ = record.kv().serialize(record, &mut pairs);
-                self.0.lock().unwrap().push(pairs.0);
-                Ok(())
-            }
-        }
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let publisher = Publisher::new(None, "default".into(), Logger::root(Capture(lines.clone()), slog::o!()));
+        let (log, lines) = crate::logging::capture_log();
+        let publisher = Publisher::new(None, "default".into(), log);
         let at = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         let exit = crate::process::Exit { code: 137, at };
         let c = || "c1".to_string();
