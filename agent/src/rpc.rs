@@ -367,6 +367,29 @@ impl MethodHandler for Unimplemented {
     }
 }
 
+/// Kernel command-line parameter for fault-injection tests (`tests/tests/faults.rs`):
+/// `podvisor.test_panic=<AgentService method>` makes the agent panic when that RPC arrives,
+/// `podvisor.test_panic=boot` before it listens. A panic in PID 1 prints its cause and powers the
+/// guest off (`main.rs`), which is what the host sees of any agent crash. Only a test sets it
+/// (through the `kernel_params` annotation, which `enable_annotations` must allow).
+pub const TEST_PANIC_PARAM: &str = "podvisor.test_panic=";
+
+/// Where `cmdline` (the kernel's) asks the agent to panic, see [`TEST_PANIC_PARAM`].
+pub fn test_panic_point(cmdline: &str) -> Option<&str> {
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(TEST_PANIC_PARAM))
+}
+
+struct PanicOn {
+    rpc: String,
+}
+
+#[async_trait]
+impl MethodHandler for PanicOn {
+    async fn handler(&self, _ctx: TtrpcContext, _req: Request) -> ttrpc::Result<Response> {
+        panic!("{TEST_PANIC_PARAM}{}: fault injected by a test", self.rpc)
+    }
+}
+
 /// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED, and every
 /// AgentService RPC behind the agent policy (`policy.rs`; no policy until SetPolicy).
 pub fn services(
@@ -392,6 +415,15 @@ pub fn services(
         }
     }
     crate::policy::guard(&mut services, &policy);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(method) = test_panic_point(&cmdline) {
+        for service in services.values_mut() {
+            if service.methods.contains_key(method) {
+                warn!(log, "fault injection: this agent panics on a request"; "rpc" => method);
+                service.methods.insert(method.to_string(), Box::new(PanicOn { rpc: method.to_string() }));
+            }
+        }
+    }
     services.extend(health_ttrpc::create_health(Arc::new(HealthService)));
     services
 }
@@ -427,6 +459,16 @@ mod tests {
 
     fn ctx() -> ttrpc::context::Context {
         ttrpc::context::with_timeout(5_000_000_000)
+    }
+
+    #[test]
+    fn test_panic_point_is_read_from_the_kernel_command_line() {
+        assert_eq!(
+            test_panic_point("console=ttyS0 podvisor.test_panic=CreateContainer quiet"),
+            Some("CreateContainer")
+        );
+        assert_eq!(test_panic_point("console=ttyS0 quiet"), None);
+        assert_eq!(test_panic_point("xpodvisor.test_panic=boot"), None);
     }
 
     /// Serves the real services on a unix socket and calls them with the generated clients.
