@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod cri;
 pub mod crio;
 pub mod crio_server;
+pub mod faults;
 pub mod image;
 pub mod leaks;
 pub mod stream;
