@@ -1485,6 +1485,13 @@ impl Cri {
 
     /// [`Self::assert_pod_gone`] returning the failure instead of panicking.
     pub fn check_pod_gone(&self, pod: &Pod) -> Result<(), String> {
+        let found = self.pod_leaks(pod);
+        self.fail_with_cleanup(pod, found)
+    }
+
+    /// What is left of a removed pod after up to [`leaks::GRACE`] (the pod cgroup removed
+    /// first once nothing runs in it), without cleaning anything up.
+    pub fn pod_leaks(&self, pod: &Pod) -> Vec<String> {
         let mut found = leaks::settle(leaks::GRACE, || {
             let mut f = self.pod_leftovers(pod);
             // Remove the kubelet's pod cgroup only once the runtime's processes are gone.
@@ -1495,6 +1502,11 @@ impl Cri {
             f
         });
         found.dedup();
+        found
+    }
+
+    /// Cleans up what [`Self::pod_leaks`] found and says what it was; `Ok` when nothing.
+    pub fn fail_with_cleanup(&self, pod: &Pod, found: Vec<String>) -> Result<(), String> {
         if !found.is_empty() {
             let containers = self.containers_of(pod);
             let mut ids: Vec<&str> = vec![pod.id.as_str()];

@@ -15,6 +15,7 @@ pub mod crio_server;
 pub mod faults;
 pub mod image;
 pub mod leaks;
+pub mod soak;
 pub mod stream;
 
 /// The workspace root.
