@@ -160,9 +160,13 @@ pub struct CaseReport {
 }
 
 /// A container running until SIGTERM, which it answers by writing `/tmp/stopping` and taking
-/// 60 s more (the "stopping" stage).
-pub const SLOW_STOPPER: &[&str] =
-    &["sh", "-c", "trap 'touch /tmp/stopping; sleep 60; exit 0' TERM; while :; do sleep 1 & wait $!; done"];
+/// 60 s more (the "stopping" stage). `/tmp/trapped` says the handler is installed (a SIGTERM
+/// before that is ignored: the shell is PID 1 of its namespace).
+pub const SLOW_STOPPER: &[&str] = &[
+    "sh",
+    "-c",
+    "trap 'touch /tmp/stopping; sleep 60; exit 0' TERM; touch /tmp/trapped; while :; do sleep 1 & wait $!; done",
+];
 
 /// Pids of `program` serving sandbox `id` (its command line names the id).
 pub fn pids_of(program: &str, id: &str) -> Vec<u32> {
@@ -515,6 +519,7 @@ fn after_boot_fault(cri: &Cri, pod: &Pod, target: Target, stage: Stage) -> Resul
         }
         Stage::Stopping => {
             let id = start_container(cri, pod, SLOW_STOPPER)?;
+            poll_exec(cri, &id, "/tmp/trapped")?;
             let (result, at) = std::thread::scope(|s| {
                 let stop = s.spawn(|| {
                     let client = cri.client().with_timeout(Duration::from_secs(120));
