@@ -115,13 +115,17 @@ impl Stage {
     pub const ALL: [Stage; 5] = [Stage::Booting, Stage::Creating, Stage::Running, Stage::Exec, Stage::Stopping];
 
     /// The agent's `podvisor.test_panic` point for this stage: `boot`; the second
-    /// `CreateContainer` (the first is the pause container's); otherwise `StatsContainer`,
-    /// which the test triggers with the CRI `ContainerStats` at the moment it chooses.
+    /// `CreateContainer` (the first is the pause container's); `SignalProcess` (the SIGTERM
+    /// of `StopContainer`); otherwise `StatsContainer`, which the test triggers with the CRI
+    /// `ContainerStats` at the moment it chooses.
     pub fn agent_panic_point(self) -> &'static str {
         match self {
             Stage::Booting => "boot",
             Stage::Creating => "CreateContainer:2",
-            Stage::Running | Stage::Exec | Stage::Stopping => "StatsContainer",
+            Stage::Running | Stage::Exec => "StatsContainer",
+            // CRI-O serializes ContainerStats behind a running StopContainer: the stop's
+            // SIGTERM itself is the trigger.
+            Stage::Stopping => "SignalProcess",
         }
     }
 }
@@ -410,9 +414,12 @@ fn after_boot(cri: &Cri, name: &str, target: Target, stage: Stage) -> Result<Cas
     let pod = cri.try_run_pod(&config)?;
     let outcome = after_boot_fault(cri, &pod, target, stage);
     let down = teardown(cri, &pod);
-    let report = outcome?;
-    down?;
-    Ok(report)
+    match (outcome, down) {
+        (Ok(report), Ok(())) => Ok(report),
+        (Err(e), Ok(())) => Err(format!("{e}\n(then stop and remove left nothing)")),
+        (Ok(_), Err(d)) => Err(d),
+        (Err(e), Err(d)) => Err(format!("{e}\nand then: {d}")),
+    }
 }
 
 /// Triggers the agent's `StatsContainer` panic with the CRI `ContainerStats` of `id`.
@@ -520,14 +527,19 @@ fn after_boot_fault(cri: &Cri, pod: &Pod, target: Target, stage: Stage) -> Resul
         Stage::Stopping => {
             let id = start_container(cri, pod, SLOW_STOPPER)?;
             poll_exec(cri, &id, "/tmp/trapped")?;
+            let stop_called = Instant::now();
             let (result, at) = std::thread::scope(|s| {
                 let stop = s.spawn(|| {
                     let client = cri.client().with_timeout(Duration::from_secs(120));
                     let r = call(cri, client.stop_container(&id, 90));
                     (r, Instant::now())
                 });
-                let stopping = poll_exec(cri, &id, "/tmp/stopping");
-                let at = stopping.and_then(|()| inject(cri, pod, target, &id));
+                let at = if target == Target::Agent {
+                    // The agent panics on the stop's SIGTERM.
+                    Ok(stop_called)
+                } else {
+                    poll_exec(cri, &id, "/tmp/stopping").and_then(|()| inject(cri, pod, target, &id))
+                };
                 (stop.join().unwrap(), at)
             });
             let at = at?;
