@@ -115,17 +115,17 @@ impl Stage {
     pub const ALL: [Stage; 5] = [Stage::Booting, Stage::Creating, Stage::Running, Stage::Exec, Stage::Stopping];
 
     /// The agent's `podvisor.test_panic` point for this stage: `boot`; the second
-    /// `CreateContainer` (the first is the pause container's); `SignalProcess` (the SIGTERM
-    /// of `StopContainer`); otherwise `StatsContainer`, which the test triggers with the CRI
+    /// `CreateContainer` (the first is the pause container's); the first `ExecProcess` for
+    /// stopping; otherwise `StatsContainer`: the test triggers them with the CRI `ExecSync` or
     /// `ContainerStats` at the moment it chooses.
     pub fn agent_panic_point(self) -> &'static str {
         match self {
             Stage::Booting => "boot",
             Stage::Creating => "CreateContainer:2",
             Stage::Running | Stage::Exec => "StatsContainer",
-            // CRI-O serializes ContainerStats behind a running StopContainer: the stop's
-            // SIGTERM itself is the trigger.
-            Stage::Stopping => "SignalProcess",
+            // CRI-O serializes ContainerStats behind a running StopContainer: an ExecSync
+            // (the pod's first exec) is the trigger.
+            Stage::Stopping => "ExecProcess",
         }
     }
 }
@@ -163,14 +163,12 @@ pub struct CaseReport {
     pub took: Duration,
 }
 
-/// A container running until SIGTERM, which it answers by writing `/tmp/stopping` and taking
-/// 60 s more (the "stopping" stage). `/tmp/trapped` says the handler is installed (a SIGTERM
-/// before that is ignored: the shell is PID 1 of its namespace).
-pub const SLOW_STOPPER: &[&str] = &[
-    "sh",
-    "-c",
-    "trap 'touch /tmp/stopping; sleep 60; exit 0' TERM; touch /tmp/trapped; while :; do sleep 1 & wait $!; done",
-];
+/// A container running until SIGTERM, which it answers by printing `stopping` and taking 60 s
+/// more (the "stopping" stage). It prints `trapped` once the handler is installed (a SIGTERM
+/// before that is ignored: the shell is PID 1 of its namespace). The test reads both from the
+/// container's log: an exec would be an agent request of its own.
+pub const SLOW_STOPPER: &[&str] =
+    &["sh", "-c", "trap 'echo stopping; sleep 60; exit 0' TERM; echo trapped; while :; do sleep 1 & wait $!; done"];
 
 /// Pids of `program` serving sandbox `id` (its command line names the id).
 pub fn pids_of(program: &str, id: &str) -> Vec<u32> {
@@ -430,9 +428,26 @@ fn trigger_agent_panic(cri: &Cri, id: &str) -> Instant {
     at
 }
 
+/// When the agent of sandbox `id` died: QEMU's exit (the panic powers the guest off), which
+/// follows the trigger unless a manager holds the triggering request back.
+fn agent_died(id: &str, since: Instant) -> Result<Instant, String> {
+    let deadline = since + Duration::from_secs(120);
+    while !pids_of("qemu-system", id).is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the agent did not panic within {:?} of the trigger (QEMU still runs)",
+                deadline - since
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Instant::now())
+}
+
 fn inject(cri: &Cri, pod: &Pod, target: Target, container: &str) -> Result<Instant, String> {
     if target == Target::Agent {
-        Ok(trigger_agent_panic(cri, container))
+        let triggered = trigger_agent_panic(cri, container);
+        agent_died(&pod.id, triggered)
     } else {
         kill(target, &pod.id)?;
         Ok(Instant::now())
@@ -526,20 +541,24 @@ fn after_boot_fault(cri: &Cri, pod: &Pod, target: Target, stage: Stage) -> Resul
         }
         Stage::Stopping => {
             let id = start_container(cri, pod, SLOW_STOPPER)?;
-            poll_exec(cri, &id, "/tmp/trapped")?;
-            let stop_called = Instant::now();
+            let log = pod.log_path(&cri.container_config("app", SLOW_STOPPER));
+            poll_log(&log, "trapped")?;
             let (result, at) = std::thread::scope(|s| {
                 let stop = s.spawn(|| {
                     let client = cri.client().with_timeout(Duration::from_secs(120));
                     let r = call(cri, client.stop_container(&id, 90));
                     (r, Instant::now())
                 });
-                let at = if target == Target::Agent {
-                    // The agent panics on the stop's SIGTERM.
-                    Ok(stop_called)
-                } else {
-                    poll_exec(cri, &id, "/tmp/stopping").and_then(|()| inject(cri, pod, target, &id))
-                };
+                let at = poll_log(&log, "stopping").and_then(|()| {
+                    if target == Target::Agent {
+                        let triggered = Instant::now();
+                        let client = cri.client().with_timeout(Duration::from_secs(20));
+                        let _ = call(cri, client.exec_sync(&id, &["true"], 10));
+                        agent_died(&pod.id, triggered)
+                    } else {
+                        inject(cri, pod, target, &id)
+                    }
+                });
                 (stop.join().unwrap(), at)
             });
             let at = at?;
@@ -562,6 +581,21 @@ fn start_container(cri: &Cri, pod: &Pod, args: &[&str]) -> Result<String, String
     cri.adopt_container(&pod.id, &id);
     call(cri, cri.client().start_container(&id)).map_err(|e| format!("StartContainer: {e}"))?;
     Ok(id)
+}
+
+/// Polls the container's CRI log until a stdout line is `line`.
+fn poll_log(log: &std::path::Path, line: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = crate::cri::cri_log_lines(log, "stdout").unwrap_or_default();
+        if lines.iter().any(|l| l == line) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{line:?} did not appear in {} within 60 s: {lines:?}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Polls (with ExecSync `test -e`) until `marker` exists in container `id`.
