@@ -12,7 +12,7 @@ SHAREDIR   ?= /usr/share/kata-containers
 DEFAULTSDIR ?= /usr/share/defaults/kata-containers
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build agent guest-image test bench demo install check clean fuzz
+.PHONY: all deps build agent guest-image test bench demo soak fuzz install check clean
 
 all: build guest-image
 
@@ -43,6 +43,11 @@ bench: deps guest-image
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-cri-bench
+
+# Create/delete cycles through containerd and CRI-O with faults (tests/src/soak.rs); CYCLES=200.
+soak: deps guest-image
+	$(CARGO) build --release -p podvisor-shim
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-soak -- --cycles $(or $(CYCLES),200)
 
 demo: deps guest-image
 	$(CARGO) build --release -p podvisor-shim

@@ -118,6 +118,9 @@ fn main() {
             init::fatal(&e.0);
         }
         init::load_deferred_modules(&modules, log.clone());
+        if rpc::test_panic_point(&cmdline) == Some("boot") {
+            panic!("{}boot: fault injected by a test", rpc::TEST_PANIC_PARAM);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,

@@ -367,6 +367,45 @@ impl MethodHandler for Unimplemented {
     }
 }
 
+/// Kernel command-line parameter for fault-injection tests (`tests/tests/faults.rs`):
+/// `podvisor.test_panic=<AgentService method>[:<n>]` makes the agent panic when that RPC arrives
+/// (the `n`th time, by default the first), `podvisor.test_panic=boot` before it listens. A panic in PID 1 prints its cause and powers the
+/// guest off (`main.rs`), which is what the host sees of any agent crash. Only a test sets it
+/// (through the `kernel_params` annotation, which `enable_annotations` must allow).
+pub const TEST_PANIC_PARAM: &str = "podvisor.test_panic=";
+
+/// Where `cmdline` (the kernel's) asks the agent to panic, see [`TEST_PANIC_PARAM`].
+pub fn test_panic_point(cmdline: &str) -> Option<&str> {
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(TEST_PANIC_PARAM))
+}
+
+/// The method and the call number (from 1) of a [`TEST_PANIC_PARAM`] value.
+fn parse_panic_point(point: &str) -> (&str, u32) {
+    match point.split_once(':') {
+        Some((method, n)) => (method, n.parse().unwrap_or(1).max(1)),
+        None => (point, 1),
+    }
+}
+
+/// Passes calls to `inner` until the `at`th, on which it panics.
+struct PanicOn {
+    rpc: String,
+    at: u32,
+    calls: std::sync::atomic::AtomicU32,
+    inner: Box<dyn MethodHandler + Send + Sync>,
+}
+
+#[async_trait]
+impl MethodHandler for PanicOn {
+    async fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<Response> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n == self.at {
+            panic!("{TEST_PANIC_PARAM}{}:{n}: fault injected by a test", self.rpc);
+        }
+        self.inner.handler(ctx, req).await
+    }
+}
+
 /// The services with every unimplemented AgentService RPC answering UNIMPLEMENTED, and every
 /// AgentService RPC behind the agent policy (`policy.rs`; no policy until SetPolicy).
 pub fn services(
@@ -392,6 +431,17 @@ pub fn services(
         }
     }
     crate::policy::guard(&mut services, &policy);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some((method, at)) = test_panic_point(&cmdline).map(parse_panic_point) {
+        for service in services.values_mut() {
+            if let Some(inner) = service.methods.remove(method) {
+                warn!(log, "fault injection: this agent panics on a request"; "rpc" => method, "call" => at);
+                let calls = std::sync::atomic::AtomicU32::new(0);
+                let panic_on = PanicOn { rpc: method.to_string(), at, calls, inner };
+                service.methods.insert(method.to_string(), Box::new(panic_on));
+            }
+        }
+    }
     services.extend(health_ttrpc::create_health(Arc::new(HealthService)));
     services
 }
@@ -427,6 +477,18 @@ mod tests {
 
     fn ctx() -> ttrpc::context::Context {
         ttrpc::context::with_timeout(5_000_000_000)
+    }
+
+    #[test]
+    fn test_panic_point_is_read_from_the_kernel_command_line() {
+        assert_eq!(
+            test_panic_point("console=ttyS0 podvisor.test_panic=CreateContainer quiet"),
+            Some("CreateContainer")
+        );
+        assert_eq!(test_panic_point("console=ttyS0 quiet"), None);
+        assert_eq!(test_panic_point("xpodvisor.test_panic=boot"), None);
+        assert_eq!(parse_panic_point("CreateContainer:2"), ("CreateContainer", 2));
+        assert_eq!(parse_panic_point("SignalProcess"), ("SignalProcess", 1));
     }
 
     /// Serves the real services on a unix socket and calls them with the generated clients.

@@ -200,6 +200,11 @@ impl ChildProcess {
         self.wait().await
     }
 
+    /// A handle that waits for this child's exit without owning it (for a watcher task).
+    pub fn exit_watch(&self) -> ExitWatch {
+        ExitWatch { name: self.name, pid: self.pid, status: self.status.clone() }
+    }
+
     /// Last stderr lines.
     pub fn stderr_tail(&self) -> &Tail {
         &self.stderr_tail
@@ -212,6 +217,31 @@ impl ChildProcess {
             pid: self.pid,
             status: describe_status(status),
             tail: self.stderr_tail.joined(),
+        }
+    }
+}
+
+/// Waits for a [`ChildProcess`]'s exit (see [`ChildProcess::exit_watch`]).
+#[derive(Clone)]
+pub struct ExitWatch {
+    /// The program's role, e.g. `virtiofsd`.
+    pub name: &'static str,
+    /// Its pid.
+    pub pid: u32,
+    status: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl ExitWatch {
+    /// Waits for the child to exit (at once if it has).
+    pub async fn wait(&mut self) -> ExitStatus {
+        loop {
+            if let Some(s) = *self.status.borrow_and_update() {
+                return s;
+            }
+            if self.status.changed().await.is_err() {
+                return (*self.status.borrow())
+                    .unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(255 << 8));
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The agent client: the `Agent` trait the sandbox layer uses and its ttrpc implementation over
 //! the channel the hypervisor reports (vsock or hybrid vsock).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use agent_protocol::{agent as pb, agent_ttrpc::AgentServiceClient, health, health_ttrpc::HealthClient, types};
@@ -54,6 +55,14 @@ pub enum AgentError {
         code: ttrpc::Code,
         /// The agent's message.
         message: String,
+    },
+    /// The VM failed (QEMU exited, a helper died, the guest stopped) while an RPC was pending.
+    #[error("agent {rpc}: the VM failed: {why}")]
+    VmGone {
+        /// RPC name.
+        rpc: &'static str,
+        /// What the hypervisor layer says happened.
+        why: String,
     },
     /// An RPC failed in transport (connection lost, timeout).
     #[error("agent {rpc}: {message}")]
@@ -853,5 +862,170 @@ mod tests {
         let err = g.check(&bad).unwrap_err();
         assert!(err.contains("stream 7: type 0x1 (a response is 0x2, data 0x3), flags 0x80"), "{err}");
         assert_eq!(g.check(b"").unwrap_err(), err, "the first violation sticks");
+    }
+}
+
+/// The agent of a running VM whose calls fail as soon as the VM does: every RPC races the
+/// hypervisor's failure signal (QEMU's exit, a helper's death, the guest stopped or panicked),
+/// and a transport error is explained by it when the VM failed. Without it a call waits on a
+/// vsock connection nobody will answer: hybrid vsock keeps the shim's side open while
+/// virtiofsd or vhost-device-vsock is dead, so WaitProcess never returns and the node never
+/// sees the pod's containers exit.
+pub struct VmWatchedAgent {
+    inner: Arc<dyn Agent>,
+    vm: Arc<dyn Hypervisor>,
+}
+
+impl VmWatchedAgent {
+    /// Watches `vm` for calls to `inner`.
+    pub fn new(inner: Arc<dyn Agent>, vm: Arc<dyn Hypervisor>) -> VmWatchedAgent {
+        VmWatchedAgent { inner, vm }
+    }
+
+    async fn guard<T>(
+        &self,
+        rpc: &'static str,
+        call: impl std::future::Future<Output = Result<T, AgentError>>,
+    ) -> Result<T, AgentError> {
+        tokio::select! {
+            biased;
+            r = call => match r {
+                Err(AgentError::Rpc { rpc, message }) => {
+                    // The connection broke: if the VM failed (its exit is published a moment
+                    // after the socket closes), say that instead.
+                    match tokio::time::timeout(Duration::from_secs(1), self.vm.wait_failure()).await {
+                        Ok(why) => Err(AgentError::VmGone { rpc, why }),
+                        Err(_) => Err(AgentError::Rpc { rpc, message }),
+                    }
+                }
+                other => other,
+            },
+            why = self.vm.wait_failure() => Err(AgentError::VmGone { rpc, why }),
+        }
+    }
+}
+
+#[async_trait]
+impl Agent for VmWatchedAgent {
+    async fn check(&self) -> Result<(), AgentError> {
+        self.guard("check", self.inner.check()).await
+    }
+
+    async fn version(&self) -> Result<String, AgentError> {
+        self.guard("version", self.inner.version()).await
+    }
+
+    async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
+        self.guard("guest_details", self.inner.guest_details()).await
+    }
+
+    async fn online_cpu_mem(&self, nb_cpus: u32, cpu_only: bool) -> Result<(), AgentError> {
+        self.guard("online_cpu_mem", self.inner.online_cpu_mem(nb_cpus, cpu_only)).await
+    }
+
+    async fn set_guest_time(&self, now: SystemTime) -> Result<(), AgentError> {
+        self.guard("set_guest_time", self.inner.set_guest_time(now)).await
+    }
+
+    async fn metrics(&self) -> Result<String, AgentError> {
+        self.guard("metrics", self.inner.metrics()).await
+    }
+
+    async fn destroy_sandbox(&self) -> Result<(), AgentError> {
+        self.guard("destroy_sandbox", self.inner.destroy_sandbox()).await
+    }
+
+    async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> Result<(), AgentError> {
+        self.guard("create_sandbox", self.inner.create_sandbox(req)).await
+    }
+
+    async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
+        self.guard("create_container", self.inner.create_container(req)).await
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.guard("start_container", self.inner.start_container(container_id)).await
+    }
+
+    async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.guard("remove_container", self.inner.remove_container(container_id)).await
+    }
+
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<(), AgentError> {
+        self.guard("exec_process", self.inner.exec_process(req)).await
+    }
+
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<(), AgentError> {
+        self.guard("signal_process", self.inner.signal_process(container_id, exec_id, signal)).await
+    }
+
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, AgentError> {
+        self.guard("wait_process", self.inner.wait_process(container_id, exec_id)).await
+    }
+
+    async fn read_stream(&self, container_id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>, AgentError> {
+        self.guard("read_stream", self.inner.read_stream(container_id, exec_id, stderr)).await
+    }
+
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<u32, AgentError> {
+        self.guard("write_stdin", self.inner.write_stdin(container_id, exec_id, data)).await
+    }
+
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        self.guard("close_stdin", self.inner.close_stdin(container_id, exec_id)).await
+    }
+
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), AgentError> {
+        self.guard("tty_win_resize", self.inner.tty_win_resize(container_id, exec_id, rows, columns)).await
+    }
+
+    async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.guard("pause_container", self.inner.pause_container(container_id)).await
+    }
+
+    async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        self.guard("resume_container", self.inner.resume_container(container_id)).await
+    }
+
+    async fn stats_container(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError> {
+        self.guard("stats_container", self.inner.stats_container(container_id)).await
+    }
+
+    async fn update_container(&self, req: pb::UpdateContainerRequest) -> Result<(), AgentError> {
+        self.guard("update_container", self.inner.update_container(req)).await
+    }
+
+    async fn get_oom_event(&self) -> Result<String, AgentError> {
+        self.guard("get_oom_event", self.inner.get_oom_event()).await
+    }
+
+    async fn update_interface(&self, interface: types::Interface) -> Result<types::Interface, AgentError> {
+        self.guard("update_interface", self.inner.update_interface(interface)).await
+    }
+
+    async fn update_routes(&self, routes: Vec<types::Route>) -> Result<Vec<types::Route>, AgentError> {
+        self.guard("update_routes", self.inner.update_routes(routes)).await
+    }
+
+    async fn add_arp_neighbors(&self, neighbours: Vec<types::ARPNeighbor>) -> Result<(), AgentError> {
+        self.guard("add_arp_neighbors", self.inner.add_arp_neighbors(neighbours)).await
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<types::Interface>, AgentError> {
+        self.guard("list_interfaces", self.inner.list_interfaces()).await
+    }
+
+    async fn list_routes(&self) -> Result<Vec<types::Route>, AgentError> {
+        self.guard("list_routes", self.inner.list_routes()).await
+    }
+
+    async fn set_policy(&self, policy: &str) -> Result<(), AgentError> {
+        self.guard("set_policy", self.inner.set_policy(policy)).await
     }
 }

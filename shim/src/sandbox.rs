@@ -228,7 +228,10 @@ impl Sandbox {
         }
         .await;
         match result {
-            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent, log: log.clone() }),
+            Ok(agent) => {
+                let agent = Arc::new(crate::agent::VmWatchedAgent::new(agent, vm.clone()));
+                Ok(Sandbox { id: id.to_string(), vm, agent, log: log.clone() })
+            }
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
                     warn!(log, "cleanup after failed boot failed"; "error" => %c);

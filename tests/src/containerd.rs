@@ -422,8 +422,23 @@ impl TestContainerd {
         fs::write(&me.kata_config, config_text).map_err(|e| io(&me.kata_config, e))?;
         let config = me.dir.join("config.toml");
         fs::write(&config, containerd_config(&me.dir)).map_err(|e| io(&config, e))?;
-        let log = fs::File::create(&me.log).map_err(|e| io(&me.log, e))?;
-        let log2 = log.try_clone().map_err(|e| io(&me.log, e))?;
+        let started = Instant::now();
+        me.child = Some(me.spawn()?);
+        me.wait_listening()?;
+        me.startup = started.elapsed();
+        let v = me.ctr(&["version"]);
+        if !v.status.success() {
+            return Err(format!("`ctr version` failed against the new containerd: {}", me.explain(&v)));
+        }
+        Ok(me)
+    }
+
+    /// Spawns containerd on this directory's configuration (its log appended to).
+    fn spawn(&self) -> Result<Child, String> {
+        let io = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+        let bin = self.dir.join("bin");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| io(&self.log, e))?;
+        let log2 = log.try_clone().map_err(|e| io(&self.log, e))?;
 
         let mut path = std::env::var("PATH").unwrap_or_default();
         for d in ["/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
@@ -434,10 +449,10 @@ impl TestContainerd {
         }
         let mut cmd = Command::new(CONTAINERD);
         cmd.arg("--config")
-            .arg(&config)
-            .current_dir(&me.dir)
+            .arg(self.dir.join("config.toml"))
+            .current_dir(&self.dir)
             .env("PATH", format!("{}:{path}", bin.display()))
-            .env("KATA_CONF_FILE", &me.kata_config)
+            .env("KATA_CONF_FILE", &self.kata_config)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("CONTAINERD_ADDRESS")
             .env_remove("CONTAINERD_NAMESPACE")
@@ -453,18 +468,44 @@ impl TestContainerd {
                 Ok(())
             });
         }
-        let started = Instant::now();
-        me.child =
-            Some(cmd.spawn().map_err(|e| format!("{CONTAINERD}: {e}: install Debian's containerd (scripts/deps.sh)"))?);
-        let (child, socket) = (me.child.as_mut().unwrap(), me.socket.clone());
-        let log_file = me.log.clone();
-        crate::wait_for_socket(child, &socket, "containerd", Duration::from_secs(30), || log_tail(&log_file, 30))?;
-        me.startup = started.elapsed();
-        let v = me.ctr(&["version"]);
-        if !v.status.success() {
-            return Err(format!("`ctr version` failed against the new containerd: {}", me.explain(&v)));
+        cmd.spawn().map_err(|e| format!("{CONTAINERD}: {e}: install Debian's containerd (scripts/deps.sh)"))
+    }
+
+    /// Waits until the running containerd listens on its socket.
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let (child, socket) = (self.child.as_mut().unwrap(), self.socket.clone());
+        let log_file = self.log.clone();
+        crate::wait_for_socket(child, &socket, "containerd", Duration::from_secs(30), || log_tail(&log_file, 30))
+    }
+
+    /// Restarts containerd on the same root, state, sockets and configuration while shims and
+    /// their VMs run on, as `systemctl restart containerd` does (containerd.service has
+    /// `KillMode=process`: only containerd gets the signal). `signal` is SIGTERM for a clean
+    /// restart or SIGKILL for a crash; a containerd that ignores SIGTERM for 10 s is killed and
+    /// that is an error. Returns how long the new one took to listen.
+    pub fn restart(&mut self, signal: nix::sys::signal::Signal) -> Result<Duration, String> {
+        let mut child = self.child.take().ok_or("containerd is not running")?;
+        if !matches!(child.try_wait(), Ok(None)) {
+            return Err(format!("containerd had exited before the restart:\n{}", self.logs_tail(30)));
         }
-        Ok(me)
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut error = None;
+        if matches!(child.try_wait(), Ok(None)) {
+            error = Some(format!("containerd ignored {signal} for 10 s and was killed"));
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        let started = Instant::now();
+        self.child = Some(self.spawn()?);
+        self.wait_listening()?;
+        match error {
+            Some(e) => Err(e),
+            None => Ok(started.elapsed()),
+        }
     }
 
     /// A new container id ([`crate::unique_id`]) that teardown will also clean up after: if a

@@ -832,6 +832,43 @@ impl Cri {
         }
     }
 
+    /// Restarts the container manager in place (same root, state, socket, configuration) while
+    /// the pods run on: [`TestContainerd::restart`] or [`TestCrio::restart`] with `signal`
+    /// (SIGTERM as `systemctl restart` sends, or SIGKILL for a crash), then reconnects the CRI
+    /// client and waits for `Status` to report RuntimeReady and NetworkReady again. Returns the
+    /// time from the signal to a ready CRI.
+    pub fn restart_manager(&mut self, signal: nix::sys::signal::Signal) -> Result<Duration, String> {
+        let started = Instant::now();
+        match &mut self.backend {
+            Backend::Containerd(c) => c.restart(signal)?,
+            Backend::Crio(c) => c.restart(signal)?,
+        };
+        let socket = match &self.backend {
+            Backend::Containerd(c) => c.socket().to_path_buf(),
+            Backend::Crio(c) => c.socket().to_path_buf(),
+        };
+        self.client = self.rt.block_on(CriClient::connect(&socket))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.rt.block_on(self.client.status());
+            let ready = status.as_ref().map(|s| {
+                let conds = s.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+                ["RuntimeReady", "NetworkReady"].iter().all(|t| conds.iter().any(|c| c.r#type == *t && c.status))
+            });
+            if matches!(ready, Ok(true)) {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the CRI was not ready within 60 s of restarting {}: {status:?}\n{}",
+                    self.manager,
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The manager's private directory (scratch space for a test lives under it too).
     pub fn dir(&self) -> &Path {
         match &self.backend {
@@ -866,7 +903,7 @@ impl Cri {
     }
 
     /// The directory holding one bundle per task id.
-    fn bundles_dir(&self) -> PathBuf {
+    pub fn bundles_dir(&self) -> PathBuf {
         match &self.backend {
             Backend::Containerd(_) => self.bundle("x").parent().unwrap().to_path_buf(),
             Backend::Crio(c) => c.bundles_dir(),
@@ -1018,18 +1055,35 @@ impl Cri {
 
     /// [`Self::run_pod`] with another runtime handler (`runc` next to `kata` in benchmarks).
     pub fn run_pod_with_handler(&self, config: &proto::PodSandboxConfig, handler: &str) -> Pod {
+        self.try_run_pod_with_handler(config, handler).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::run_pod`] that returns errors (with the manager's log tail) instead of panicking.
+    pub fn try_run_pod(&self, config: &proto::PodSandboxConfig) -> Result<Pod, String> {
+        self.try_run_pod_with_handler(config, self.handler)
+    }
+
+    fn try_run_pod_with_handler(&self, config: &proto::PodSandboxConfig, handler: &str) -> Result<Pod, String> {
         self.prepare_pod(config);
         let before = bridge_ports(&self.net.bridge);
         let started = Instant::now();
-        let id = self.ok("RunPodSandbox", self.block_on(self.client.run_pod_sandbox(config, handler)));
+        let id = self
+            .block_on(self.client.run_pod_sandbox(config, handler))
+            .map_err(|e| format!("RunPodSandbox: {e}\n{}", self.logs()))?;
         eprintln!("RunPodSandbox ({handler}) took {:.2} s: {id}", started.elapsed().as_secs_f64());
         self.track_id(&id);
         self.tracked.lock().unwrap().push((id.clone(), Vec::new()));
-        let st = self.ok("PodSandboxStatus", self.block_on(self.client.pod_sandbox_status(&id, true)));
+        let st = self
+            .block_on(self.client.pod_sandbox_status(&id, true))
+            .map_err(|e| format!("PodSandboxStatus: {e}\n{}", self.logs()))?;
         let status = st.status.clone().unwrap_or_default();
-        assert_eq!(status.state, proto::SANDBOX_READY, "sandbox {id} is not ready: {status:?}\n{}", self.logs());
+        if status.state != proto::SANDBOX_READY {
+            return Err(format!("sandbox {id} is not ready: {status:?}\n{}", self.logs()));
+        }
         let ip = status.network.as_ref().map(|n| n.ip.clone()).unwrap_or_default();
-        assert!(!ip.is_empty(), "PodSandboxStatus has no pod IP: {st:?}");
+        if ip.is_empty() {
+            return Err(format!("PodSandboxStatus has no pod IP: {st:?}"));
+        }
         let info: serde_json::Value =
             st.info.get("info").and_then(|i| serde_json::from_str(i).ok()).unwrap_or(serde_json::Value::Null);
         let netns = info["runtimeSpec"]["linux"]["namespaces"]
@@ -1043,7 +1097,31 @@ impl Cri {
         let after = bridge_ports(&self.net.bridge);
         let host_veth = after.into_iter().find(|p| !before.contains(p));
         let cgroup_parent = config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
-        Pod { id, config: config.clone(), ip, netns, host_veth, cgroup_parent, info }
+        Ok(Pod { id, config: config.clone(), ip, netns, host_veth, cgroup_parent, info })
+    }
+
+    /// A record of sandbox `id` whose `RunPodSandbox` (with `config`) failed or never returned,
+    /// tracked for teardown, for [`Self::check_pod_gone`]: no IP, network namespace or veth is
+    /// known (the leak check still covers processes, mounts, run directories, cgroups, the
+    /// CRI's records, bundles, the CNI result and the pod cgroup).
+    pub fn pod_record(&self, id: &str, config: &proto::PodSandboxConfig) -> Pod {
+        self.track_id(id);
+        {
+            let mut tracked = self.tracked.lock().unwrap();
+            if !tracked.iter().any(|p| p.0 == id) {
+                tracked.push((id.to_string(), Vec::new()));
+            }
+        }
+        let cgroup_parent = config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
+        Pod {
+            id: id.into(),
+            config: config.clone(),
+            ip: String::new(),
+            netns: None,
+            host_veth: None,
+            cgroup_parent,
+            info: serde_json::Value::Null,
+        }
     }
 
     /// What the kubelet does before `CreateContainer`: the container's log directory
@@ -1340,7 +1418,7 @@ impl Cri {
             found.push(format!("CNI result {}", result.display()));
         }
         let lease = self.net.ipam_dir.join(&self.net.name).join(&pod.ip);
-        if lease.exists() {
+        if !pod.ip.is_empty() && lease.exists() {
             found.push(format!("IPAM lease {}", lease.display()));
         }
         for link in fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
@@ -1400,6 +1478,20 @@ impl Cri {
     /// lease, tap devices in the host namespace; and the pod cgroup, which it removes first.
     /// What was found is cleaned up before the test fails.
     pub fn assert_pod_gone(&self, pod: &Pod) {
+        if let Err(e) = self.check_pod_gone(pod) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Self::assert_pod_gone`] returning the failure instead of panicking.
+    pub fn check_pod_gone(&self, pod: &Pod) -> Result<(), String> {
+        let found = self.pod_leaks(pod);
+        self.fail_with_cleanup(pod, found)
+    }
+
+    /// What is left of a removed pod after up to [`leaks::GRACE`] (the pod cgroup removed
+    /// first once nothing runs in it), without cleaning anything up.
+    pub fn pod_leaks(&self, pod: &Pod) -> Vec<String> {
         let mut found = leaks::settle(leaks::GRACE, || {
             let mut f = self.pod_leftovers(pod);
             // Remove the kubelet's pod cgroup only once the runtime's processes are gone.
@@ -1410,6 +1502,11 @@ impl Cri {
             f
         });
         found.dedup();
+        found
+    }
+
+    /// Cleans up what [`Self::pod_leaks`] found and says what it was; `Ok` when nothing.
+    pub fn fail_with_cleanup(&self, pod: &Pod, found: Vec<String>) -> Result<(), String> {
         if !found.is_empty() {
             let containers = self.containers_of(pod);
             let mut ids: Vec<&str> = vec![pod.id.as_str()];
@@ -1419,7 +1516,7 @@ impl Cri {
                 cleaned.extend(remove_host_object("netns", &ns.display().to_string()));
             }
             cleaned.extend(self.remove_pod_cgroup(pod));
-            panic!(
+            return Err(format!(
                 "left behind by pod {} ({}) after {:?}:\n  {}\ncleaned up:\n  {}\n{}",
                 pod.id,
                 pod.uid(),
@@ -1427,8 +1524,9 @@ impl Cri {
                 found.join("\n  "),
                 cleaned.join("\n  "),
                 self.logs()
-            );
+            ));
         }
+        Ok(())
     }
 
     /// Removes every pod still there (via the CRI), the pod cgroups, network namespaces and the

@@ -240,6 +240,41 @@ impl TestCrio {
         Ok(me)
     }
 
+    /// Restarts CRI-O on the same root, runroot, socket and configuration while shims and their
+    /// VMs run on: only the crio process gets the signal, as in a node's `systemctl restart
+    /// crio` that leaves the pods running (the shims are in their own sessions and cgroups).
+    /// `signal` is SIGTERM for a clean restart or SIGKILL for a crash; a CRI-O that ignores
+    /// SIGTERM for 10 s is killed and that is an error. Returns how long the new one took to
+    /// listen.
+    pub fn restart(&mut self, signal: nix::sys::signal::Signal) -> Result<Duration, String> {
+        let mut child = self.child.take().ok_or("CRI-O is not running")?;
+        if !matches!(child.try_wait(), Ok(None)) {
+            return Err(format!("CRI-O had exited before the restart:\n{}", self.logs_tail(30)));
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut error = None;
+        if matches!(child.try_wait(), Ok(None)) {
+            error = Some(format!("CRI-O ignored {signal} for 10 s and was killed"));
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        // The old socket file stays until the new CRI-O replaces it: connecting to it fails.
+        let started = Instant::now();
+        self.child = Some(self.spawn()?);
+        let (child, socket) = (self.child.as_mut().unwrap(), self.socket.clone());
+        let log_file = self.log.clone();
+        let logs = || crate::containerd::log_tail(&log_file, 30);
+        crate::wait_for_socket(child, &socket, "CRI-O", Duration::from_secs(60), logs)?;
+        match error {
+            Some(e) => Err(e),
+            None => Ok(started.elapsed()),
+        }
+    }
+
     /// How long copying the images into the storage took.
     pub fn images_time(&self) -> Duration {
         self.images

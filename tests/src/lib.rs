@@ -12,8 +12,10 @@ pub mod containerd;
 pub mod cri;
 pub mod crio;
 pub mod crio_server;
+pub mod faults;
 pub mod image;
 pub mod leaks;
+pub mod soak;
 pub mod stream;
 
 /// The workspace root.

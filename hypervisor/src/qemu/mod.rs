@@ -348,6 +348,20 @@ impl Qemu {
         }
         info!(self.log, "VM started"; "qemuPid" => qemu.pid(), "qemu_version" => &qmp.version);
         self.state.send_replace(VmState::Running);
+        // A dead virtiofsd or vsock daemon leaves QEMU running without the device (the guest
+        // blocks on it): a failure of the VM. On a normal stop QEMU exits first.
+        for mut helper in inner.virtiofsd.iter().chain(inner.vsockd.iter()).map(|h| h.exit_watch()) {
+            let (state, qemu, log) = (self.state.clone(), qemu.clone(), self.log.clone());
+            tokio::spawn(async move {
+                let status = helper.wait().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if qemu.exited().is_none() && !matches!(*state.borrow(), VmState::Exited(_)) {
+                    let why = format!("{} (pid {}) exited: {}", helper.name, helper.pid, describe_status(status));
+                    warn!(log, "a VM helper died"; "helper" => helper.name, "pid" => helper.pid, "status" => describe_status(status));
+                    state.send_replace(VmState::Failed(format!("{why}; the VM cannot work without it")));
+                }
+            });
+        }
         self.spawn_monitor(qemu, qmp);
         Ok(())
     }
@@ -773,14 +787,25 @@ impl Hypervisor for Qemu {
         self.publish(&staged);
         drop(staged);
         if let Err(e) = result {
+            // QEMU fails to start when a helper it connects to died: name the helper first.
+            let dead_helper = {
+                let procs = self.procs();
+                procs.virtiofsd.iter().chain(procs.vsockd.iter()).find_map(|h| {
+                    h.exited().map(|s| format!("{} (pid {}) exited: {}", h.name(), h.pid(), describe_status(s)))
+                })
+            };
             // Nothing of a failed start survives: processes, sockets, run directory.
             self.stop_processes(&mut life).await;
             let _ = std::fs::remove_dir_all(&self.run_dir);
             // A QEMU that exited says more than "connection lost".
             if let VmState::Exited(info) = &*self.state.borrow() {
                 if !matches!(e, Error::Host(_) | Error::Spawn { .. }) {
-                    return Err(Error::VmFailed(format!("{e}; {}", info.message)));
+                    let helper = dead_helper.map(|h| format!("{h}; ")).unwrap_or_default();
+                    return Err(Error::VmFailed(format!("{helper}{e}; {}", info.message)));
                 }
+            }
+            if let Some(h) = dead_helper {
+                return Err(Error::VmFailed(format!("{h}; {e}")));
             }
             return Err(e);
         }
