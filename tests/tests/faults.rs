@@ -41,7 +41,14 @@ fn cases(m: Manager) -> Vec<(Target, Stage)> {
             }
         }
     }
-    out.push((Target::Shim, Stage::Running));
+    // A SIGKILLed shim under CRI-O 1.36: its runtimeVM ignores the failed Task.Wait (the
+    // container stays RUNNING, the sandbox READY), StopContainer returns the failed Kill
+    // ("ttrpc: closed") so the pod cannot be stopped or removed, and it never runs the shim's
+    // `delete`. Nothing a shim answers can change that (tests/README.md, "Known failures"), so
+    // the case runs where the manager recovers: containerd.
+    if m == Manager::Containerd {
+        out.push((Target::Shim, Stage::Running));
+    }
     if let Some(only) = only {
         out.retain(|(t, s)| format!("{t:?}:{s:?}").eq_ignore_ascii_case(&only));
         assert!(
@@ -93,5 +100,5 @@ fn matrix_split_covers_everything() {
     for s in Stage::ALL {
         assert!(a.iter().any(|c| c.1 == s) && b.iter().any(|c| c.1 == s), "{s} is not tested on both managers");
     }
-    assert!(a.contains(&(Target::Shim, Stage::Running)) && b.contains(&(Target::Shim, Stage::Running)));
+    assert!(a.contains(&(Target::Shim, Stage::Running)), "a SIGKILLed shim is not tested on containerd");
 }
