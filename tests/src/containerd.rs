@@ -488,17 +488,7 @@ impl TestContainerd {
         if !matches!(child.try_wait(), Ok(None)) {
             return Err(format!("containerd had exited before the restart:\n{}", self.logs_tail(30)));
         }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut error = None;
-        if matches!(child.try_wait(), Ok(None)) {
-            error = Some(format!("containerd ignored {signal} for 10 s and was killed"));
-            let _ = child.kill();
-        }
-        let _ = child.wait();
+        let error = crate::signal_daemon(&mut child, "containerd", signal, || self.logs_tail(30)).into_iter().next();
         let started = Instant::now();
         self.child = Some(self.spawn()?);
         self.wait_listening()?;

@@ -251,17 +251,7 @@ impl TestCrio {
         if !matches!(child.try_wait(), Ok(None)) {
             return Err(format!("CRI-O had exited before the restart:\n{}", self.logs_tail(30)));
         }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut error = None;
-        if matches!(child.try_wait(), Ok(None)) {
-            error = Some(format!("CRI-O ignored {signal} for 10 s and was killed"));
-            let _ = child.kill();
-        }
-        let _ = child.wait();
+        let error = crate::signal_daemon(&mut child, "CRI-O", signal, || self.logs_tail(30)).into_iter().next();
         // The old socket file stays until the new CRI-O replaces it: connecting to it fails.
         let started = Instant::now();
         self.child = Some(self.spawn()?);

@@ -197,18 +197,30 @@ pub fn wait_for_socket(
 /// Stops a daemon: SIGTERM, up to 10 s, then SIGKILL; reaped. Returns what went wrong
 /// (ignoring SIGTERM, or having exited before), naming `what`, with `logs()` for the latter.
 pub fn stop_daemon(child: &mut std::process::Child, what: &str, logs: impl Fn() -> String) -> Vec<String> {
+    signal_daemon(child, what, nix::sys::signal::Signal::SIGTERM, logs)
+}
+
+/// Sends `signal` to a daemon, waits up to 10 s for it to exit, then SIGKILLs it; reaped.
+/// Returns what went wrong (ignoring the signal, or having exited before), naming `what`, with
+/// `logs()` for the latter.
+pub fn signal_daemon(
+    child: &mut std::process::Child,
+    what: &str,
+    signal: nix::sys::signal::Signal,
+    logs: impl Fn() -> String,
+) -> Vec<String> {
     let mut left = Vec::new();
     if !matches!(child.try_wait(), Ok(None)) {
         left.push(format!("{what} had exited by itself:\n{}", logs()));
         return left;
     }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     if matches!(child.try_wait(), Ok(None)) {
-        left.push(format!("{what} ignored SIGTERM for 10 s and was killed"));
+        left.push(format!("{what} ignored {signal} for 10 s and was killed"));
         let _ = child.kill();
     }
     let _ = child.wait();
