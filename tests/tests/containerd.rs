@@ -635,6 +635,7 @@ impl Drop for Journal {
 fn logs_reach_the_journal_as_kata_and_virtiofsd() {
     require_kata("the journal test");
     let journal = Journal::start();
+    let since = format!("@{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
     let ctd = TestContainerd::start();
     let id = ctd.new_id("journal");
     let out = ctd.ctr(&strs(&run_args(&ctd, &["--rm"], &id, &["true"])));
@@ -660,5 +661,17 @@ fn logs_reach_the_journal_as_kata_and_virtiofsd() {
     let pid_match = format!("_PID={vfs_pid}");
     let vfs = journal.lines(&["-t", "virtiofsd", &pid_match], "\n");
     assert!(!vfs.trim().is_empty(), "journalctl -t virtiofsd {pid_match} shows nothing");
+    // Every record the shim wrote since the test began carries its sandbox as a field, so
+    // `journalctl -t kata SANDBOX=<id>` finds all of a pod's records (other tests' shims may
+    // write at the same time: they carry theirs).
+    let json = journal.lines(&["-t", "kata", "--since", &since, "-o", "json"], &format!("\"SANDBOX\":\"{id}\""));
+    let mut ours = 0;
+    for line in json.lines().filter(|l| !l.trim().is_empty()) {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("journal JSON {line:?}: {e}"));
+        let sandbox = rec["SANDBOX"].as_str().unwrap_or_else(|| panic!("a kata record without SANDBOX: {line}"));
+        assert!(!sandbox.is_empty(), "a kata record with an empty SANDBOX: {line}");
+        ours += usize::from(sandbox == id);
+    }
+    assert!(ours >= 5, "only {ours} records with SANDBOX={id}:\n{json}");
     ctd.assert_no_leaks(&[&id]);
 }
