@@ -150,9 +150,12 @@ impl HostCheck {
         items.push(CheckItem {
             name: "kvm".into(),
             ok: true,
-            detail: match &kvm {
-                Ok(()) => "usable".into(),
-                Err(why) => format!("unusable: {why}"),
+            detail: match (&kvm, &facts.kvm_probe) {
+                (Ok(()), _) => "usable".into(),
+                (Err(why), Some(Ok(()))) => format!(
+                    "unusable: {why} (the probe's few real-mode instructions do run: they are not a kernel boot)"
+                ),
+                (Err(why), _) => format!("unusable: {why}"),
             },
         });
         let accel = AccelChoice::choose(config.accelerator, &facts);
