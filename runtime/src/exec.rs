@@ -234,7 +234,8 @@ mod tests {
         assert_eq!(parse_agent_url("vsock://3:1024\n").unwrap(), AgentUrl::Vsock(3));
         assert!(parse_agent_url("hvsock://relative:1024").unwrap_err().contains("not absolute"));
         assert!(parse_agent_url("http://x").is_err());
-        assert!(parse_agent_url("hvsock:///a/b").unwrap_err().contains("bad port"));
+        assert!(parse_agent_url("hvsock:///a/b:x").unwrap_err().contains("bad port"));
+        assert!(parse_agent_url("hvsock:///a/b").unwrap_err().contains("no port"));
     }
 
     fn fake_daemon(answer: &'static [u8]) -> (PathBuf, std::thread::JoinHandle<String>) {
