@@ -60,26 +60,33 @@ pub fn max_vcpus() -> Option<u32> {
 
 /// Runs the probe with a time bound of `timeout`.
 pub fn probe(timeout: Duration) -> KvmProbe {
+    bounded(timeout, run)
+}
+
+/// Runs `step` on its own thread and waits at most `timeout` for it; what it reported before a
+/// timeout (API version, vCPU limit) is kept.
+fn bounded(
+    timeout: Duration,
+    step: fn(&mut KvmProbe, &std::sync::mpsc::Sender<Progress>) -> Result<(), String>,
+) -> KvmProbe {
     let start = Instant::now();
+    let empty =
+        || KvmProbe { api_version: None, max_vcpus: None, exits: Vec::new(), result: Ok(()), elapsed: Duration::ZERO };
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new().name("kvm-probe".into()).spawn(move || {
-        let mut partial =
-            KvmProbe { api_version: None, max_vcpus: None, exits: Vec::new(), result: Ok(()), elapsed: Duration::ZERO };
-        partial.result = run(&mut partial, &tx);
+        let mut partial = empty();
+        partial.result = step(&mut partial, &tx);
         let _ = tx.send(Progress::Done(partial));
     });
     if let Err(e) = spawned {
         return KvmProbe {
-            api_version: None,
-            max_vcpus: None,
-            exits: Vec::new(),
             result: Err(format!("cannot start the probe thread: {e}")),
             elapsed: start.elapsed(),
+            ..empty()
         };
     }
     // The thread reports what it learns as it goes, so a timeout still shows how far it got.
-    let mut seen =
-        KvmProbe { api_version: None, max_vcpus: None, exits: Vec::new(), result: Ok(()), elapsed: Duration::ZERO };
+    let mut seen = empty();
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         match rx.recv_timeout(left) {
@@ -218,6 +225,24 @@ fn run(p: &mut KvmProbe, tx: &std::sync::mpsc::Sender<Progress>) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step that never finishes (as a hung KVM_RUN) is cut off at the bound, keeping what it
+    /// reported before.
+    #[test]
+    fn a_hung_run_is_cut_off_at_the_bound() {
+        fn hangs(_: &mut KvmProbe, tx: &std::sync::mpsc::Sender<Progress>) -> Result<(), String> {
+            let _ = tx.send(Progress::Api(12));
+            let _ = tx.send(Progress::MaxVcpus(7));
+            loop {
+                std::thread::park();
+            }
+        }
+        let started = Instant::now();
+        let p = bounded(Duration::from_millis(100), hangs);
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(p.result.unwrap_err().contains("did not return within 100 ms"));
+        assert_eq!((p.api_version, p.max_vcpus), (Some(12), Some(7)));
+    }
 
     #[test]
     fn code_is_what_the_comment_says() {

@@ -175,6 +175,16 @@ fn qemu_cmdline(run_dir: &Path) -> Result<String, String> {
 /// `journalctl --no-pager -o short-iso-precise <args>`, bounded in time and size. A missing
 /// `journalctl` or journal is an error (it becomes a note).
 fn journal(args: &[&str]) -> Result<String, String> {
+    let socket = Path::new(podvisor_shim::logging::JOURNAL_SOCKET);
+    let journal_dirs = [Path::new("/run/log/journal"), Path::new("/var/log/journal")];
+    if !socket.exists() && !journal_dirs.iter().any(|d| d.is_dir()) {
+        return Err(format!(
+            "no systemd journal on this host (neither {} nor {} exists): the shim logged to the bundle's \
+             log FIFO, which the container manager copies into its own log",
+            socket.display(),
+            journal_dirs.map(|d| d.display().to_string()).join(" nor ")
+        ));
+    }
     let mut cmd = Command::new("journalctl");
     cmd.args(["--no-pager", "-q", "-o", "short-iso-precise"]).args(args);
     let what = format!("journalctl {}", args.join(" "));
