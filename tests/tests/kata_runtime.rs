@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use podvisor_tests::containerd::{kata_test_config, require_kata, run_with_timeout, TestContainerd, KATA_RUNTIME};
 use podvisor_tests::image;
+use podvisor_tests::journal::Journal;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(90);
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,8 +177,12 @@ fn exec_metrics_and_collect_on_a_pod_with_the_debug_console() {
         let kata = agent.entry("kata").or_insert(toml::Table::new().into()).as_table_mut().unwrap();
         kata.insert("debug_console_enabled".into(), true.into());
     });
+    let journal = Journal::start();
     let ctd = TestContainerd::start_with_kata_config(&config);
     let id = start_pod(&ctd, "krt-exec");
+    // The shim's records are in the journal before collect reads them.
+    let kata = journal.lines(&["-t", "kata", &format!("SANDBOX={id}")], "Start logging virtiofsd");
+    assert!(kata.contains("Start logging virtiofsd"), "journalctl -t kata SANDBOX={id}:\n{kata}");
 
     let out = run(&["exec", &id], Some(b"uname -r; exit\n"));
     let stdout = text(&out.stdout);
@@ -223,8 +228,13 @@ fn exec_metrics_and_collect_on_a_pod_with_the_debug_console() {
     ] {
         assert!(files.contains_key(&want), "{want} missing from {names:?}");
     }
-    assert!(files.keys().any(|n| n.starts_with(&format!("{sb}/journal-kata.txt"))), "{names:?}");
-    assert!(files.keys().any(|n| n.starts_with(&format!("{sb}/journal-virtiofsd.txt"))), "{names:?}");
+    let kata_lines =
+        files.get(&format!("{sb}/journal-kata.txt")).unwrap_or_else(|| panic!("no journal-kata.txt in {names:?}"));
+    assert!(kata_lines.contains(&format!("sandbox={id}")), "{kata_lines}");
+    let vfs_lines = files
+        .get(&format!("{sb}/journal-virtiofsd.txt"))
+        .unwrap_or_else(|| panic!("no journal-virtiofsd.txt in {names:?}"));
+    assert!(vfs_lines.contains("virtiofsd"), "{vfs_lines}");
     assert!(files[&format!("{sb}/qemu-cmdline.txt")].contains("qemu-system-x86_64"));
     assert!(files[&format!("{sb}/metrics.txt")].contains("kata_hypervisor_fds"));
     let manifest = &files["kata-collect/MANIFEST"];
@@ -235,6 +245,7 @@ fn exec_metrics_and_collect_on_a_pod_with_the_debug_console() {
 
     stop_pod(&ctd, &id);
     ctd.assert_no_leaks(&[&id]);
+    drop(journal);
 }
 
 /// Without `debug_console_enabled` the guest has no console and `exec` says how to enable it.
