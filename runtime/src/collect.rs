@@ -88,7 +88,7 @@ pub fn gather(config: Option<&Path>, ids: &[String], roots: &Roots) -> Vec<Entry
     for (i, f) in files.iter().enumerate() {
         let base = format!("configuration/{i}-{}", f.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         match std::fs::read_to_string(f).map_err(|e| e.to_string()).and_then(|t| redact_toml(&t)) {
-            Ok(t) => out.push(entry(format!("{base}"), format!("# {} (secrets redacted)\n{t}", f.display()))),
+            Ok(t) => out.push(entry(base.clone(), format!("# {} (secrets redacted)\n{t}", f.display()))),
             Err(e) => out.push(entry(format!("{base}.note"), format!("{}: {e}\n", f.display()))),
         }
     }

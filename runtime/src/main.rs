@@ -78,6 +78,9 @@ pub enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as other command-line tools do.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Check { verbose } => check::run(cli.config.as_deref(), *verbose),
