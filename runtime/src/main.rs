@@ -62,7 +62,7 @@ pub enum Command {
         /// The sandbox id.
         sandbox_id: String,
         /// The guest vsock port of the debug console.
-        #[arg(long = "kata-debug-port", default_value_t = exec::DEFAULT_DEBUG_PORT)]
+        #[arg(short = 'p', long = "kata-debug-port", default_value_t = exec::DEFAULT_DEBUG_PORT)]
         port: u32,
     },
     /// Writes a support archive (configuration with secrets redacted, env, versions, and per

@@ -11,10 +11,10 @@ pub const MONITOR_SOCKET: &str = "shim-monitor.sock";
 
 /// Refuses ids that are not a plain name (they become path components).
 pub fn validate_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
+    // Kata's rule: ^[a-zA-Z0-9][a-zA-Z0-9_.-]+$ (so never `.`, `..` or a path).
+    let ok = id.len() >= 2
         && id.len() <= 256
-        && id != "."
-        && id != ".."
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
         && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn ids_that_are_paths_are_refused() {
-        for bad in ["", ".", "..", "a/b", "../etc", "a b", "x\0"] {
+        for bad in ["", "a", ".", "..", ".x", "-x", "a/b", "../etc", "a b", "x\0"] {
             assert!(validate_id(bad).unwrap_err().contains("invalid sandbox id"), "{bad:?}");
         }
         for good in ["abc", "0123456789abcdef", "pod_1.x-y"] {
