@@ -47,13 +47,27 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Writes `config_text` to a fresh file and returns its path (removed by the caller).
-fn config_file(tag: &str, config_text: &str) -> PathBuf {
+/// A configuration file in a fresh directory, removed on drop (also when the test fails).
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+    }
+}
+
+fn config_file(tag: &str, config_text: &str) -> TempConfig {
     let dir = std::env::temp_dir().join(podvisor_tests::unique_id(tag));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("configuration.toml");
     std::fs::write(&f, config_text).unwrap();
-    f
+    TempConfig(f)
 }
 
 fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -66,7 +80,7 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
 fn check_measures_kvm_and_names_the_accelerator_in_use() {
     let cfg = config_file("krt-check", &kata_test_config(|_| {}));
     let started = std::time::Instant::now();
-    let out = run(&["--config", cfg.to_str().unwrap(), "check", "--verbose"], None);
+    let out = run(&["--config", cfg.path(), "check", "--verbose"], None);
     let took = started.elapsed();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "check failed:\n{stdout}\n{}", text(&out.stderr));
@@ -99,7 +113,6 @@ fn check_measures_kvm_and_names_the_accelerator_in_use() {
     assert!(stdout.contains("fact kvm_pvm module"), "--verbose prints the facts:\n{stdout}");
     assert!(stdout.contains("verdict: this host can run podvisor VMs"), "{stdout}");
     eprintln!("kata-runtime check took {took:?}");
-    std::fs::remove_dir_all(cfg.parent().unwrap()).unwrap();
 }
 
 #[test]
@@ -113,13 +126,13 @@ fn check_without_configuration_names_the_fix() {
 #[test]
 fn env_json_parses_and_has_kata_sections() {
     let cfg = config_file("krt-env", &kata_test_config(|_| {}));
-    let out = run(&["--config", cfg.to_str().unwrap(), "env", "--json"], None);
+    let out = run(&["--config", cfg.path(), "env", "--json"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("env --json is JSON");
     for section in ["Meta", "Runtime", "Hypervisor", "Image", "Kernel", "Initrd", "Agent", "Host"] {
         assert!(v.get(section).is_some(), "no {section} in {v:#}");
     }
-    assert_eq!(v["Runtime"]["Config"]["Path"], cfg.display().to_string());
+    assert_eq!(v["Runtime"]["Config"]["Path"], cfg.path());
     assert!(v["Hypervisor"]["Version"].as_str().unwrap().contains("QEMU"), "{v:#}");
     assert!(v["Kernel"]["Version"].as_str().unwrap().starts_with("6."), "{}", v["Kernel"]);
     assert!(v["Hypervisor"]["VirtioFSDaemonVersion"].as_str().unwrap().contains("virtiofsd"), "{}", v["Hypervisor"]);
@@ -130,10 +143,9 @@ fn env_json_parses_and_has_kata_sections() {
         assert_eq!(v["Hypervisor"]["AcceleratorInUse"], "tcg");
     }
     // The TOML form parses too.
-    let out = run(&["--config", cfg.to_str().unwrap(), "env"], None);
+    let out = run(&["--config", cfg.path(), "env"], None);
     let t: toml::Table = text(&out.stdout).parse().expect("env is TOML");
     assert!(t.contains_key("Host"));
-    std::fs::remove_dir_all(cfg.parent().unwrap()).unwrap();
 }
 
 #[test]
