@@ -33,9 +33,10 @@ agent:
 guest-image: agent
 	guest-image/build.sh --agent $(AGENT) --out $(GUEST_DIR)
 
-# The containerd tests run the shim binary, which `cargo test` does not build by itself.
+# The containerd tests run the shim and kata-runtime binaries, which `cargo test` does not
+# build by itself.
 test: deps guest-image
-	$(CARGO) build -p podvisor-shim
+	$(CARGO) build -p podvisor-shim -p podvisor-runtime
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: deps guest-image
@@ -66,10 +67,11 @@ fuzz:
 	cat fuzz/crashes/agent-report.txt; exit $$rc
 
 check: build
-	target/release/containerd-shim-kata-v2 check
+	target/release/kata-runtime check
 
 install: build guest-image
 	install -D -m 0755 target/release/containerd-shim-kata-v2 $(PREFIX)/bin/containerd-shim-kata-v2
+	install -D -m 0755 target/release/kata-runtime $(PREFIX)/bin/kata-runtime
 	install -D -m 0644 configs/configuration-qemu.toml $(DEFAULTSDIR)/configuration.toml
 	install -d $(SHAREDIR)
 	cp -L $(GUEST_DIR)/vmlinux.container $(GUEST_DIR)/vmlinuz.container $(GUEST_DIR)/kata-containers-initrd.img $(SHAREDIR)/

@@ -19,6 +19,11 @@ pub struct HostFacts {
     pub hw_virt_flags: bool,
     /// `/dev/vhost-vsock` exists.
     pub vhost_vsock: bool,
+    /// The outcome of the KVM probe ([`crate::kvm_probe`]) when it was run: `Err` names the
+    /// step that failed. `None`: not run (only the cheap facts above were read).
+    pub kvm_probe: Option<Result<(), String>>,
+    /// `KVM_CAP_MAX_VCPUS`, when `/dev/kvm` could be opened and it was asked.
+    pub kvm_max_vcpus: Option<u32>,
 }
 
 impl HostFacts {
@@ -35,7 +40,22 @@ impl HostFacts {
             kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
             hw_virt_flags,
             vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+            kvm_probe: None,
+            kvm_max_vcpus: None,
         }
+    }
+
+    /// [`HostFacts::probe`] plus the KVM probe (a one-vCPU VM running a few instructions, bounded
+    /// by `timeout`) when `/dev/kvm` can be opened. Returns the probe's details too.
+    pub fn probe_with_kvm(timeout: std::time::Duration) -> (HostFacts, Option<crate::kvm_probe::KvmProbe>) {
+        let mut facts = HostFacts::probe();
+        if !facts.dev_kvm_openable {
+            return (facts, None);
+        }
+        let p = crate::kvm_probe::probe(timeout);
+        facts.kvm_probe = Some(p.result.clone());
+        facts.kvm_max_vcpus = p.max_vcpus;
+        (facts, Some(p))
     }
 
     /// `Ok(())` when KVM can run a stock guest kernel, otherwise the reason it cannot.
@@ -53,6 +73,9 @@ impl HostFacts {
         }
         if !self.hw_virt_flags {
             return Err("/proc/cpuinfo has no vmx or svm flag (no hardware virtualization)".into());
+        }
+        if let Some(Err(why)) = &self.kvm_probe {
+            return Err(format!("the KVM probe (one vCPU running a few instructions) failed: {why}"));
         }
         Ok(())
     }
@@ -103,30 +126,60 @@ pub struct CheckItem {
 pub struct HostCheck {
     /// One entry per item, in a stable order.
     pub items: Vec<CheckItem>,
+    /// The facts the check was made from (the KVM probe's outcome included).
+    pub facts: HostFacts,
+    /// The KVM probe's details, when `/dev/kvm` could be opened.
+    pub kvm_probe: Option<crate::kvm_probe::KvmProbe>,
 }
 
 impl HostCheck {
-    /// Checks the real host for `config`.
+    /// Checks the real host for `config`, running the KVM probe (bounded by
+    /// [`crate::kvm_probe::DEFAULT_TIMEOUT`]) when `/dev/kvm` can be opened.
     pub fn run(config: &QemuConfig) -> HostCheck {
-        let facts = HostFacts::probe();
+        let (facts, kvm_probe) = HostFacts::probe_with_kvm(crate::kvm_probe::DEFAULT_TIMEOUT);
         let mut items = Vec::new();
+        items.push(CheckItem {
+            name: "kvm-probe".into(),
+            ok: true,
+            detail: match &kvm_probe {
+                None => "not run: /dev/kvm cannot be opened".into(),
+                Some(p) => describe_probe(p),
+            },
+        });
         let kvm = facts.kvm_usable();
         items.push(CheckItem {
             name: "kvm".into(),
             ok: true,
-            detail: match &kvm {
-                Ok(()) => "usable".into(),
-                Err(why) => format!("unusable: {why}"),
+            detail: match (&kvm, &facts.kvm_probe) {
+                (Ok(()), _) => "usable".into(),
+                (Err(why), Some(Ok(()))) => format!(
+                    "unusable: {why} (the probe's few real-mode instructions do run: they are not a kernel boot)"
+                ),
+                (Err(why), _) => format!("unusable: {why}"),
             },
         });
-        items.push(match AccelChoice::choose(config.accelerator, &facts) {
+        let accel = AccelChoice::choose(config.accelerator, &facts);
+        items.push(match &accel {
             Ok(AccelChoice::Kvm) => CheckItem { name: "accelerator".into(), ok: true, detail: "kvm".into() },
             Ok(AccelChoice::Tcg { reason }) => CheckItem {
                 name: "accelerator".into(),
                 ok: true,
                 detail: format!("tcg (software emulation): {reason}"),
             },
-            Err(e) => CheckItem { name: "accelerator".into(), ok: false, detail: e },
+            Err(e) => CheckItem { name: "accelerator".into(), ok: false, detail: e.clone() },
+        });
+        let wanted = config.max_vcpus(host_cpus());
+        items.push(CheckItem {
+            name: "max-vcpus".into(),
+            ok: true,
+            detail: match (&accel, facts.kvm_max_vcpus) {
+                (Ok(AccelChoice::Kvm), Some(cap)) if wanted > cap => format!(
+                    "default_maxvcpus resolves to {wanted}, above KVM_CAP_MAX_VCPUS {cap}: VMs get maxcpus={cap}"
+                ),
+                (Ok(AccelChoice::Kvm), Some(cap)) => format!("{wanted} (KVM_CAP_MAX_VCPUS {cap})"),
+                (_, Some(cap)) => format!("{wanted} (TCG; KVM_CAP_MAX_VCPUS {cap} does not apply)"),
+                (_, None) => format!("{wanted}"),
+            },
         });
         items.push(if facts.vhost_vsock {
             CheckItem { name: "vsock".into(), ok: true, detail: "vhost-vsock (/dev/vhost-vsock)".into() }
@@ -175,7 +228,7 @@ impl HostCheck {
                 ),
             },
         });
-        HostCheck { items }
+        HostCheck { items, facts, kvm_probe }
     }
 
     /// `true` when every item is fine.
@@ -194,6 +247,40 @@ impl std::fmt::Display for HostCheck {
             "verdict: {}",
             if self.passed() { "this host can run podvisor VMs" } else { "cannot run VMs (see FAIL lines)" }
         )
+    }
+}
+
+/// The probe in one line: what ran, the exits, the time, and the verdict.
+pub fn describe_probe(p: &crate::kvm_probe::KvmProbe) -> String {
+    let mut s = match &p.result {
+        Ok(()) => "passed".to_string(),
+        Err(why) => format!("failed: {why}"),
+    };
+    if let Some(v) = p.api_version {
+        s.push_str(&format!("; API version {v}"));
+    }
+    if let Some(n) = p.max_vcpus {
+        s.push_str(&format!("; KVM_CAP_MAX_VCPUS {n}"));
+    }
+    if !p.exits.is_empty() {
+        s.push_str(&format!("; exits: {}", p.exits.join(", ")));
+    }
+    s.push_str(&format!("; {:.1} ms", p.elapsed.as_secs_f64() * 1000.0));
+    s
+}
+
+/// `max` bounded by `KVM_CAP_MAX_VCPUS` when KVM is the accelerator: the clamped value and, when
+/// it had to be lowered, a warning naming the key.
+pub fn clamp_max_vcpus(max: u32, accel: &AccelChoice, kvm_max_vcpus: Option<u32>) -> (u32, Option<String>) {
+    match (accel, kvm_max_vcpus) {
+        (AccelChoice::Kvm, Some(cap)) if cap > 0 && max > cap => (
+            cap,
+            Some(format!(
+                "default_maxvcpus resolves to {max} vCPUs but KVM_CAP_MAX_VCPUS is {cap}; using maxcpus={cap} \
+                 (lower default_maxvcpus in [hypervisor.qemu] to silence this)"
+            )),
+        ),
+        _ => (max, None),
     }
 }
 
@@ -248,7 +335,15 @@ mod tests {
     use super::*;
 
     fn facts() -> HostFacts {
-        HostFacts { dev_kvm: true, dev_kvm_openable: true, kvm_pvm: false, hw_virt_flags: true, vhost_vsock: true }
+        HostFacts {
+            dev_kvm: true,
+            dev_kvm_openable: true,
+            kvm_pvm: false,
+            hw_virt_flags: true,
+            vhost_vsock: true,
+            kvm_probe: None,
+            kvm_max_vcpus: None,
+        }
     }
 
     #[test]
@@ -274,10 +369,20 @@ mod tests {
             (HostFacts { dev_kvm: false, dev_kvm_openable: false, ..facts() }, "does not exist"),
             (HostFacts { dev_kvm_openable: false, ..facts() }, "cannot be opened"),
             (HostFacts { hw_virt_flags: false, ..facts() }, "no vmx or svm"),
+            (HostFacts { kvm_probe: Some(Err("KVM_RUN: EIO".into())), ..facts() }, "probe"),
         ];
         for (f, fragment) in cases {
             assert!(f.kvm_usable().unwrap_err().contains(fragment));
         }
+    }
+
+    #[test]
+    fn max_vcpus_is_clamped_only_under_kvm() {
+        assert_eq!(clamp_max_vcpus(8, &AccelChoice::Kvm, Some(4)).0, 4);
+        assert!(clamp_max_vcpus(8, &AccelChoice::Kvm, Some(4)).1.unwrap().contains("default_maxvcpus"));
+        assert_eq!(clamp_max_vcpus(4, &AccelChoice::Kvm, Some(4)), (4, None));
+        assert_eq!(clamp_max_vcpus(8, &AccelChoice::Kvm, None), (8, None));
+        assert_eq!(clamp_max_vcpus(8, &AccelChoice::Tcg { reason: "x".into() }, Some(4)), (8, None));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod console;
 pub mod host;
+pub mod kvm_probe;
 pub mod network;
 pub mod process;
 pub mod qemu;

@@ -14,6 +14,7 @@ pub mod crio;
 pub mod crio_server;
 pub mod faults;
 pub mod image;
+pub mod journal;
 pub mod leaks;
 pub mod soak;
 pub mod stream;

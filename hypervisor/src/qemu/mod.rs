@@ -219,7 +219,18 @@ impl Qemu {
     /// Boots the VM, recording each process in `inner` as soon as it exists (the caller
     /// publishes and, on failure, stops them).
     async fn start_inner(&self, inner: &mut Procs) -> Result<()> {
-        let accel = AccelChoice::choose(self.config.accelerator, &self.facts).map_err(Error::Host)?;
+        // KVM is "usable" only once a vCPU has run guest code: where the cheap facts allow KVM,
+        // run the probe (about a millisecond; bounded) and read KVM_CAP_MAX_VCPUS.
+        let mut facts = self.facts.clone();
+        if self.config.accelerator != crate::config::Accelerator::Tcg && facts.kvm_usable().is_ok() {
+            let probe = tokio::task::spawn_blocking(|| crate::kvm_probe::probe(KVM_PROBE_TIMEOUT))
+                .await
+                .map_err(|e| Error::Host(format!("the KVM probe thread failed: {e}")))?;
+            facts.kvm_probe = Some(probe.result.clone());
+            facts.kvm_max_vcpus = probe.max_vcpus;
+            info!(self.log, "KVM probe: {}", host::describe_probe(&probe));
+        }
+        let accel = AccelChoice::choose(self.config.accelerator, &facts).map_err(Error::Host)?;
         match &accel {
             AccelChoice::Kvm => info!(self.log, "using KVM"),
             AccelChoice::Tcg { reason } => {
@@ -262,6 +273,11 @@ impl Qemu {
             VsockDevice::VhostUser { socket }
         };
         let mut spec = self.spec(accel, vsock);
+        let (max_vcpus, clamped) = host::clamp_max_vcpus(spec.max_vcpus, &spec.accel, facts.kvm_max_vcpus);
+        if let Some(why) = clamped {
+            warn!(self.log, "{}", why);
+            spec.max_vcpus = max_vcpus.max(spec.vcpus);
+        }
         if let Some(dir) = &self.shared_dir {
             spec.virtio_fs = Some(self.start_virtiofsd(inner, dir).await?);
         }
@@ -588,6 +604,9 @@ fn child_setup(netns: Option<RawFd>, fds: &[(RawFd, RawFd)]) -> std::io::Result<
     }
     Ok(())
 }
+
+/// The time bound of the KVM probe made before a VM starts under KVM.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// File in the run directory listing `<name> <pid> <start time> <session>` of every helper
 /// process (each the leader of its own process group), for [`kill_leftovers`].
