@@ -865,6 +865,42 @@ mod tests {
     }
 }
 
+/// Kata's name of an agent call in `kata_shim_agent_rpc_durations_histogram_milliseconds`
+/// (label `action`): the request's type in the `grpc` package.
+pub fn kata_action(rpc: &str) -> &'static str {
+    match rpc {
+        "check" | "version" => "grpc.CheckRequest",
+        "guest_details" => "grpc.GuestDetailsRequest",
+        "online_cpu_mem" => "grpc.OnlineCPUMemRequest",
+        "set_guest_time" => "grpc.SetGuestDateTimeRequest",
+        "metrics" => "grpc.GetMetricsRequest",
+        "destroy_sandbox" => "grpc.DestroySandboxRequest",
+        "create_sandbox" => "grpc.CreateSandboxRequest",
+        "create_container" => "grpc.CreateContainerRequest",
+        "start_container" => "grpc.StartContainerRequest",
+        "remove_container" => "grpc.RemoveContainerRequest",
+        "exec_process" => "grpc.ExecProcessRequest",
+        "signal_process" => "grpc.SignalProcessRequest",
+        "wait_process" => "grpc.WaitProcessRequest",
+        "read_stream" => "grpc.ReadStreamRequest",
+        "write_stdin" => "grpc.WriteStreamRequest",
+        "close_stdin" => "grpc.CloseStdinRequest",
+        "tty_win_resize" => "grpc.TtyWinResizeRequest",
+        "pause_container" => "grpc.PauseContainerRequest",
+        "resume_container" => "grpc.ResumeContainerRequest",
+        "stats_container" => "grpc.StatsContainerRequest",
+        "update_container" => "grpc.UpdateContainerRequest",
+        "get_oom_event" => "grpc.GetOOMEventRequest",
+        "update_interface" => "grpc.UpdateInterfaceRequest",
+        "update_routes" => "grpc.UpdateRoutesRequest",
+        "add_arp_neighbors" => "grpc.AddARPNeighborsRequest",
+        "list_interfaces" => "grpc.ListInterfacesRequest",
+        "list_routes" => "grpc.ListRoutesRequest",
+        "set_policy" => "grpc.SetPolicyRequest",
+        _ => "grpc.UnknownRequest",
+    }
+}
+
 /// The agent of a running VM whose calls fail as soon as the VM does: every RPC races the
 /// hypervisor's failure signal (QEMU's exit, a helper's death, the guest stopped or panicked),
 /// and a transport error is explained by it when the VM failed. Without it a call waits on a
@@ -883,6 +919,17 @@ impl VmWatchedAgent {
     }
 
     async fn guard<T>(
+        &self,
+        rpc: &'static str,
+        call: impl std::future::Future<Output = Result<T, AgentError>>,
+    ) -> Result<T, AgentError> {
+        let started = std::time::Instant::now();
+        let r = self.watch(rpc, call).await;
+        crate::monitor::observe_agent_rpc(kata_action(rpc), started.elapsed());
+        r
+    }
+
+    async fn watch<T>(
         &self,
         rpc: &'static str,
         call: impl std::future::Future<Output = Result<T, AgentError>>,
