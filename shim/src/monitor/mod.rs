@@ -4,7 +4,7 @@
 //! nobody scrapes. Names, types, units and labels follow Kata's metrics design:
 //!
 //! - `kata_shim_*`: this process (`fds`, `threads`, `proc_stat`, `proc_status`, `io_stat`,
-//!   `netdev`, `process_*`), `pod_overhead_cpu` / `pod_overhead_memory_in_bytes`, and
+//!   `process_*`), `pod_overhead_cpu` / `pod_overhead_memory_in_bytes`, and
 //!   `agent_rpc_durations_histogram_milliseconds` by `action` (recorded around every agent
 //!   call, `crate::agent::VmWatchedAgent`);
 //! - `kata_hypervisor_*`: QEMU's process; `kata_virtiofsd_*`: virtiofsd's;
@@ -172,8 +172,11 @@ pub async fn scrape(source: &Source, log: &Logger) -> (String, ScrapeInfo) {
 /// The shim's, QEMU's and virtiofsd's `/proc` families and the agent RPC histogram.
 fn host_families(registry: &Registry, view: Option<&VmView>) -> prometheus::Result<()> {
     let all = process::Families { counts: true, usage: true, netdev: true };
+    // No `kata_shim_netdev` (Kata's Go shim has none either): the shim runs in the node's
+    // network namespace, whose every interface (a tap per pod) would be repeated by every pod.
     if let Ok(me) = procfs::process::Process::myself() {
-        process::register(registry, "kata_shim", "Kata containerd shim v2", &me, &me, all)?;
+        let fams = process::Families { netdev: false, ..all };
+        process::register(registry, "kata_shim", "Kata containerd shim v2", &me, &me, fams)?;
     }
     registry.register(Box::new(prometheus::process_collector::ProcessCollector::new(
         std::process::id() as i32,

@@ -60,13 +60,12 @@ fn families(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-const SHIM: [(&str, &str); 7] = [
+const SHIM: [(&str, &str); 6] = [
     ("kata_shim_fds", "gauge"),
     ("kata_shim_threads", "gauge"),
     ("kata_shim_proc_stat", "gauge"),
     ("kata_shim_proc_status", "gauge"),
     ("kata_shim_io_stat", "gauge"),
-    ("kata_shim_netdev", "gauge"),
     ("kata_shim_process_open_fds", "gauge"),
 ];
 
@@ -91,6 +90,7 @@ async fn without_a_vm_the_shim_families_come_alone() {
     assert!(f.keys().all(|n| n.starts_with("kata_shim_")), "{f:?}");
     assert!(text.contains("kata_shim_proc_status{item=\"vmrss\"}"), "{text}");
     assert!(text.contains("kata_shim_io_stat{item=\"cancelledwritebytes\"}"), "{text}");
+    assert!(!text.contains("kata_shim_netdev"), "the node's interfaces are not the pod's:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
