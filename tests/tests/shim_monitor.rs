@@ -139,6 +139,7 @@ fn metrics_and_agent_url_of_a_running_pod_and_nothing_left_after_it() {
         "# TYPE kata_shim_pod_overhead_cpu gauge",
         "# TYPE kata_shim_pod_overhead_memory_in_bytes gauge",
         "# TYPE kata_shim_agent_rpc_durations_histogram_milliseconds histogram",
+        "# TYPE kata_shim_rpc_durations_histogram_milliseconds histogram",
     ] {
         assert!(text.contains(family), "no `{family}` in:\n{text}");
     }
@@ -148,6 +149,7 @@ fn metrics_and_agent_url_of_a_running_pod_and_nothing_left_after_it() {
     assert!(sample(&text, "kata_hypervisor_proc_status{item=\"vmrss\"}") > 64.0 * 1024.0 * 1024.0);
     let created = "kata_shim_agent_rpc_durations_histogram_milliseconds_count{action=\"grpc.CreateContainerRequest\"}";
     assert_eq!(sample(&text, created), 1.0);
+    assert_eq!(sample(&text, "kata_shim_rpc_durations_histogram_milliseconds_count{action=\"create\"}"), 1.0);
     assert!(
         sample(&text, "kata_shim_agent_rpc_durations_histogram_milliseconds_count{action=\"grpc.GetMetricsRequest\"}")
             >= 4.0

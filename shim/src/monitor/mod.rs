@@ -6,7 +6,8 @@
 //! - `kata_shim_*`: this process (`fds`, `threads`, `proc_stat`, `proc_status`, `io_stat`,
 //!   `process_*`), `pod_overhead_cpu` / `pod_overhead_memory_in_bytes`, and
 //!   `agent_rpc_durations_histogram_milliseconds` by `action` (recorded around every agent
-//!   call, `crate::agent::VmWatchedAgent`);
+//!   call, `crate::agent::VmWatchedAgent`), `rpc_durations_histogram_milliseconds` by task API
+//!   `action` (`crate::service`);
 //! - `kata_hypervisor_*`: QEMU's process; `kata_virtiofsd_*`: virtiofsd's;
 //! - `kata_agent_*` / `kata_guest_*`: the guest's `GetMetrics` answer, untrusted
 //!   ([`guest`]: size, time and names bounded). A failing guest never fails the scrape.
@@ -86,6 +87,34 @@ static AGENT_RPC_DURATIONS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .expect("valid histogram")
 });
+
+/// Task API durations by Kata's action name (`create`, `state`, `wait`, ...).
+static TASK_RPC_DURATIONS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    HistogramVec::new(
+        HistogramOpts::new("rpc_durations_histogram_milliseconds", "RPC latency distributions.")
+            .namespace("kata_shim")
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
+        &["action"],
+    )
+    .expect("valid histogram")
+});
+
+/// Times one task API call; the duration is recorded when the timer is dropped.
+pub struct RpcTimer {
+    action: &'static str,
+    started: Instant,
+}
+
+impl Drop for RpcTimer {
+    fn drop(&mut self) {
+        TASK_RPC_DURATIONS.with_label_values(&[self.action]).observe(self.started.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+/// Starts timing task API call `action` (the method's name, as Kata labels it).
+pub fn time_task_rpc(action: &'static str) -> RpcTimer {
+    RpcTimer { action, started: Instant::now() }
+}
 
 /// Records one agent call of Kata action `action` (e.g. `grpc.CreateContainerRequest`).
 pub fn observe_agent_rpc(action: &str, took: Duration) {
@@ -183,6 +212,7 @@ fn host_families(registry: &Registry, view: Option<&VmView>) -> prometheus::Resu
         "kata_shim",
     )))?;
     registry.register(Box::new(AGENT_RPC_DURATIONS.clone()))?;
+    registry.register(Box::new(TASK_RPC_DURATIONS.clone()))?;
     let Some(view) = view else { return Ok(()) };
     let pids = view.vm.helper_pids();
     if let Some(p) = pids.vmm.and_then(|p| procfs::process::Process::new(p as i32).ok()) {
@@ -247,9 +277,6 @@ async fn overhead(view: &VmView) -> Option<(f64, f64)> {
         let cg = s.cgroup_stats.as_ref()?;
         guest_cpu += cg.cpu_stats.cpu_usage.total_usage as f64 / 1e9;
         guest_mem += cg.memory_stats.usage.usage as f64;
-    }
-    if age <= 0.0 {
-        return None;
     }
     Some(((host_cpu - guest_cpu) / age * 100.0, host_mem - guest_mem))
 }

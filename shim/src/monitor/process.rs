@@ -155,6 +155,8 @@ pub fn usage(pid: i32) -> Option<(f64, f64, f64)> {
     let cpu = (stat.utime + stat.stime) as f64 / tps;
     let rss = p.status().ok()?.vmrss.unwrap_or(0) as f64 * 1024.0;
     let uptime = procfs::Uptime::current().ok()?.uptime;
-    let age = uptime - stat.starttime as f64 / tps;
+    // At least one tick: a process started within the current tick has age 0 (or, rounded,
+    // slightly less).
+    let age = (uptime - stat.starttime as f64 / tps).max(1.0 / tps);
     Some((cpu, rss, age))
 }

@@ -146,6 +146,17 @@ async fn the_histogram_counts_every_agent_call_by_kata_action() {
     );
 }
 
+#[tokio::test]
+async fn task_api_calls_are_timed_by_kata_action() {
+    drop(time_task_rpc("checkpoint"));
+    let source: Source = Arc::new(|| None);
+    let (text, _) = scrape(&source, &log()).await;
+    assert!(families(&text).get("kata_shim_rpc_durations_histogram_milliseconds").is_some_and(|t| t == "histogram"));
+    let count = "kata_shim_rpc_durations_histogram_milliseconds_count{action=\"checkpoint\"} ";
+    let n: u64 = text.lines().find_map(|l| l.strip_prefix(count)?.parse().ok()).unwrap_or_else(|| panic!("{text}"));
+    assert!(n >= 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_answer_is_refused_and_the_host_families_still_come() {
     let fake = fake().await;
