@@ -177,9 +177,9 @@ pub async fn scrape(source: &Source, log: &Logger) -> (String, ScrapeInfo) {
         };
         if let Some(why) = failure {
             let n = GUEST_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-            // One warning, then one per 100 failed scrapes: a guest without GetMetrics
-            // fails every scrape.
-            if n == 1 || n % 100 == 0 {
+            // Warnings at the 1st, 2nd, 4th, 8th... failure: a guest without GetMetrics fails
+            // every scrape.
+            if n.is_power_of_two() {
                 warn!(log, "metrics: the guest's families are left out"; "error" => %why, "failures" => n);
             } else {
                 debug!(log, "metrics: the guest's families are left out"; "error" => %why, "failures" => n);
