@@ -298,7 +298,12 @@ async fn dial_loop(channel: &AgentChannel, timeout: Duration, log: &Logger) -> R
         match channel.connect(budget).await {
             Ok(fd) => match KataAgent::from_fd(fd) {
                 Ok(agent) => match tokio::time::timeout(budget, agent.check()).await {
-                    Ok(Ok(())) => return Ok(agent),
+                    Ok(Ok(())) => {
+                        // The check that answered counts as an agent call (the failed
+                        // attempts before it were a guest still booting).
+                        crate::monitor::observe_agent_rpc(kata_action("check"), now.elapsed());
+                        return Ok(agent);
+                    }
                     Ok(Err(e)) => last = e.to_string(),
                     Err(_) => last = format!("Health.Check got no answer within {budget:?}"),
                 },

@@ -149,6 +149,10 @@ fn metrics_and_agent_url_of_a_running_pod_and_nothing_left_after_it() {
     assert!(sample(&text, "kata_hypervisor_proc_status{item=\"vmrss\"}") > 64.0 * 1024.0 * 1024.0);
     let created = "kata_shim_agent_rpc_durations_histogram_milliseconds_count{action=\"grpc.CreateContainerRequest\"}";
     assert_eq!(sample(&text, created), 1.0);
+    for (action, n) in [("CheckRequest", 1.0), ("SetGuestDateTimeRequest", 1.0), ("CreateSandboxRequest", 1.0)] {
+        let line = format!("kata_shim_agent_rpc_durations_histogram_milliseconds_count{{action=\"grpc.{action}\"}}");
+        assert_eq!(sample(&text, &line), n, "{line}");
+    }
     assert_eq!(sample(&text, "kata_shim_rpc_durations_histogram_milliseconds_count{action=\"create\"}"), 1.0);
     assert!(
         sample(&text, "kata_shim_agent_rpc_durations_histogram_milliseconds_count{action=\"grpc.GetMetricsRequest\"}")
