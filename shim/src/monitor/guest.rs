@@ -36,6 +36,16 @@ fn valid_name(name: &str, colon: bool) -> bool {
     }
 }
 
+/// The Prometheus text of accepted families.
+pub fn to_text(families: &[MetricFamily]) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    // Families built by `accept` are counters and gauges with at least one sample: the encoder
+    // has nothing to refuse.
+    let _ = prometheus::TextEncoder::new().encode(families, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// Parses and filters the guest's text. Text over [`MAX_TEXT`] is refused whole.
 pub fn accept(text: &str) -> Result<GuestFamilies, String> {
     if text.len() > MAX_TEXT {
