@@ -157,23 +157,18 @@ pub async fn scrape(source: &Source, log: &Logger) -> (String, ScrapeInfo) {
     let mut guest_families = Vec::new();
     if let Some(view) = &view {
         let started = Instant::now();
-        let guest = tokio::time::timeout(GUEST_TIMEOUT, guest_side(view)).await;
-        let failure = match guest {
-            Err(_) => Some(format!("the guest did not answer within {GUEST_TIMEOUT:?}")),
-            Ok((text, overhead)) => {
-                if let Some((cpu, mem)) = overhead {
-                    let _ = set_overhead(&registry, cpu, mem);
-                }
-                match text.and_then(|t| guest::accept(&t)) {
-                    Ok(g) => {
-                        info.guest = true;
-                        info.dropped = g.dropped;
-                        guest_families = g.families;
-                        None
-                    }
-                    Err(e) => Some(e),
-                }
+        let (text, overhead) = guest_side(view).await;
+        if let Some((cpu, mem)) = overhead {
+            let _ = set_overhead(&registry, cpu, mem);
+        }
+        let failure = match text.and_then(|t| guest::accept(&t)) {
+            Ok(g) => {
+                info.guest = true;
+                info.dropped = g.dropped;
+                guest_families = g.families;
+                None
             }
+            Err(e) => Some(e),
         };
         if let Some(why) = failure {
             let n = GUEST_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
@@ -243,11 +238,19 @@ fn set_overhead(registry: &Registry, cpu: f64, mem: f64) -> prometheus::Result<(
     Ok(())
 }
 
-/// The guest's text and the pod overhead (cpu percent, memory bytes), asked concurrently.
+/// The guest's text and the pod overhead (cpu percent, memory bytes), asked concurrently and
+/// each given up at [`GUEST_TIMEOUT`] (one slow answer does not lose the other).
 async fn guest_side(view: &VmView) -> (Result<String, String>, Option<(f64, f64)>) {
-    let text = async { view.agent.metrics().await.map_err(|e| format!("GetMetrics: {e}")) };
-    let (text, overhead) = tokio::join!(text, overhead(view));
-    (text, overhead)
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    let text = async {
+        match tokio::time::timeout_at(deadline, view.agent.metrics()).await {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(e)) => Err(format!("GetMetrics: {e}")),
+            Err(_) => Err(format!("the guest did not answer GetMetrics within {GUEST_TIMEOUT:?}")),
+        }
+    };
+    let overhead = async { tokio::time::timeout_at(deadline, overhead(view)).await.ok().flatten() };
+    tokio::join!(text, overhead)
 }
 
 /// Kata's pod overhead: what the VM's host processes use beyond what the guest's containers

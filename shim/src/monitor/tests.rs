@@ -182,6 +182,7 @@ async fn a_guest_that_never_answers_is_cut_at_the_time_limit() {
     assert!(started.elapsed() < GUEST_TIMEOUT + Duration::from_secs(5));
     assert!(families(&text).contains_key("kata_hypervisor_fds"), "{text}");
     assert!(!text.contains("kata_guest_"), "{text}");
+    assert!(text.contains("kata_shim_pod_overhead_cpu "), "the overhead does not wait for GetMetrics:\n{text}");
     // The abandoned call is gone with the scrape.
     assert_eq!(fake.agent.in_flight(), 0);
 }
