@@ -1,7 +1,7 @@
 //! The HTTP/1.1 server on the monitor socket (hyper). The socket's directory is root-only,
-//! and the server is still bounded: at most [`MAX_CONNECTIONS`] connections, request heads of
-//! at most [`MAX_HEAD`] bytes read within [`HEAD_TIMEOUT`], and every connection closed after
-//! [`CONNECTION_TIMEOUT`]. Stopping (or dropping) the handle ends the accept loop and every
+//! and the server is still bounded: at most [`MAX_CONNECTIONS`] connections, one request each
+//! (no keep-alive), request heads of at most [`MAX_HEAD`] bytes read within [`HEAD_TIMEOUT`],
+//! and every connection closed after [`CONNECTION_TIMEOUT`]. Stopping (or dropping) the handle ends the accept loop and every
 //! connection and removes the directory.
 
 use std::convert::Infallible;
@@ -107,6 +107,9 @@ async fn serve(listener: UnixListener, source: Source, log: Logger) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
+                // One request per connection: an idle kept-alive client never holds a slot,
+                // and the connection's time limit never cuts a later request short.
+                .keep_alive(false)
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;

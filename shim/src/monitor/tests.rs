@@ -259,6 +259,10 @@ async fn the_server_answers_refuses_and_leaves_nothing() {
     let url = get(&socket, b"GET /agent-url HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert!(url.starts_with("HTTP/1.1 200") && url.ends_with("\r\n\r\nvsock://3:1024"), "{url}");
 
+    // A client asking for keep-alive still gets one answer and the end of the connection.
+    let kept = get(&socket, b"GET /agent-url HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(kept.starts_with("HTTP/1.1 200") && kept.contains("connection: close"), "{kept}");
+
     let missing = get(&socket, b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     let post =
