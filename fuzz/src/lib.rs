@@ -15,6 +15,7 @@
 //! | `agent_answer` | the agent's ttrpc answer to one shim RPC (framed, raw, or generated) | ttrpc's client, `KataAgent`'s methods, `metrics::encode` of stats |
 //! | `shim_strings` | single strings from the spec and the configuration | `host_cgroup::relative_path`, `expand_slice`, `mounts::split_options`, `InternetworkingModel::parse`, `decode_agent_policy` |
 //! | `stats_metrics` | a `StatsContainerResponse` (protobuf bytes or generated) | `metrics::to_v1`, `to_v2`, `encode` |
+//! | `guest_metrics` | the guest's `GetMetrics` text | `monitor::guest::accept`, `to_text`; what passes re-parses with nothing dropped |
 //!
 //! The agent's own targets (request → policy input, request → guest spec) live in
 //! `agent/src/fuzz_targets.rs`, which includes [`driver`] and [`proto_gen`] by path.
@@ -110,6 +111,7 @@ pub fn targets() -> Vec<Target> {
         },
         Target { name: "stats_metrics", short_iters: 1500, dict: PROTO_DICT, make: || Box::new(stats_metrics) },
         Target { name: "shim_strings", short_iters: 2000, dict: STRING_DICT, make: || Box::new(shim_strings) },
+        Target { name: "guest_metrics", short_iters: 1500, dict: METRICS_DICT, make: || Box::new(guest_metrics) },
     ]
 }
 
@@ -832,6 +834,42 @@ fn stats_metrics(data: &[u8]) {
         _ => proto_gen::mutated(rest, &samples::stats(), STATS_WORDS, 6),
     };
     check_stats(m.downcast_ref::<pb::StatsContainerResponse>().expect("StatsContainerResponse"));
+}
+
+const METRICS_DICT: &[&[u8]] = &[
+    b"# HELP ",
+    b"# TYPE ",
+    b" counter\n",
+    b" gauge\n",
+    b" histogram\n",
+    b" summary\n",
+    b"kata_guest_meminfo",
+    b"kata_agent_",
+    b"{item=\"",
+    b"\"}",
+    b",",
+    b"=\"",
+    b"\\\"",
+    b" NaN",
+    b" +Inf",
+    b" -1e308",
+    b"_bucket{le=\"",
+    b"\n",
+];
+
+/// The guest's metrics text: whatever passes the filter re-encodes to text that passes again
+/// whole (the shim never forwards what it could not parse back).
+fn guest_metrics(data: &[u8]) {
+    use podvisor_shim::monitor::guest;
+    let text = String::from_utf8_lossy(data);
+    let Ok(first) = guest::accept(&text) else { return };
+    let encoded = guest::to_text(&first.families);
+    let again = guest::accept(&encoded).expect("re-encoded text is within the size limit");
+    assert_eq!(again.dropped, 0, "re-encoded text dropped samples:\n{encoded}");
+    assert_eq!(again.families.len(), first.families.len(), "families lost in:\n{encoded}");
+    for f in &first.families {
+        assert!(f.name().starts_with("kata_agent_") || f.name().starts_with("kata_guest_"), "{}", f.name());
+    }
 }
 
 const STRING_DICT: &[&[u8]] = &[

@@ -81,3 +81,8 @@ fn stats_metrics() {
 fn shim_strings() {
     short("shim_strings");
 }
+
+#[test]
+fn guest_metrics() {
+    short("guest_metrics");
+}

@@ -171,6 +171,17 @@ pub struct ExitInfo {
     pub message: String,
 }
 
+/// The VM's host processes by role (for per-process metrics); `None` for a role not running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HelperPids {
+    /// The VMM (QEMU).
+    pub vmm: Option<u32>,
+    /// The virtio-fs daemon.
+    pub virtiofsd: Option<u32>,
+    /// The vhost-user vsock daemon (hybrid vsock only).
+    pub vsockd: Option<u32>,
+}
+
 /// The hypervisor layer as the sandbox sees it: one VM per value.
 ///
 /// Methods take `&self`; implementations keep their own state behind locks so that a failure
@@ -203,6 +214,10 @@ pub trait Hypervisor: Send + Sync {
     async fn remove_device(&self, id: &str) -> Result<()>;
     /// Pids of the VMM and of its helper daemons.
     async fn pids(&self) -> Vec<u32>;
+    /// The same pids by role; never waits. The default knows none.
+    fn helper_pids(&self) -> HelperPids {
+        HelperPids::default()
+    }
     /// What this driver supports on this host.
     fn capabilities(&self) -> Capabilities;
     /// How to reach the agent inside the guest.

@@ -2,7 +2,7 @@
 //! after every task shutdown, and after a shim crash. When the pod's daemon no longer answers,
 //! whatever it owned is torn down here: the VM and its helper processes, the host cgroup, the
 //! shared directory with every bind mount in it, the rootfs mount in the bundle, the run
-//! directory.
+//! directory, the metrics socket's directory `/run/vc/sbs/<sandbox>`.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -35,6 +35,9 @@ pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log:
             }
             Ok(_) => {}
             Err(e) => warn!(log, "cleanup of the host cgroup failed"; "sandbox" => group, "error" => %e),
+        }
+        if let Err(e) = crate::monitor::remove_dir(group) {
+            warn!(log, "cleanup of the metrics socket directory failed"; "sandbox" => group, "error" => %e);
         }
         if let Err(e) = shared.destroy() {
             warn!(log, "cleanup of the shared directory failed"; "sandbox" => group, "error" => %e);
@@ -71,8 +74,8 @@ mod tests {
     }
 
     /// The `delete` of a dead shim: the helpers it recorded die with their children and
-    /// grandchildren, the run directory, the rootfs mount in the bundle and the shared
-    /// directory go.
+    /// grandchildren, the run directory, the rootfs mount in the bundle, the shared directory
+    /// and the metrics socket's directory go.
     #[test]
     fn dead_shim_leaves_no_process_group_mount_or_directory() {
         let group = format!("podvisor-unit-cleanup-{}", std::process::id());
@@ -125,6 +128,11 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        // The metrics socket the dead shim served.
+        let monitor_dir = crate::monitor::sandbox_dir(&group);
+        std::fs::create_dir_all(&monitor_dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(crate::monitor::socket_path(&group)).unwrap();
+        drop(listener);
         let log = slog::Logger::root(slog::Discard, slog::o!());
         let resp = after_shim("c1", &group, &bundle, false, &log);
         for h in &mut helpers {
@@ -142,6 +150,7 @@ mod tests {
         assert!(survivors.is_empty(), "still running after cleanup: {survivors:?} of {all:?}");
         assert!(!rootfs_mounted, "the rootfs is still mounted");
         assert!(!run_dir.exists(), "{} is left", run_dir.display());
+        assert!(!monitor_dir.exists(), "{} is left", monitor_dir.display());
         assert!(!SharedDir::new(&group).sandbox_dir().exists());
         assert_eq!(resp.exit_status, 137);
     }

@@ -14,6 +14,7 @@ pub mod host_cgroup;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod monitor;
 pub mod mounts;
 pub mod pod;
 pub mod process;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hypervisor::HostCheck;
 use podvisor_shim::bootstrap::{self, Flags};
-use podvisor_shim::{cleanup, config, events, logging, pod, sandbox, service, VERSION};
+use podvisor_shim::{cleanup, config, events, logging, monitor, pod, sandbox, service, VERSION};
 use protobuf::Message;
 use slog::{error, info};
 
@@ -237,6 +237,15 @@ fn serve(flags: Flags) -> ExitCode {
             return ExitCode::FAILURE;
         }
         info!(log, "shim serving"; "sandbox" => &flags.id, "namespace" => &flags.namespace, "version" => VERSION);
+        let view = pod.clone();
+        let monitor = match monitor::start(&flags.id, Arc::new(move || view.monitor_view()), &log) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // Metrics are not worth failing the pod: the task API still serves.
+                error!(log, "no metrics endpoint"; "error" => %e);
+                None
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = pod.exit.notified() => {}
@@ -245,6 +254,9 @@ fn serve(flags: Flags) -> ExitCode {
             }
         }
         pod.stop_vm().await;
+        if let Some(m) = monitor {
+            m.stop().await;
+        }
         // Let the Shutdown reply leave before the socket goes.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;

@@ -221,6 +221,8 @@ impl Sandbox {
             vm.prepare().await?;
             vm.start().await?;
             let agent = backend.connect_agent(vm.as_ref(), dial_timeout, log).await?;
+            // Every call from here on races the VM's failure and is timed for the metrics.
+            let agent: Arc<dyn Agent> = Arc::new(crate::agent::VmWatchedAgent::new(agent, vm.clone()));
             if let Err(e) = agent.set_guest_time(SystemTime::now()).await {
                 warn!(log, "could not set the guest clock"; "error" => %e);
             }
@@ -228,10 +230,7 @@ impl Sandbox {
         }
         .await;
         match result {
-            Ok(agent) => {
-                let agent = Arc::new(crate::agent::VmWatchedAgent::new(agent, vm.clone()));
-                Ok(Sandbox { id: id.to_string(), vm, agent, log: log.clone() })
-            }
+            Ok(agent) => Ok(Sandbox { id: id.to_string(), vm, agent, log: log.clone() }),
             Err(e) => {
                 if let Err(c) = vm.cleanup().await {
                     warn!(log, "cleanup after failed boot failed"; "error" => %c);

@@ -131,6 +131,7 @@ fn exec_process(any: &Any) -> Result<agent_protocol::oci::Process, ttrpc::Error>
 #[async_trait::async_trait]
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> R<api::CreateTaskResponse> {
+        let _timer = crate::monitor::time_task_rpc("create");
         info!(self.log, "Create"; "container" => &req.id, "bundle" => &req.bundle, "mounts" => req.rootfs.len());
         let config_path = req.options.as_ref().and_then(config_path_from_options);
         let creq = CreateRequest {
@@ -149,11 +150,13 @@ impl Task for TaskService {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> R<api::StartResponse> {
+        let _timer = crate::monitor::time_task_rpc("start");
         let pid = self.pod.start(&req.id, &req.exec_id).await.map_err(status_of)?;
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> R<api::StateResponse> {
+        let _timer = crate::monitor::time_task_rpc("state");
         let c = self.pod.container(&req.id).map_err(status_of)?;
         let p = c.process(&req.exec_id).map_err(status_of)?;
         let exit = p.exit();
@@ -174,6 +177,7 @@ impl Task for TaskService {
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> R<api::DeleteResponse> {
+        let _timer = crate::monitor::time_task_rpc("delete");
         let (pid, exit) = self.pod.delete(&req.id, &req.exec_id).await.map_err(status_of)?;
         Ok(api::DeleteResponse {
             pid,
@@ -184,6 +188,7 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> R<api::PidsResponse> {
+        let _timer = crate::monitor::time_task_rpc("pids");
         // As Kata: the container's processes live in the guest; the host process that runs
         // them is the VMM (Kata's agent API has no process listing).
         self.pod.container(&req.id).map_err(status_of)?;
@@ -192,16 +197,19 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("pause");
         self.pod.set_paused(&req.id, true).await.map_err(status_of)?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("resume");
         self.pod.set_paused(&req.id, false).await.map_err(status_of)?;
         Ok(Empty::new())
     }
 
     async fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("checkpoint");
         Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
             ttrpc::Code::UNIMPLEMENTED,
             format!("checkpoint of container {}: a container running in a VM cannot be checkpointed with CRIU", req.id),
@@ -209,12 +217,14 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("kill");
         info!(self.log, "Kill"; "container" => &req.id, "exec" => &req.exec_id, "signal" => req.signal, "all" => req.all);
         self.pod.kill(&req.id, &req.exec_id, req.signal).await.map_err(status_of)?;
         Ok(Empty::new())
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("exec");
         let spec = req.spec.as_ref().ok_or_else(|| invalid("exec without a process spec".into()))?;
         let process = exec_process(spec)?;
         let stdio = Stdio { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
@@ -223,6 +233,7 @@ impl Task for TaskService {
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("resize_pty");
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
         let agent = self.pod.agent().map_err(status_of)?;
         agent
@@ -233,6 +244,7 @@ impl Task for TaskService {
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("close_io");
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
         if req.stdin {
             p.close_stdin();
@@ -241,6 +253,7 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("update");
         let any = req.resources.as_ref().ok_or_else(|| invalid("update without resources".into()))?;
         let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
             .map_err(|e| invalid(format!("resources ({}) are not OCI LinuxResources: {e}", any.type_url)))?;
@@ -250,6 +263,7 @@ impl Task for TaskService {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> R<api::WaitResponse> {
+        let _timer = crate::monitor::time_task_rpc("wait");
         let p = self.pod.process(&req.id, &req.exec_id).map_err(status_of)?;
         let exit = p.wait().await;
         Ok(api::WaitResponse {
@@ -260,6 +274,7 @@ impl Task for TaskService {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> R<api::StatsResponse> {
+        let _timer = crate::monitor::time_task_rpc("stats");
         let stats = self.pod.stats(&req.id).await.map_err(status_of)?;
         let (type_url, value) = crate::metrics::encode(&stats, crate::metrics::Flavor::of_host())
             .map_err(|e| status_of(PodError::Internal(e)))?;
@@ -268,6 +283,7 @@ impl Task for TaskService {
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, _req: api::ConnectRequest) -> R<api::ConnectResponse> {
+        let _timer = crate::monitor::time_task_rpc("connect");
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: self.pod.vmm_pid(),
@@ -277,6 +293,7 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> R<Empty> {
+        let _timer = crate::monitor::time_task_rpc("shutdown");
         if !self.pod.is_empty() {
             info!(self.log, "Shutdown ignored: containers remain"; "id" => &req.id, "containers" => self.pod.container_ids().join(","));
             return Ok(Empty::new());

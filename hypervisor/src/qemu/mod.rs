@@ -898,6 +898,15 @@ impl Hypervisor for Qemu {
         procs.qemu.iter().chain(procs.vsockd.iter()).chain(procs.virtiofsd.iter()).map(|c| c.pid()).collect()
     }
 
+    fn helper_pids(&self) -> crate::HelperPids {
+        let procs = self.procs();
+        crate::HelperPids {
+            vmm: procs.qemu.as_ref().map(|c| c.pid()),
+            virtiofsd: procs.virtiofsd.as_ref().map(|c| c.pid()),
+            vsockd: procs.vsockd.as_ref().map(|c| c.pid()),
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             memory_hotplug: true,

@@ -176,6 +176,10 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    fn helper_pids(&self) -> hypervisor::HelperPids {
+        hypervisor::HelperPids { vmm: *self.vmm_pid.lock().unwrap(), ..Default::default() }
+    }
+
     async fn pids(&self) -> Vec<u32> {
         self.vmm_pid.lock().unwrap().iter().copied().collect()
     }
@@ -235,6 +239,8 @@ pub struct FakeAgent {
     in_flight: AtomicUsize,
     /// Each chunk of output is handed out after this delay (output that trails the exit).
     pub output_delay: Mutex<Duration>,
+    /// What `GetMetrics` answers, and after how long.
+    pub metrics_answer: Mutex<(String, Duration)>,
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -272,6 +278,7 @@ impl FakeAgent {
             calls: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             output_delay: Mutex::new(Duration::ZERO),
+            metrics_answer: Mutex::default(),
         }
     }
 
@@ -390,8 +397,10 @@ impl Agent for FakeAgent {
         self.enter("SetGuestDateTime", String::new()).await.map(drop)
     }
     async fn metrics(&self) -> Result<String, AgentError> {
-        self.enter("GetMetrics", String::new()).await?;
-        Ok(String::new())
+        let _call = self.enter("GetMetrics", String::new()).await?;
+        let (text, delay) = self.metrics_answer.lock().unwrap().clone();
+        tokio::time::sleep(delay).await;
+        Ok(text)
     }
     async fn destroy_sandbox(&self) -> Result<(), AgentError> {
         self.enter("DestroySandbox", String::new()).await?;

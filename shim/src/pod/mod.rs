@@ -34,7 +34,7 @@ mod resources;
 mod vm;
 
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 #[cfg(test)]
 mod tests;
 
@@ -272,6 +272,18 @@ impl Pod {
     /// waits.
     pub fn vmm_pid(&self) -> u32 {
         self.running_vm().map(|vm| vm.vmm_pid).unwrap_or(0)
+    }
+
+    /// What the metrics endpoint needs of the running VM, or `None` while none runs. Takes
+    /// the slot and container locks only to copy handles: the scrape's guest round trips run
+    /// with no pod lock held.
+    pub fn monitor_view(&self) -> Option<crate::monitor::VmView> {
+        let vm = self.running_vm().ok()?;
+        Some(crate::monitor::VmView {
+            vm: vm.sandbox.vm().clone(),
+            agent: vm.sandbox.agent().clone(),
+            containers: self.container_ids(),
+        })
     }
 
     /// Whether no container is left.
