@@ -17,6 +17,7 @@ mod fuzz_targets;
 mod guest;
 mod init;
 mod logging;
+mod metrics;
 mod modprobe;
 mod network;
 mod policy;
