@@ -3,7 +3,9 @@
 //!
 //! * `debug_console_runs_a_shell_in_the_guest`: `[agent.kata] debug_console_enabled = true`'s
 //!   kernel parameters; `CONNECT 1026` through vhost-device-vsock gives a busybox shell whose
-//!   `uname -r` is the guest kernel's release (guest-image/kernel.pin); GetMetrics in that guest
+//!   `uname -r` is the guest kernel's release (guest-image/kernel.pin); at most four shells at
+//!   once; a closed connection (or an exited shell) ends its session and frees its pty;
+//!   GetMetrics in that guest
 //!   holds every kata_agent_* / kata_guest_* family, and its size and time are printed.
 //! * `debug_console_is_off_by_default`: without the parameter nothing listens on port 1026 (the
 //!   connection is closed after `CONNECT 1026`), while the agent's port 1024 answers.
@@ -19,6 +21,7 @@ use podvisor_shim::config::AgentConfig;
 use podvisor_shim::sandbox::Sandbox;
 use podvisor_tests::debug_console;
 use podvisor_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DIAL: Duration = Duration::from_secs(60);
 
@@ -55,6 +58,53 @@ async fn debug_console_runs_a_shell_in_the_guest() {
     // The shell's terminal is a pty and it leads its own session.
     let tty = debug_console::run(&channel, "tty; cat /proc/self/stat", Duration::from_secs(30)).await.unwrap();
     assert!(tty.starts_with("/dev/pts/"), "{tty}");
+
+    let pts = |out: &str| out.split_whitespace().filter(|e| *e != "ptmx").count();
+    // `want` ptys (the checking session's own included) within 30 s.
+    let ptys_become = |want: usize| {
+        let channel = channel.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match debug_console::run(&channel, "ls /dev/pts", Duration::from_secs(30)).await {
+                    Ok(out) if pts(&out) == want => return,
+                    other if Instant::now() > deadline => panic!("expected {want} ptys: {other:?}"),
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    };
+
+    // The peer closing the connection ends the session: the shell is killed, its pty freed.
+    let mut s = debug_console::connect(&channel, debug_console::PORT).await.expect("connect");
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await.expect("a prompt").unwrap();
+    assert!(n > 0, "the shell answered");
+    drop(s);
+    ptys_become(1).await;
+
+    // Bounded: four shells at once; a fifth connection is told so and closed.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = debug_console::connect(&channel, debug_console::PORT).await.expect("connect");
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await.expect("a prompt").unwrap();
+        assert!(n > 0, "the shell answered");
+        held.push(s);
+    }
+    let mut fifth = debug_console::connect(&channel, debug_console::PORT).await.expect("connect");
+    let mut refused = String::new();
+    tokio::time::timeout(Duration::from_secs(30), fifth.read_to_string(&mut refused)).await.expect("closed").unwrap();
+    assert!(refused.contains("4 sessions already open"), "{refused:?}");
+    // Their shells exiting ends them and frees the slots. (Closing several connections from the
+    // host instead is not reliable: vhost-device-vsock 0.3.0 drops some of the closes when more
+    // than one connection is open, and those shells stay until the VM stops; see README.)
+    for s in &mut held {
+        s.write_all(b"exit\n").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await.expect("session ends").unwrap();
+    }
+    drop(held);
+    ptys_become(1).await;
 
     // GetMetrics through the shim's agent client, in this guest.
     let mut times = Vec::new();
