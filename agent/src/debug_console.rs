@@ -23,6 +23,10 @@ use crate::container::reaper::Reaper;
 pub const DEFAULT_PORT: u32 = 1026;
 /// Concurrent shells at most.
 pub const MAX_SESSIONS: usize = 4;
+/// A session with no input from the peer for this long is ended. A safety net: vhost-device-vsock
+/// 0.3.0 does not always pass a host-side close on to the guest when several connections are
+/// open, and such a session would otherwise hold its slot until the VM stops.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The shell (busybox's, linked at build time by guest-image/build.sh).
 pub const SHELL: &str = "/bin/sh";
 /// The shell's environment.
@@ -74,7 +78,7 @@ pub fn start(log: Logger, reaper: Arc<Reaper>, port: u32) -> Result<(), String> 
             tokio::spawn(async move {
                 info!(log, "debug console: session opened"; "peer" => %peer);
                 let spawn = |slave: RawFd| reaper.spawn(|| fork_shell(slave));
-                match session(stream, spawn).await {
+                match session(stream, spawn, IDLE_TIMEOUT).await {
                     Ok(status) => {
                         info!(log, "debug console: session closed"; "peer" => %peer, "shell_status" => status)
                     }
@@ -117,10 +121,10 @@ impl Master {
     }
 }
 
-/// One shell on a new pty, relayed to `stream` until either side ends; returns the shell's
-/// status (Kata's: exit code, or 128 + signal). `spawn` starts the shell on the given slave fd
-/// and returns its pid and exit status receiver.
-pub async fn session<S, F>(stream: S, spawn: F) -> Result<i32, String>
+/// One shell on a new pty, relayed to `stream` until either side ends or the peer sends nothing
+/// for `idle`; returns the shell's status (Kata's: exit code, or 128 + signal). `spawn` starts
+/// the shell on the given slave fd and returns its pid and exit status receiver.
+pub async fn session<S, F>(stream: S, spawn: F, idle: Duration) -> Result<i32, String>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     F: FnOnce(RawFd) -> std::io::Result<(i32, tokio::sync::oneshot::Receiver<i32>)>,
@@ -148,9 +152,10 @@ where
     let mut input = tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
+            match tokio::time::timeout(idle, rd.read(&mut buf)).await {
+                // Idle for too long, closed, or broken.
+                Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => {
                     if m.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
@@ -285,7 +290,7 @@ mod tests {
     #[tokio::test]
     async fn shell_runs_on_a_pty_and_ends_when_it_exits() {
         let (mut host, agent) = tokio::net::UnixStream::pair().unwrap();
-        let s = tokio::spawn(session(agent, host_spawn));
+        let s = tokio::spawn(session(agent, host_spawn, IDLE_TIMEOUT));
         host.write_all(b"tty; echo \"path $PATH\"; exit 3\n").await.unwrap();
         let out = read_until(&mut host, "path /usr/local/sbin").await;
         assert!(out.contains("/dev/pts/"), "a pty is the shell's terminal: {out}");
@@ -298,7 +303,7 @@ mod tests {
     #[tokio::test]
     async fn peer_closing_kills_and_reaps_the_shell() {
         let (mut host, agent) = tokio::net::UnixStream::pair().unwrap();
-        let s = tokio::spawn(session(agent, host_spawn));
+        let s = tokio::spawn(session(agent, host_spawn, IDLE_TIMEOUT));
         host.write_all(b"printf 'st%sed %s\\n' art $$; sleep 1000 & sleep 1000\n").await.unwrap();
         let out = read_until(&mut host, "started ").await;
         let pid: i32 = out.split("started ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
@@ -328,5 +333,19 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(sleepers(), 0, "no process of session {pid} survives");
+    }
+
+    #[tokio::test]
+    async fn an_idle_peer_ends_the_session() {
+        let (mut host, agent) = tokio::net::UnixStream::pair().unwrap();
+        let started = std::time::Instant::now();
+        let s = tokio::spawn(session(agent, host_spawn, Duration::from_millis(500)));
+        host.write_all(b"printf 'st%sed\\n' art\n").await.unwrap();
+        read_until(&mut host, "started").await;
+        let status = tokio::time::timeout(Duration::from_secs(10), s).await.unwrap().unwrap().unwrap();
+        assert_eq!(status, 128 + libc::SIGKILL, "killed, not exited");
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        // The connection stays open on the peer's side; the session still ended.
+        drop(host);
     }
 }
