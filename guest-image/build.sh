@@ -4,7 +4,8 @@
 #   <out>/vmlinuz.container             the Debian bzImage (fallback for -kernel)
 #   <out>/vmlinux.container             the uncompressed ELF kernel (PVH boot, ~3.5 s faster under TCG)
 #   <out>/kata-containers-initrd.img    /init = the agent, the virtio modules and their load order, and the
-#                                       on-demand module tree with its depmod indexes (/sbin/modprobe -> /init)
+#                                       on-demand module tree with its depmod indexes (/sbin/modprobe -> /init),
+#                                       /bin/busybox and /bin/sh -> busybox (the debug console's shell)
 #   <out>/test/initrd-noagent.img       /init = podvisor-noagent-init, same modules
 #   <out>/test/initrd-poweroff.img      /init = podvisor-poweroff-init, no modules
 #   <out>/cache/                        the .deb, its extracted tree, the staged module tree, stamps
@@ -12,7 +13,8 @@
 #
 # Usage: guest-image/build.sh [--agent PATH] [--out DIR] [--noagent-init PATH] [--poweroff-init PATH]
 #                             [--compress lz4|gzip|zstd]
-# Nothing is installed on the host; the kernel package is fetched with `apt-get download`.
+# Nothing is installed on the host; the kernel package (and busybox-static, unless installed) is fetched
+# with `apt-get download`.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -371,6 +373,39 @@ TREE_COUNT=$(find "$STAGED" -name '*.ko' | wc -l)
 TREE_BYTES=$(du -sb "$MODTREE" | cut -f1)
 TREE_SHA=$(cd "$MODTREE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 
+# --- 5b. busybox: the debug console's shell ------------------------------------------------------------
+# Debian's busybox-static (static, no libc needed): the installed package's binary, else the .deb
+# fetched with `apt-get download` (cached in $CACHE). Only /bin/busybox and /bin/sh -> busybox go
+# into the initrd: Debian builds it with FEATURE_SH_STANDALONE/PREFER_APPLETS, so its sh runs every
+# applet (uname, ls, ps, cat...) without per-applet links, and the guest root stays as built.
+BUSYBOX=$(dpkg-query -L busybox-static 2>/dev/null | grep -m1 -x '/bin/busybox\|/usr/bin/busybox' || true)
+if [ -z "$BUSYBOX" ] || [ ! -x "$BUSYBOX" ]; then
+  bb_deb=$(find "$CACHE" -maxdepth 1 -name 'busybox-static_*_amd64.deb' | LC_ALL=C sort | tail -n1)
+  if [ -z "$bb_deb" ]; then
+    log "downloading busybox-static (the debug console's shell)"
+    bb_opts=()
+    [ "$(id -u)" = 0 ] && bb_opts=(-o APT::Sandbox::User=root)
+    (cd "$TMP" && apt-get "${bb_opts[@]}" -q download busybox-static) >"$TMP/apt-busybox.log" 2>&1 || {
+      cat "$TMP/apt-busybox.log" >&2
+      die "apt-get cannot download busybox-static (the debug console's /bin/sh); run 'apt-get update' as root, or install it: apt-get install busybox-static"
+    }
+    bb_deb=$(find "$TMP" -maxdepth 1 -name 'busybox-static_*_amd64.deb' | head -n1)
+    [ -n "$bb_deb" ] || die "apt-get download busybox-static produced no .deb (got: $(cd "$TMP" && echo *))"
+    mv "$bb_deb" "$CACHE/" && bb_deb=$CACHE/$(basename "$bb_deb")
+  fi
+  rm -rf "$CACHE/busybox" && mkdir -p "$CACHE/busybox"
+  dpkg-deb --fsys-tarfile "$bb_deb" | tar -x -C "$CACHE/busybox" ./bin/busybox \
+    || die "$bb_deb has no ./bin/busybox"
+  BUSYBOX=$CACHE/busybox/bin/busybox
+fi
+check_init_static() {   # path what (the initrd has no libc)
+  readelf -hW "$1" 2>/dev/null | grep -q 'Machine:.*X86-64' || die "$2 is not an x86-64 ELF binary: $1"
+  if readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; then die "$2 is dynamically linked: $1"; fi
+}
+check_init_static "$BUSYBOX" "busybox (Debian busybox-static)"
+"$BUSYBOX" --list 2>/dev/null | grep -qx sh || die "$BUSYBOX has no sh applet"
+BUSYBOX_SHA=$(sha256 "$BUSYBOX")
+
 # --- 6. initrds ----------------------------------------------------------------------------------------
 EPOCH=${SOURCE_DATE_EPOCH:-0}
 
@@ -390,7 +425,7 @@ build_initrd() {
   name=$(basename "$img")
   want="script=$SCRIPT_SHA init=$(sha256 "$init") mods=$mods compress=$COMPRESS epoch=$EPOCH"
   [ "$mods" = 1 ] && want+=" kernel=$KERNEL_DEB_SHA256 load-order=$LOAD_ORDER_SHA"
-  [ "$mods" = 2 ] && want+=" tree=$TREE_SHA"
+  [ "$mods" = 2 ] && want+=" tree=$TREE_SHA busybox=$BUSYBOX_SHA"
   if [ -f "$img" ] && [ "$(cat "$STAMPS/$name" 2>/dev/null)" = "$want $(fsize "$img")" ]; then
     log "$name up to date"
     return
@@ -414,6 +449,11 @@ build_initrd() {
     mkdir -p "$stage/sbin"
     chmod 0755 "$stage/sbin"
     ln -s /init "$stage/sbin/modprobe"
+    # The debug console's shell (agent/src/debug_console.rs; off unless agent.debug_console).
+    mkdir -p "$stage/bin"
+    chmod 0755 "$stage/bin"
+    install -m 0755 "$BUSYBOX" "$stage/bin/busybox"
+    ln -s busybox "$stage/bin/sh"
   fi
   # Reproducible archive: fixed mtimes, owner 0:0, sorted names, no inode/device numbers, gzip -n.
   # lz4 needs the legacy frame format (-l), the only one the kernel's initramfs unpacker reads.

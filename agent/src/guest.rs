@@ -1,5 +1,5 @@
 //! Guest facts and resources in sysfs/procfs: memory block size, onlining hot-added memory and
-//! CPUs, memory info, the clock. The sysfs root is a parameter so tests run on a fake tree.
+//! CPUs, the clock (metrics: metrics.rs). The sysfs root is a parameter so tests run on a fake tree.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,63 +123,6 @@ fn entries_with_prefix(dir: &Path, prefix: &str) -> Result<Vec<PathBuf>, GuestEr
     Ok(v.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Number of online CPUs from a cpu list such as `0-1,3` (sysfs `cpu/online`).
-pub fn count_cpu_list(list: &str) -> u32 {
-    list.trim()
-        .split(',')
-        .filter(|r| !r.is_empty())
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
-                (Ok(a), Ok(b)) if b >= a => b - a + 1,
-                _ => 0,
-            },
-            None => u32::from(r.parse::<u32>().is_ok()),
-        })
-        .sum()
-}
-
-/// Guest metrics in the Prometheus text format: Kata's `kata_guest_meminfo` and
-/// `kata_guest_load`, plus podvisor's online CPU count and kernel release.
-pub fn metrics_text(sysfs: &Sysfs) -> Result<String, GuestError> {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(io("/proc/meminfo"))?;
-    out.push_str("# HELP kata_guest_meminfo Statistics about memory usage in the guest, in bytes.\n");
-    out.push_str("# TYPE kata_guest_meminfo gauge\n");
-    for (key, kib) in parse_meminfo(&meminfo) {
-        let bytes = if key.starts_with("HugePages_") { kib } else { kib * 1024 };
-        let _ = writeln!(out, "kata_guest_meminfo{{item=\"{key}\"}} {bytes}");
-    }
-    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
-        out.push_str("# HELP kata_guest_load Guest system load.\n# TYPE kata_guest_load gauge\n");
-        for (item, v) in ["load1", "load5", "load15"].iter().zip(load.split_whitespace()) {
-            let _ = writeln!(out, "kata_guest_load{{item=\"{item}\"}} {v}");
-        }
-    }
-    let online = std::fs::read_to_string(sysfs.cpu_dir().join("online")).map_err(io("cpu/online"))?;
-    out.push_str(
-        "# HELP podvisor_guest_cpus_online Online vCPUs in the guest.\n# TYPE podvisor_guest_cpus_online gauge\n",
-    );
-    let _ = writeln!(out, "podvisor_guest_cpus_online {}", count_cpu_list(&online));
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-    out.push_str(
-        "# HELP podvisor_guest_kernel_info The guest kernel (uname -r).\n# TYPE podvisor_guest_kernel_info gauge\n",
-    );
-    let _ = writeln!(out, "podvisor_guest_kernel_info{{release=\"{release}\"}} 1");
-    Ok(out)
-}
-
-/// `(key, kB)` pairs of `/proc/meminfo`.
-pub fn parse_meminfo(text: &str) -> Vec<(String, u64)> {
-    text.lines()
-        .filter_map(|l| {
-            let (k, rest) = l.split_once(':')?;
-            let v = rest.split_whitespace().next()?.parse().ok()?;
-            Some((k.trim().to_string(), v))
-        })
-        .collect()
-}
-
 /// Sets the realtime clock.
 pub fn set_time(sec: i64, usec: i64) -> Result<(), GuestError> {
     let ts = nix::sys::time::TimeSpec::new(sec, usec * 1000);
@@ -235,20 +178,5 @@ mod tests {
         assert_eq!(std::fs::read_to_string(root.join("devices/system/cpu/cpu2/online")).unwrap(), "0");
         assert_eq!(s.online_cpus(0).unwrap(), 1);
         std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn cpu_lists_count() {
-        assert_eq!(count_cpu_list("0\n"), 1);
-        assert_eq!(count_cpu_list("0-1"), 2);
-        assert_eq!(count_cpu_list("0-1,3,5-7"), 6);
-        assert_eq!(count_cpu_list(""), 0);
-    }
-
-    #[test]
-    fn meminfo_parses() {
-        let m = parse_meminfo("MemTotal:        1000 kB\nMemFree: 20 kB\nHugePages_Total: 0\n");
-        assert_eq!(m[0], ("MemTotal".into(), 1000));
-        assert_eq!(m.len(), 3);
     }
 }

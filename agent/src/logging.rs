@@ -5,10 +5,13 @@ use std::sync::Mutex;
 
 use slog::{Drain, Level, Logger};
 
-/// `agent.log=<level>` on the kernel command line; `info` otherwise.
+/// `agent.log=<level>` on the kernel command line (the last one wins, as with kernel parameters:
+/// the shim puts `[agent.kata] enable_debug`'s before the configuration's `kernel_params`);
+/// `info` otherwise.
 pub fn level_from_cmdline(cmdline: &str) -> Level {
     cmdline
         .split_whitespace()
+        .rev()
         .find_map(|w| w.strip_prefix("agent.log="))
         .and_then(|l| match l {
             "trace" => Some(Level::Trace),
@@ -39,5 +42,6 @@ mod tests {
         assert_eq!(level_from_cmdline("console=ttyS0 agent.log=debug quiet"), Level::Debug);
         assert_eq!(level_from_cmdline("console=ttyS0"), Level::Info);
         assert_eq!(level_from_cmdline("agent.log=bogus"), Level::Info);
+        assert_eq!(level_from_cmdline("agent.log=debug agent.log=warn"), Level::Warning);
     }
 }

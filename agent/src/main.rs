@@ -12,11 +12,13 @@
 //!   re-parented to it) and exits 0 after DestroySandbox.
 
 mod container;
+mod debug_console;
 #[cfg(test)]
 mod fuzz_targets;
 mod guest;
 mod init;
 mod logging;
+mod metrics;
 mod modprobe;
 mod network;
 mod policy;
@@ -127,7 +129,7 @@ fn main() {
         Err(e) => init::fatal(&format!("tokio runtime: {e}")),
     };
     let debug = matches!(logging::level_from_cmdline(&cmdline), slog::Level::Debug | slog::Level::Trace);
-    let result = runtime.block_on(serve(log.clone(), &mode, debug));
+    let result = runtime.block_on(serve(log.clone(), &mode, debug, &cmdline));
     match result {
         Ok(()) if mode.test => {
             info!(log, "agent shutting down (test mode)");
@@ -145,7 +147,7 @@ fn main() {
 }
 
 /// Serves the agent API until DestroySandbox.
-async fn serve(log: slog::Logger, mode: &Mode, debug: bool) -> Result<(), String> {
+async fn serve(log: slog::Logger, mode: &Mode, debug: bool, cmdline: &str) -> Result<(), String> {
     if mode.test {
         // Not PID 1: make container processes (re-parented when their helper exits) come to us.
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
@@ -153,6 +155,19 @@ async fn serve(log: slog::Logger, mode: &Mode, debug: bool) -> Result<(), String
     // The one reaper: every child (helpers, container processes, orphans) is reaped here.
     let reaper = container::reaper::Reaper::new();
     reaper.start(log.new(slog::o!("subsystem" => "reaper")))?;
+    if !mode.test {
+        // Off unless the kernel command line asks for it; a failure is logged, never fatal.
+        match debug_console::port_from_cmdline(cmdline) {
+            Ok(None) => {}
+            Ok(Some(port)) => {
+                let console_log = log.new(slog::o!("subsystem" => "debug-console"));
+                if let Err(e) = debug_console::start(console_log, reaper.clone(), port) {
+                    error!(log, "debug console not started"; "error" => e);
+                }
+            }
+            Err(e) => error!(log, "debug console not started"; "error" => e),
+        }
+    }
     let containers = Arc::new(container::Containers::new(
         log.new(slog::o!("subsystem" => "containers")),
         reaper,

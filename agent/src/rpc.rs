@@ -161,8 +161,14 @@ impl agent_ttrpc::AgentService for AgentService {
     }
 
     async fn get_metrics(&self, _ctx: &TtrpcContext, _req: pb::GetMetricsRequest) -> ttrpc::Result<pb::Metrics> {
-        let text = guest::metrics_text(&self.sysfs).map_err(|e| status(Code::INTERNAL, e.0))?;
-        Ok(pb::Metrics { metrics: text, ..Default::default() })
+        let gathered = tokio::task::spawn_blocking(crate::metrics::gather)
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("GetMetrics: {e}")))?
+            .map_err(|e| status(Code::INTERNAL, format!("GetMetrics: {e}")))?;
+        if !gathered.skipped.is_empty() {
+            warn!(self.log, "GetMetrics: some sources could not be read"; "skipped" => gathered.skipped.join("; "));
+        }
+        Ok(pb::Metrics { metrics: gathered.text, ..Default::default() })
     }
 
     async fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: pb::DestroySandboxRequest) -> ttrpc::Result<Empty> {

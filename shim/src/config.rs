@@ -47,13 +47,34 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// `dial_timeout` (seconds): how long to wait for the agent to answer after boot.
     pub dial_timeout: Duration,
-    /// `enable_debug`: agent debug logs.
+    /// `enable_debug`: agent debug logs (`agent.log=debug` on the kernel command line).
     pub enable_debug: bool,
+    /// `debug_console_enabled`: the agent's debug console, a shell in the guest on vsock port
+    /// [`DEBUG_CONSOLE_VPORT`] (`agent.debug_console` on the kernel command line). Off by default.
+    pub debug_console_enabled: bool,
 }
+
+/// The debug console's vsock port (Kata's).
+pub const DEBUG_CONSOLE_VPORT: u32 = 1026;
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { dial_timeout: Duration::from_secs(45), enable_debug: false }
+        AgentConfig { dial_timeout: Duration::from_secs(45), enable_debug: false, debug_console_enabled: false }
+    }
+}
+
+impl AgentConfig {
+    /// The kernel parameters the agent reads for this configuration (Kata's names).
+    pub fn kernel_params(&self) -> String {
+        let mut p = Vec::new();
+        if self.enable_debug {
+            p.push("agent.log=debug".to_string());
+        }
+        if self.debug_console_enabled {
+            p.push("agent.debug_console".to_string());
+            p.push(format!("agent.debug_console_vport={DEBUG_CONSOLE_VPORT}"));
+        }
+        p.join(" ")
     }
 }
 
@@ -149,7 +170,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         warnings
             .push(format!("{}: [hypervisor.{name}] is not supported by podvisor (only qemu); ignored", file.display()));
     }
-    let hypervisor = QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?;
+    let mut hypervisor = QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?;
 
     let agent_table = section(&["agent", "kata"])?;
     let mut agent = AgentConfig::default();
@@ -164,22 +185,23 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 )
             }
             ("enable_debug", Value::Boolean(b)) => agent.enable_debug = *b,
-            ("enable_debug", v) => {
+            ("debug_console_enabled", Value::Boolean(b)) => agent.debug_console_enabled = *b,
+            ("enable_debug" | "debug_console_enabled", v) => {
                 return Err(value_err("agent.kata", key, format!("expected true or false, found {v}")).into())
             }
-            (
-                "kernel_modules"
-                | "debug_console_enabled"
-                | "enable_tracing"
-                | "container_pipe_size"
-                | "mem_agent_enable",
-                _,
-            ) => {
+            ("kernel_modules" | "enable_tracing" | "container_pipe_size" | "mem_agent_enable", _) => {
                 warnings.push(format!("{}: [agent.kata] {key}: Kata key not used by podvisor; ignored", file.display()))
             }
             _ => warnings
                 .push(format!("{}: [agent.kata] {key}: unknown key; ignored (check the spelling)", file.display())),
         }
+    }
+
+    // The agent's settings reach it on the kernel command line, before the configuration's own
+    // `kernel_params` (the agent takes the last `agent.log=`, so an explicit one there wins).
+    let agent_params = agent.kernel_params();
+    if !agent_params.is_empty() {
+        hypervisor.kernel_params = format!("{agent_params} {}", hypervisor.kernel_params).trim().to_string();
     }
 
     let runtime_table = section(&["runtime"])?;
@@ -233,7 +255,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.hypervisor.default_memory, 512);
-        assert_eq!(c.agent, AgentConfig { dial_timeout: Duration::from_secs(7), enable_debug: true });
+        assert_eq!(
+            c.agent,
+            AgentConfig { dial_timeout: Duration::from_secs(7), enable_debug: true, debug_console_enabled: false }
+        );
         assert!(c.runtime.enable_debug);
         assert!(c.runtime.sandbox_cgroup_only, "on by default, as Kata's shipped configuration has it");
     }
@@ -268,6 +293,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn agent_settings_reach_the_kernel_command_line() {
+        let params = |text: &str| parse(text, Path::new("/c.toml")).unwrap().hypervisor.kernel_params;
+        assert_eq!(params(""), "");
+        assert_eq!(params("[agent.kata]\nenable_debug = false\ndebug_console_enabled = false"), "");
+        assert_eq!(params("[agent.kata]\nenable_debug = true"), "agent.log=debug");
+        assert_eq!(
+            params("[agent.kata]\ndebug_console_enabled = true"),
+            "agent.debug_console agent.debug_console_vport=1026"
+        );
+        assert_eq!(
+            params("[hypervisor.qemu]\nkernel_params = \"agent.log=warn foo=1\"\n[agent.kata]\nenable_debug = true\ndebug_console_enabled = true"),
+            "agent.log=debug agent.debug_console agent.debug_console_vport=1026 agent.log=warn foo=1"
+        );
+        let c = parse("[agent.kata]\ndebug_console_enabled = true", Path::new("/c.toml")).unwrap();
+        assert!(c.agent.debug_console_enabled && c.warnings.is_empty(), "{:?}", c.warnings);
+        let err = parse("[agent.kata]\ndebug_console_enabled = \"yes\"", Path::new("/c.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("/c.toml: [agent.kata] debug_console_enabled: expected true or false"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod cri;
 pub mod crio;
 pub mod crio_server;
+pub mod debug_console;
 pub mod faults;
 pub mod image;
 pub mod journal;
@@ -123,7 +124,8 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     text.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// `kata_guest_meminfo{item="<item>"}` from the agent's metrics text, in bytes.
+/// `kata_guest_meminfo{item="<item>"}` from the agent's metrics text (Kata's item names, e.g.
+/// `mem_total`), in bytes.
 pub fn guest_meminfo(metrics: &str, item: &str) -> Option<u64> {
     let prefix = format!("kata_guest_meminfo{{item=\"{item}\"}} ");
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).map(|v| v as u64)
@@ -146,8 +148,8 @@ mod tests {
 
     #[test]
     fn meminfo_metric_is_parsed() {
-        let m = "# HELP x\nkata_guest_meminfo{item=\"MemFree\"} 5\nkata_guest_meminfo{item=\"MemTotal\"} 536870912\n";
-        assert_eq!(guest_meminfo(m, "MemTotal"), Some(536870912));
+        let m = "# HELP x\nkata_guest_meminfo{item=\"mem_free\"} 5\nkata_guest_meminfo{item=\"mem_total\"} 536870912\n";
+        assert_eq!(guest_meminfo(m, "mem_total"), Some(536870912));
         assert_eq!(guest_meminfo(m, "Nope"), None);
     }
 

@@ -32,10 +32,10 @@ async fn boots_answers_hotplugs_memory_and_stops_clean() {
     assert_eq!(details.mem_block_size_bytes, 128 << 20, "x86_64 memory block size");
     assert_eq!(details.agent_version, podvisor_shim::VERSION);
 
-    let before = guest_meminfo(&sb.agent().metrics().await.unwrap(), "MemTotal").expect("MemTotal metric");
+    let before = guest_meminfo(&sb.agent().metrics().await.unwrap(), "mem_total").expect("mem_total metric");
     let new_total = sb.resize_memory(MemoryMiB(512 + 256)).await.expect("hotplug 256 MiB");
     assert_eq!(new_total, MemoryMiB(768));
-    let after = guest_meminfo(&sb.agent().metrics().await.unwrap(), "MemTotal").unwrap();
+    let after = guest_meminfo(&sb.agent().metrics().await.unwrap(), "mem_total").unwrap();
     assert_eq!(after - before, 256 << 20, "guest MemTotal grew by exactly 256 MiB ({before} -> {after})");
 
     // A second resize below the current size keeps what the VM has.
@@ -133,8 +133,13 @@ async fn vcpu_hotplug_is_onlined_by_the_agent() {
     let id = unique_id("vcpu");
     let sb = boot(&id, test_config(), DIAL).await.expect("boot");
     let pids = sb.vm().pids().await;
+    // /proc/stat, hence kata_guest_cpu_time, lists the online CPUs (plus `total`).
     let cpus = |m: &str| {
-        m.lines().find_map(|l| l.strip_prefix("podvisor_guest_cpus_online ")).and_then(|v| v.trim().parse::<u32>().ok())
+        Some(
+            m.lines().filter(|l| l.starts_with("kata_guest_cpu_time{cpu=\"") && l.contains("item=\"user\"")).count()
+                as u32
+                - 1,
+        )
     };
     assert_eq!(cpus(&sb.agent().metrics().await.unwrap()), Some(1));
     assert_eq!(sb.vm().resize_vcpus(2).await.expect("add a vCPU"), 2);

@@ -39,23 +39,21 @@ async fn demo() -> Result<()> {
     let accel = check.items.iter().find(|i| i.name == "accelerator").map(|i| i.detail.clone()).unwrap_or_default();
     println!("accelerator:          {accel}");
     let started = Instant::now();
-    let sb = boot(config(), &quiet_logger()).await?;
+    // The debug console (agent.debug_console) runs `uname -r` in the guest.
+    let sb = boot(QemuConfig { kernel_params: "agent.debug_console".into(), ..config() }, &quiet_logger()).await?;
     println!("agent answered after  {:.2} s on {}", started.elapsed().as_secs_f64(), sb.vm().agent_channel());
     let version = sb.agent().version().await?;
-    let metrics = sb.agent().metrics().await?;
-    let guest_kernel = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("podvisor_guest_kernel_info{release=\""))
-        .and_then(|r| r.split('"').next())
-        .unwrap_or("(unknown)")
-        .to_string();
+    let guest_kernel =
+        podvisor_tests::debug_console::run(&sb.vm().agent_channel(), "uname -r", Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| format!("(unknown: {e:#})"));
     let host_kernel = nix::sys::utsname::uname()?.release().to_string_lossy().into_owned();
     println!("agent version:        {version}");
     println!("guest kernel:         {guest_kernel}   (uname -r inside the VM)");
     println!("host kernel:          {host_kernel}");
     sb.shutdown().await?;
     println!("VM stopped; nothing left behind.");
-    if guest_kernel == host_kernel || guest_kernel == "(unknown)" {
+    if guest_kernel == host_kernel || guest_kernel.starts_with("(unknown") {
         bail!("the guest kernel was not reported correctly ({guest_kernel})");
     }
     Ok(())
@@ -135,11 +133,11 @@ async fn bench(runs: usize) -> Result<()> {
     let metrics = sb.agent().metrics().await?;
     let mib = |item: &str| guest_meminfo(&metrics, item).map_or(f64::NAN, |b| b as f64 / 1048576.0);
     println!("guest memory of an idle VM (/proc/meminfo in the guest):");
-    println!("  MemTotal {:.1} MiB   MemAvailable {:.1} MiB", mib("MemTotal"), mib("MemAvailable"));
+    println!("  MemTotal {:.1} MiB   MemAvailable {:.1} MiB", mib("mem_total"), mib("mem_available"));
     println!(
         "  used (MemTotal - MemAvailable) {:.1} MiB   Shmem (the initramfs, a tmpfs) {:.1} MiB",
-        mib("MemTotal") - mib("MemAvailable"),
-        mib("Shmem")
+        mib("mem_total") - mib("mem_available"),
+        mib("shmem")
     );
     sb.shutdown().await?;
     Ok(())
