@@ -315,6 +315,7 @@ impl Monitor {
                     Response::new(Full::new(Bytes::from(body)))
                 };
                 resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT));
+                resp.headers_mut().insert(hyper::header::VARY, HeaderValue::from_static("accept-encoding"));
                 resp
             }
             "/sandboxes" => match self.sandboxes() {

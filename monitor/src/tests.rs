@@ -104,11 +104,15 @@ impl Drop for Sbs {
 }
 
 fn monitor(sbs: &Path, timeout: Duration) -> Arc<Monitor> {
+    // No container manager in unit tests: the CRI labels stay empty (tests/tests/monitor.rs
+    // checks them against a real containerd).
+    monitor_with_cri(sbs, &sbs.join("no-cri.sock"), timeout)
+}
+
+fn monitor_with_cri(sbs: &Path, cri: &Path, timeout: Duration) -> Arc<Monitor> {
     let config = Config {
         sandboxes_dir: sbs.to_path_buf(),
-        // No container manager in unit tests: the CRI labels stay empty (tests/tests/monitor.rs
-        // checks them against a real containerd).
-        runtime_endpoint: sbs.join("no-cri.sock"),
+        runtime_endpoint: cri.to_path_buf(),
         shim_timeout: timeout,
         max_shim_response: 64 << 10,
     };
@@ -211,6 +215,28 @@ async fn dead_hung_garbage_and_oversized_shims_are_skipped_and_counted() {
 }
 
 #[tokio::test]
+async fn a_cri_socket_that_never_answers_costs_the_labels_not_the_scrape() {
+    let sbs = Sbs::new("hungcri");
+    sbs.fake("pod1", Fake::Shim);
+    // Accepts connections and never speaks HTTP/2.
+    let cri = sbs.0.join("cri.sock");
+    let listener = tokio::net::UnixListener::bind(&cri).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let m = monitor_with_cri(&sbs.0, &cri, Duration::from_millis(300));
+    let (text, report) = tokio::time::timeout(Duration::from_secs(60), m.scrape()).await.expect("the scrape hung");
+    assert!(report.cri_error.as_deref().unwrap_or("").contains("within 300ms"), "{report:?}");
+    assert_eq!((report.scraped, report.failed.len()), (1, 0), "{report:?}");
+    assert!(
+        text.contains("kata_hypervisor_fds{sandbox_id=\"pod1\",cri_uid=\"\",cri_name=\"\",cri_namespace=\"\"} 42\n")
+    );
+}
+
+#[tokio::test]
 async fn http_endpoints_gzip_sandboxes_and_agent_url() {
     let sbs = Sbs::new("http");
     sbs.fake("pod1", Fake::Shim);
@@ -228,6 +254,7 @@ async fn http_endpoints_gzip_sandboxes_and_agent_url() {
     let (status, headers, zipped) = get(addr, "/metrics", true).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[CONTENT_ENCODING], "gzip");
+    assert_eq!(headers[hyper::header::VARY], "accept-encoding");
     assert_eq!(headers[CONTENT_TYPE], TEXT_FORMAT);
     let unzipped = gunzip(&zipped);
     assert!(zipped.len() < unzipped.len());
