@@ -2,10 +2,10 @@
 //! private containerd 1.6 with its CRI plugin or a private CRI-O 1.36 (`tests/src/cri.rs`) runs
 //! a pod (runc handler: only its CRI record matters here), and fake shim monitor sockets in a
 //! private sandboxes directory stand in for the shims (real HTTP/1.1 servers on unix sockets
-//! that follow the socket contract: `/metrics`, `/agent-url`). The monitor must label the pod's samples with its CRI uid, name and namespace,
-//! leave a sandbox the CRI does not know unlabelled, skip and count a shim that never answers,
-//! serve gzip, `/sandboxes` and `/agent-url`, and drop the labels once the pod is removed (no
-//! stale cache).
+//! that follow the socket contract: `/metrics`, `/agent-url`). The monitor must label the pod's
+//! samples with its CRI uid, name and namespace, leave a sandbox the CRI does not know
+//! unlabelled, skip and count a shim that never answers, serve gzip, `/sandboxes` and
+//! `/agent-url`, and drop the labels once the pod is removed (no stale cache).
 //!
 //! Prerequisites (a missing one is a failure): those of `tests/cri.rs` (`scripts/deps.sh`) and
 //! `cargo build -p podvisor-monitor` (the `kata-monitor` binary; `make test` builds it).
