@@ -294,6 +294,10 @@ pub fn parse(text: &str, reserved: &[&str]) -> Result<Vec<Family>, String> {
 
 /// Escapes a label value for the text format.
 pub fn escape_label_value(out: &mut String, value: &str) {
+    if !value.contains(['\\', '"', '\n']) {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -304,8 +308,9 @@ pub fn escape_label_value(out: &mut String, value: &str) {
     }
 }
 
-fn write_sample(out: &mut String, name: &str, sample: &Sample, extra: &[(String, String)]) {
+fn write_sample(out: &mut String, name: &str, suffix: &str, sample: &Sample, extra: &[(String, String)]) {
     out.push_str(name);
+    out.push_str(suffix);
     out.push('{');
     for (i, (n, v)) in sample.labels.iter().chain(extra.iter()).enumerate() {
         if i > 0 {
@@ -361,7 +366,7 @@ impl Merger {
         }
         for sample in &family.samples {
             let suffix = &sample.name[family.name.len()..];
-            write_sample(&mut merged.body, &format!("{name}{suffix}"), sample, extra);
+            write_sample(&mut merged.body, name, suffix, sample, extra);
         }
         Ok(())
     }
