@@ -198,6 +198,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_systemd_unit_runs_with_valid_flags() {
+        let unit =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/kata-monitor.service")).unwrap();
+        let joined = unit.replace("\\\n", " ");
+        let exec = joined.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("no ExecStart");
+        let mut words = exec.split_whitespace();
+        assert_eq!(words.next(), Some("/usr/local/bin/kata-monitor"), "the path make install uses");
+        let a = args(&words.collect::<Vec<_>>()).unwrap();
+        assert_eq!(a.listen.to_string(), "127.0.0.1:8090");
+        assert_eq!(a.config.runtime_endpoint, PathBuf::from("/run/containerd/containerd.sock"));
+    }
+
+    #[test]
     fn bad_flags_are_named() {
         for (argv, want) in [
             (&["--listen-address", "localhost"][..], "--listen-address"),
