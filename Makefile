@@ -10,6 +10,7 @@ GUEST_DIR  := build/guest
 PREFIX     ?= /usr/local
 SHAREDIR   ?= /usr/share/kata-containers
 DEFAULTSDIR ?= /usr/share/defaults/kata-containers
+SYSTEMDDIR ?= /etc/systemd/system
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps build agent guest-image test bench demo soak fuzz install check clean
@@ -33,10 +34,10 @@ agent:
 guest-image: agent
 	guest-image/build.sh --agent $(AGENT) --out $(GUEST_DIR)
 
-# The containerd tests run the shim and kata-runtime binaries, which `cargo test` does not
-# build by itself.
+# The containerd tests run the shim, kata-runtime and kata-monitor binaries, which `cargo test`
+# does not build by itself.
 test: deps guest-image
-	$(CARGO) build -p podvisor-shim -p podvisor-runtime
+	$(CARGO) build -p podvisor-shim -p podvisor-runtime -p podvisor-monitor
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: deps guest-image
@@ -72,6 +73,8 @@ check: build
 install: build guest-image
 	install -D -m 0755 target/release/containerd-shim-kata-v2 $(PREFIX)/bin/containerd-shim-kata-v2
 	install -D -m 0755 target/release/kata-runtime $(PREFIX)/bin/kata-runtime
+	install -D -m 0755 target/release/kata-monitor $(PREFIX)/bin/kata-monitor
+	install -D -m 0644 configs/kata-monitor.service $(SYSTEMDDIR)/kata-monitor.service
 	install -D -m 0644 configs/configuration-qemu.toml $(DEFAULTSDIR)/configuration.toml
 	install -d $(SHAREDIR)
 	cp -L $(GUEST_DIR)/vmlinux.container $(GUEST_DIR)/vmlinuz.container $(GUEST_DIR)/kata-containers-initrd.img $(SHAREDIR)/
