@@ -134,12 +134,14 @@ fn check(config_file: Option<&str>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("configuration: {}", cfg.file.display());
-    for w in &cfg.warnings {
-        println!("warning: {w}");
-    }
     let check = HostCheck::run(&cfg.hypervisor);
-    println!("{check}");
+    // A reader that goes away (`| head`) ends the output, not the process with a panic.
+    let mut text = format!("configuration: {}\n", cfg.file.display());
+    for w in &cfg.warnings {
+        text.push_str(&format!("warning: {w}\n"));
+    }
+    text.push_str(&format!("{check}\n"));
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     if check.passed() {
         ExitCode::SUCCESS
     } else {
