@@ -62,14 +62,6 @@ impl Console {
             Console::Vsock(f) => Console::Vsock(f.try_clone()?),
         })
     }
-
-    fn shutdown_write(&self) {
-        let fd = match self {
-            Console::Unix(s) => s.as_fd(),
-            Console::Vsock(f) => f.as_fd(),
-        };
-        let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), nix::sys::socket::Shutdown::Write);
-    }
 }
 
 impl Read for Console {
@@ -184,7 +176,7 @@ pub fn run(id: &str, port: u32) -> Result<ExitCode, String> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-/// Copies stdin to the console (half-closing it at EOF) and the console to stdout until the
+/// Copies stdin to the console (then `exit`) and the console to stdout until the
 /// guest closes it.
 fn bridge(console: Console) -> Result<(), String> {
     let mut to_guest = console.try_clone().map_err(|e| format!("clone the console socket: {e}"))?;
@@ -201,7 +193,11 @@ fn bridge(console: Console) -> Result<(), String> {
                 }
             }
         }
-        to_guest.shutdown_write();
+        // At the end of the input the shell is told to exit once it has run what it was given;
+        // the agent then closes the connection. Neither a half-close (hybrid vsock passes it on
+        // as a close, ending the session before the output came back) nor ^D (typed ahead on a
+        // canonical-mode pty it reaches busybox's line editor as a NUL) would do.
+        let _ = to_guest.write_all(b"\nexit\n");
     });
     let mut from_guest = console;
     let mut stdout = std::io::stdout().lock();

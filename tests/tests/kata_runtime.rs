@@ -201,6 +201,11 @@ fn exec_metrics_and_collect_on_a_pod_with_the_debug_console() {
     assert!(out.status.success(), "exec failed: {}\n{stdout}", text(&out.stderr));
     let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
     assert!(stdout.contains("6.1.0-56-amd64") && !stdout.contains(&host), "the guest's uname -r: {stdout:?}");
+    // Without `exit`, the end of input ends the session (^D to the shell).
+    let out = run(&["exec", &id], Some(b"uname -r\n"));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "exec failed: {}\n{stdout}", text(&out.stderr));
+    assert!(stdout.contains("6.1.0-56-amd64"), "the guest's uname -r without exit: {stdout:?}");
 
     let out = run(&["metrics", &id], None);
     let metrics = text(&out.stdout);

@@ -146,7 +146,10 @@ fn monitor_labels_shims_with_cri_metadata(manager: Manager) {
     let pod = cri.run_pod_with_handler(&config, RUNC_HANDLER);
 
     // Short: a 64-hex id plus the socket name leave little of sun_path's 108 bytes.
-    let sbs_dir = TempDir(PathBuf::from(format!("/tmp/pvm-{}", std::process::id())));
+    // One directory per manager: both variants run at once in one test process.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let sbs_dir = TempDir(PathBuf::from(format!("/tmp/pvm-{}-{n}", std::process::id())));
     let sbs = sbs_dir.0.clone();
     fake_shim(&sbs.join(&pod.id).join("shim-monitor.sock"), false);
     fake_shim(&sbs.join("orphan").join("shim-monitor.sock"), false);
