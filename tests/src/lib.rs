@@ -15,6 +15,8 @@ pub mod crio_server;
 pub mod faults;
 pub mod image;
 pub mod leaks;
+pub mod prom;
+pub mod prometheus;
 pub mod soak;
 pub mod stream;
 
