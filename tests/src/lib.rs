@@ -14,6 +14,7 @@ pub mod crio;
 pub mod crio_server;
 pub mod faults;
 pub mod image;
+pub mod kata_monitor;
 pub mod leaks;
 pub mod prom;
 pub mod prometheus;

@@ -309,6 +309,21 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64
         })
 }
 
+/// `text` without the samples of sandboxes other than `ids` (samples with a `sandbox_id`
+/// label naming another sandbox): what a test checks when other pods run on the machine.
+pub fn only_sandboxes(text: &str, ids: &[&str]) -> String {
+    text.lines()
+        .filter(|l| match LineInfo::parse(l) {
+            LineInfo::Sample { labels: Some(labels), .. } => match labels.split_once("sandbox_id=\"") {
+                Some((_, rest)) => ids.iter().any(|id| rest.starts_with(&format!("{id}\""))),
+                None => true,
+            },
+            _ => true,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// What [`check`] found; empty when the text matches the list.
 #[derive(Debug, Default, Clone)]
 pub struct Report {
@@ -520,6 +535,9 @@ mod tests {
         let s = parse(&text).unwrap();
         assert_eq!(label_values(&s, "kata_guest_load", "cri_name"), ["p".to_string()].into());
         assert_eq!(value(&s, "kata_monitor_scrape_count", &[]), Some(3.0));
+        let other = text.replace("sandbox_id=\"a\"", "sandbox_id=\"b\"");
+        assert_eq!(only_sandboxes(&other, &["a"]).lines().count(), 4, "{}", only_sandboxes(&other, &["a"]));
+        assert_eq!(only_sandboxes(&other, &["b"]), other);
         let bad = format!("{text}this is not a sample\n# TYPE kata_monitor_scrape_count counter\n");
         let r = check(&l, &bad, Source::Monitor { sandboxes: true });
         assert_eq!(r.malformed.len(), 2, "{r}");
