@@ -5,7 +5,7 @@
 //! 1. One pod; `kata-monitor --runtime-endpoint <containerd's socket>`; one warm-up scrape,
 //!    then `N` scrapes (default 20) of `/metrics`, plain and with `Accept-Encoding: gzip`:
 //!    time (median, min, max; from the request to the last byte), response size, gzip size,
-//!    families and samples; the text checked against Kata's name list.
+//!    families and samples; differences from Kata's name list are printed.
 //! 2. Idle: the monitor's CPU time (utime + stime, `/proc/<pid>/stat`) over 10 s without a
 //!    scrape must be 0 (Kata's rule: metrics are computed only when asked); the shim's CPU time
 //!    over the same window (its metrics endpoint open, nobody scraping) is printed.
@@ -81,9 +81,14 @@ fn scrape(monitor: &KataMonitor, n: usize, pods: &[Pod], list: &NameList) -> Res
                 bail!("sandbox {id} is missing from the scrape\n{}", monitor.logs());
             }
         }
-        let report = prom::check(list, &prom::only_sandboxes(&text, &ids), Source::Monitor { sandboxes: true });
-        if !report.is_clean() {
-            bail!("the scrape does not match Kata's name list:\n{report}");
+        // The names are the observability test's business; here they are reported once.
+        if plain.ms.is_empty() {
+            let report = prom::check(list, &prom::only_sandboxes(&text, &ids), Source::Monitor { sandboxes: true });
+            if report.is_clean() {
+                println!("  the scrape matches Kata's name list (tests/data/kata-metrics.txt)");
+            } else {
+                println!("  the scrape differs from Kata's name list:\n{report}");
+            }
         }
         let fams = prom::families(&text).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
         plain.ms.push(ms(a.elapsed));
