@@ -419,9 +419,11 @@ fn label_sets(f: &Family) -> String {
 fn bad_line(line: &str) -> Option<&'static str> {
     match LineInfo::parse(line) {
         LineInfo::Ignored if !line.trim_start().starts_with('#') => Some("not Prometheus text"),
-        LineInfo::Sample { value, timestamp, .. } => {
+        LineInfo::Sample { value, timestamp, labels, .. } => {
             let v = value.to_ascii_lowercase();
-            if !(v == "nan" || v == "+inf" || v == "-inf" || v.parse::<f64>().is_ok()) {
+            if labels.is_some_and(|l| !labels_well_formed(l)) {
+                Some("labels are not name=\"value\" pairs")
+            } else if !(v == "nan" || v == "+inf" || v == "-inf" || v.parse::<f64>().is_ok()) {
                 Some("sample value is not a number")
             } else if timestamp.is_some_and(|t| t.parse::<i64>().is_err()) {
                 Some("timestamp is not an integer")
@@ -430,6 +432,49 @@ fn bad_line(line: &str) -> Option<&'static str> {
             }
         }
         _ => None,
+    }
+}
+
+/// Whether the text between a sample's braces is `name="value"` pairs separated by commas
+/// (names `[a-zA-Z_][a-zA-Z0-9_]*`, values with `\\`, `\"` and `\n` escapes), as the
+/// exposition format says; `prometheus-parse` splits on `,` and `=` and would take
+/// `item=load1` or a stray space in a name without complaint.
+fn labels_well_formed(s: &str) -> bool {
+    let mut c = s.chars().peekable();
+    loop {
+        let mut name = String::new();
+        while let Some(&ch) = c.peek() {
+            if ch.is_ascii_alphanumeric() || ch == '_' {
+                name.push(ch);
+                c.next();
+            } else {
+                break;
+            }
+        }
+        if name.is_empty() || name.starts_with(|ch: char| ch.is_ascii_digit()) {
+            return false;
+        }
+        if c.next() != Some('=') || c.next() != Some('"') {
+            return false;
+        }
+        loop {
+            match c.next() {
+                None => return false,
+                Some('"') => break,
+                Some('\\') => {
+                    if !matches!(c.next(), Some('\\' | '"' | 'n')) {
+                        return false;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        match c.next() {
+            None => return true,
+            Some(',') if c.peek().is_none() => return true,
+            Some(',') => {}
+            Some(_) => return false,
+        }
     }
 }
 
@@ -538,6 +583,11 @@ mod tests {
         let other = text.replace("sandbox_id=\"a\"", "sandbox_id=\"b\"");
         assert_eq!(only_sandboxes(&other, &["a"]).lines().count(), 4, "{}", only_sandboxes(&other, &["a"]));
         assert_eq!(only_sandboxes(&other, &["b"]), other);
+        assert!(labels_well_formed(r#"a="1",b_2="x,y=z \" \\",c="""#));
+        assert!(labels_well_formed(r#"a="1","#));
+        for bad in [r#"a=1"#, r#" a="1""#, r#"a="1" "#, r#"1a="1""#, r#"a="1"b="2""#, r#"a="\q""#, r#"a="1"#] {
+            assert!(!labels_well_formed(bad), "{bad}");
+        }
         let bad = format!("{text}this is not a sample\n# TYPE kata_monitor_scrape_count counter\n");
         let r = check(&l, &bad, Source::Monitor { sandboxes: true });
         assert_eq!(r.malformed.len(), 2, "{r}");
