@@ -41,10 +41,11 @@ test: deps guest-image
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: deps guest-image
-	$(CARGO) build --release -p podvisor-shim
+	$(CARGO) build --release -p podvisor-shim -p podvisor-monitor
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-vm -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-cri-bench
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-monitor-bench
 
 # Create/delete cycles through containerd and CRI-O with faults (tests/src/soak.rs); CYCLES=200.
 soak: deps guest-image

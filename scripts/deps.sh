@@ -22,6 +22,8 @@ APT_PACKAGES=(
   util-linux        # losetup (raw block volume test), nsenter, unshare
   iptables          # xtables-legacy-multi / xtables-nft-multi + libraries copied into the guest_kernel test image
   ipvsadm           # IPVS CLI (+ libraries) for the same image: kube-proxy's IPVS mode in the guest
+  prometheus        # 2.42: the observability test's private server (tests/src/prometheus.rs); the
+                    # Debian service is neither started nor enabled (see below)
 )
 
 missing=()
@@ -35,7 +37,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "deps: installing ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Packages with a service (prometheus) must not start it: the tests run private instances.
+  # A policy-rc.d answering 101 makes invoke-rc.d / deb-systemd-invoke skip every start while
+  # apt runs (one already there, as in containers, is kept).
+  policy=/usr/sbin/policy-rc.d own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/deps.sh: no service starts while it installs packages\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    own_policy=1
+  fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  [ -z "$own_policy" ] || rm -f "$policy"
+  [ "$rc" = 0 ] || exit "$rc"
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # vhost-device-vsock (hybrid vsock when /dev/vhost-vsock is absent) and virtiofsd, pinned, into

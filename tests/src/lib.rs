@@ -16,7 +16,10 @@ pub mod debug_console;
 pub mod faults;
 pub mod image;
 pub mod journal;
+pub mod kata_monitor;
 pub mod leaks;
+pub mod prom;
+pub mod prometheus;
 pub mod soak;
 pub mod stream;
 

@@ -1,0 +1,333 @@
+//! A private Prometheus server for end-to-end tests: Debian's `prometheus` (2.42) with a
+//! generated `prometheus.yml` scraping the given targets every second, its TSDB in a temporary
+//! directory and its web API on a free loopback port; killed and removed on drop.
+//! [`Prometheus::query`] runs PromQL through `/api/v1/query`; [`Prometheus::wait_fresh_scrape`]
+//! waits until every target was scraped (healthy) by a scrape that started after the call.
+//!
+//! [`http_get`] is the plain HTTP client the tests also use to scrape kata-monitor directly.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Debian's Prometheus server binary.
+pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
+
+/// Where a private Prometheus lives: `/tmp/podvisor-prom-<pid>-<n>/`.
+pub const DIR_PREFIX: &str = "/tmp/podvisor-prom-";
+
+/// A target naming the Prometheus server itself (its own `/metrics`).
+pub const SELF: &str = "self";
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// Headers by lower-case name.
+    pub headers: BTreeMap<String, String>,
+    /// The body as sent (not decompressed).
+    pub body: Vec<u8>,
+    /// From sending the request to the last byte of the body.
+    pub elapsed: Duration,
+}
+
+impl HttpAnswer {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET url?query` with `headers`, answering whatever the status; the body is read up to
+/// 256 MiB, never decompressed; the whole exchange is bounded by `timeout`.
+pub fn http_get(
+    url: &str,
+    query: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<HttpAnswer, String> {
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
+    let started = Instant::now();
+    let mut req = agent.get(url);
+    for (k, v) in query {
+        req = req.query(*k, *v);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.call().map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+    Ok(HttpAnswer { status, headers, body, elapsed: started.elapsed() })
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// One sample of an instant vector: its labels and value.
+#[derive(Debug, Clone)]
+pub struct VectorSample {
+    /// Labels, `__name__` included.
+    pub labels: BTreeMap<String, String>,
+    /// The value.
+    pub value: f64,
+}
+
+/// A private Prometheus server (see the module documentation).
+pub struct Prometheus {
+    child: Option<Child>,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `targets` (`host:port`, or [`SELF`] for its own address) at
+    /// `metrics_path` every second, and waits until its API answers. A missing binary is an error naming the package.
+    pub fn start(targets: &[String], metrics_path: &str) -> Result<Prometheus, String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        if !Path::new(PROMETHEUS_BIN).is_file() {
+            return Err(format!(
+                "{PROMETHEUS_BIN} is missing: apt-get install --no-install-recommends prometheus (scripts/deps.sh does)"
+            ));
+        }
+        reap_stale();
+        let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut me = Prometheus { child: None, dir, url: String::new() };
+        // The port is free when picked; another process may take it before Prometheus binds
+        // it, so a start that fails to listen is retried on a new port.
+        for _attempt in 0..3 {
+            let port = free_port();
+            let list = targets
+                .iter()
+                .map(|t| if t == SELF { format!("'127.0.0.1:{port}'") } else { format!("'{t}'") })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let config = format!(
+                "# Generated by podvisor's tests (tests/src/prometheus.rs).\n\
+                 global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: podvisor\n    metrics_path: '{metrics_path}'\n\
+                 \x20   static_configs:\n      - targets: [{list}]\n"
+            );
+            fs::write(me.dir.join("prometheus.yml"), config).map_err(|e| e.to_string())?;
+            let log = fs::File::create(me.dir.join("prometheus.log")).map_err(|e| e.to_string())?;
+            let child = Command::new(PROMETHEUS_BIN)
+                .arg(format!("--config.file={}", me.dir.join("prometheus.yml").display()))
+                .arg(format!("--storage.tsdb.path={}", me.dir.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("starting {PROMETHEUS_BIN}: {e}"))?;
+            me.child = Some(child);
+            me.url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    me.child = None;
+                    if me.logs().contains("address already in use") {
+                        break;
+                    }
+                    return Err(format!("prometheus exited ({status}) before answering:\n{}", me.logs()));
+                }
+                if matches!(http_get(&format!("{}/-/ready", me.url), &[], &[], Duration::from_secs(2)), Ok(a) if a.status == 200)
+                {
+                    return Ok(me);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("prometheus not ready within 30 s on {}:\n{}", me.url, me.logs()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Err(format!("prometheus found no free port in 3 attempts:\n{}", me.logs()))
+    }
+
+    /// The server's base URL (`http://127.0.0.1:<port>`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The private directory (configuration, data, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The last 40 lines of Prometheus's log.
+    pub fn logs(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `GET <api>` (e.g. `/api/v1/targets`) with `query`, the `data` member of a `success`
+    /// answer; an error answer is an `Err` holding Prometheus's error text.
+    pub fn api(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, String> {
+        let a = http_get(&format!("{}{path}", self.url), query, &[], Duration::from_secs(10))?;
+        let v: Value = serde_json::from_slice(&a.body)
+            .map_err(|e| format!("GET {path}: HTTP {} with a body that is not JSON ({e}): {}", a.status, a.text()))?;
+        if v["status"] != "success" {
+            return Err(format!("GET {path} {query:?}: HTTP {}: {} {}", a.status, v["errorType"], v["error"]));
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// Runs `promql` as an instant query (`/api/v1/query`); returns the parsed `data`
+    /// (`resultType` and `result`).
+    pub fn query(&self, promql: &str) -> Result<Value, String> {
+        self.api("/api/v1/query", &[("query", promql)])
+    }
+
+    /// Runs `promql`, which must give an instant vector, and returns its samples.
+    pub fn query_vector(&self, promql: &str) -> Result<Vec<VectorSample>, String> {
+        let data = self.query(promql)?;
+        if data["resultType"] != "vector" {
+            return Err(format!("{promql}: a {} where a vector was expected", data["resultType"]));
+        }
+        let mut out = Vec::new();
+        for r in data["result"].as_array().into_iter().flatten() {
+            let labels = r["metric"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+                .unwrap_or_default();
+            let value = r["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| format!("{promql}: sample {r}"))?;
+            out.push(VectorSample { labels, value });
+        }
+        Ok(out)
+    }
+
+    /// The active targets (`/api/v1/targets`): `scrapeUrl`, `health`, `lastScrape`,
+    /// `lastError`, `lastScrapeDuration`...
+    pub fn targets(&self) -> Result<Vec<Value>, String> {
+        Ok(self.api("/api/v1/targets", &[("state", "active")])?["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Waits until every target completed two scrapes after this call (so the second
+    /// started after it) and the last was healthy; returns the targets then. Fails after
+    /// `timeout` naming each target's health and last error.
+    pub fn wait_fresh_scrape(&self, timeout: Duration) -> Result<Vec<Value>, String> {
+        let last = |t: &Value| t["lastScrape"].as_str().unwrap_or_default().to_string();
+        // Targets appear once service discovery ran (right after start the list is empty);
+        // a target first seen later counts from its first lastScrape.
+        let mut seen: BTreeMap<String, (String, u32)> = self
+            .targets()?
+            .iter()
+            .map(|t| (t["scrapeUrl"].as_str().unwrap_or_default().to_string(), (last(t), 0)))
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.targets()?;
+            for t in &now {
+                let url = t["scrapeUrl"].as_str().unwrap_or_default().to_string();
+                let e = seen.entry(url).or_insert((last(t), 0));
+                if last(t) != e.0 {
+                    e.0 = last(t);
+                    e.1 += 1;
+                }
+            }
+            let fresh = !seen.is_empty() && seen.values().all(|(_, n)| *n >= 2);
+            if fresh && now.iter().all(|t| t["health"] == "up") {
+                return Ok(now);
+            }
+            if Instant::now() > deadline {
+                let state: Vec<String> = now
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{} health {} lastScrape {} lastError {:?}",
+                            t["scrapeUrl"], t["health"], t["lastScrape"], t["lastError"]
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "no fresh healthy scrape of every target within {timeout:?}: {}\n{}",
+                    state.join("; "),
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes the directories of private Prometheus servers whose test process died (and kills
+/// such a server if it still runs).
+fn reap_stale() {
+    let Ok(entries) = fs::read_dir("/tmp") else { return };
+    let prefix = DIR_PREFIX.trim_start_matches("/tmp/");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || crate::alive(pid) {
+            continue;
+        }
+        let config = e.path().join("prometheus.yml");
+        for p in crate::processes_mentioning(&config.display().to_string()) {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = fs::remove_dir_all(e.path());
+    }
+}
