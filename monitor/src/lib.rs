@@ -232,7 +232,10 @@ impl Monitor {
 
         let mut out = String::new();
         let mut own = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut own) {
+        // Kata's kata_monitor_process_* are Go's process collector's, which has no `_threads`.
+        let mut families = self.registry.gather();
+        families.retain(|f| !f.name().ends_with("_process_threads"));
+        if let Err(e) = TextEncoder::new().encode(&families, &mut own) {
             warn!(self.log, "encoding the kata_monitor metrics: {e}");
         }
         out.push_str(&String::from_utf8_lossy(&own));

@@ -98,6 +98,14 @@ impl Pod {
             let exit = p.set_exit(code);
             info!(pod.log, "process exited"; "container" => &c.id, "exec" => &p.exec_id, "exit_status" => code);
             pod.publish_exit(&c.id, &p, exit, pid);
+            if p.exec_id.is_empty() && c.id == pod.sandbox_id {
+                // As Kata: the sandbox container's end is the pod's, so the VM stops now, not at
+                // its delete. CRI-O deletes a stopped sandbox only when it removes it, and the
+                // kubelet keeps the dead sandbox of a live pod (a finished Job's) as long as the
+                // pod exists: a VM kept until then would idle for hours.
+                info!(pod.log, "the sandbox container exited: stopping the VM");
+                pod.stop_vm().await;
+            }
         });
     }
 

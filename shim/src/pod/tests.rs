@@ -578,3 +578,32 @@ async fn a_pod_container_needs_its_sandbox() {
     assert!(env.backend.vms.lock().unwrap().is_empty(), "no VM is booted for a container of a pod");
     env.assert_nothing_held().await;
 }
+
+/// The sandbox container's exit stops the VM at once (CRI-O deletes a stopped sandbox only when
+/// it removes it): the app container is reported exited, the VM and its metrics socket go, and
+/// the deletes that follow work without a VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_containers_exit_stops_the_vm() {
+    let env = Env::new();
+    let pod = &env.pod;
+    let sb = env.sandbox.clone();
+    step(pod.create(env.request(&sb, Some("sandbox"), None))).await.unwrap();
+    step(pod.start(&sb, "")).await.unwrap();
+    step(pod.create(env.request("app", Some("container"), None))).await.unwrap();
+    step(pod.start("app", "")).await.unwrap();
+    let metrics_dir = crate::monitor::sandbox_dir(&sb);
+    std::fs::create_dir_all(&metrics_dir).unwrap();
+    let agent = env.backend.agent();
+    agent.exit("app", "app", 0);
+    step(pod.process("app", "").unwrap().wait()).await;
+    assert!(!agent.called("DestroySandbox"), "an app container's exit leaves the VM running");
+    agent.exit(&sb, &sb, 0);
+    step(pod.process(&sb, "").unwrap().wait()).await;
+    wait_until("the VM stops", || agent.called("DestroySandbox")).await;
+    wait_until("the metrics socket's directory goes", || !metrics_dir.exists()).await;
+    assert_eq!(pod.vmm_pid(), 0, "no VM left");
+    step(pod.delete("app", "")).await.unwrap();
+    step(pod.delete(&sb, "")).await.unwrap();
+    assert!(pod.is_empty());
+    env.assert_nothing_held().await;
+}

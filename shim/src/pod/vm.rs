@@ -265,6 +265,11 @@ impl Pod {
             VmSlot::Up(vm) => vm,
             _ => return,
         };
+        // Off kata-monitor's list at once: a stopped pod is not scraped (the server itself ends
+        // with the daemon).
+        if let Err(e) = crate::monitor::remove_dir(&self.sandbox_id) {
+            warn!(self.log, "cannot remove the metrics socket's directory"; "error" => %e);
+        }
         if let Err(e) = vm.sandbox.shutdown().await {
             error!(self.log, "stopping the VM failed"; "error" => %e);
         }
