@@ -101,6 +101,17 @@ fn mentions(text: &str, id: &str) -> bool {
     text.contains(&format!("sandbox_id=\"{id}\""))
 }
 
+/// The families with samples of sandbox `id` in one scrape's text (for failure messages).
+fn families_of(text: &str, id: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && mentions(l, id))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
+        .collect();
+    v.dedup();
+    v
+}
+
 /// The CRI socket of a harness.
 fn endpoint(cri: &Cri) -> std::path::PathBuf {
     match cri.manager() {
@@ -244,7 +255,12 @@ fn kata_monitor_two_pods_promql_faults_stop() {
     if last.cri.manager() != Manager::Containerd {
         last.cri.stop_pod(&last.pod);
         let text = last.monitor.scrape(SCRAPE_BOUND).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!mentions(&text, &last.pod.id), "the stopped pod {} is still in the scrape", last.pod.id);
+        assert!(
+            !mentions(&text, &last.pod.id),
+            "the stopped pod {} is still in the scrape: {:?}",
+            last.pod.id,
+            families_of(&text, &last.pod.id)
+        );
         prometheus.wait_fresh_scrape(FRESH_SCRAPE).unwrap_or_else(|e| panic!("{e}"));
         let left = prometheus.query_vector(&format!("kata_hypervisor_fds{{sandbox_id=\"{}\"}}", last.pod.id)).unwrap();
         assert!(left.is_empty(), "the stopped pod's series are still current: {left:?}");
