@@ -254,6 +254,9 @@ fn main() -> Result<()> {
     let result = bench(&cri, n, &mut summary);
     // Dropping the harness removes pods still there and panics with what it had to clean up.
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(cri)));
+    if let Err(e) = &result {
+        summary.push(format!("FAILED: {e:#}"));
+    }
     println!();
     println!("---- podvisor kata-monitor benchmark summary ({:.0} s) ----", started.elapsed().as_secs_f64());
     for l in &summary {
