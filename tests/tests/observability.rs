@@ -101,6 +101,18 @@ fn mentions(text: &str, id: &str) -> bool {
     text.contains(&format!("sandbox_id=\"{id}\""))
 }
 
+/// The families with samples of sandbox `id` in one scrape's text (for failure messages).
+fn families_of(text: &str, id: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && mentions(l, id))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// The CRI socket of a harness.
 fn endpoint(cri: &Cri) -> std::path::PathBuf {
     match cri.manager() {
@@ -239,16 +251,27 @@ fn kata_monitor_two_pods_promql_faults_stop() {
     let left = prometheus.query_vector(&format!("kata_hypervisor_fds{{sandbox_id=\"{}\"}}", ctd.pod.id)).unwrap();
     assert!(left.is_empty(), "the killed pod's series are still current: {left:?}");
 
-    // A pod that stops (the last one): gone from the very next scrape, then from Prometheus.
-    let last = sides.last().unwrap();
-    if last.cri.manager() != Manager::Containerd {
-        last.cri.stop_pod(&last.pod);
-        let text = last.monitor.scrape(SCRAPE_BOUND).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!mentions(&text, &last.pod.id), "the stopped pod {} is still in the scrape", last.pod.id);
+    // A pod that stops is gone from the very next scrape, then from Prometheus. containerd's
+    // StopPodSandbox deletes the sandbox task, which ends the VM and the shim; CRI-O 1.36 only
+    // kills the infra container and keeps the VM until RemovePodSandbox, so its pod is checked
+    // after the removal.
+    let ctd_stop = ctd.cri.run_pod(&ctd.cri.pod_config("obs-ctd-stop"));
+    let gone = |side: &Side, id: &str, what: &str| {
+        let text = side.monitor.scrape(SCRAPE_BOUND).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!mentions(&text, id), "the {what} pod {id} is still in the scrape: {:?}", families_of(&text, id));
         prometheus.wait_fresh_scrape(FRESH_SCRAPE).unwrap_or_else(|e| panic!("{e}"));
-        let left = prometheus.query_vector(&format!("kata_hypervisor_fds{{sandbox_id=\"{}\"}}", last.pod.id)).unwrap();
-        assert!(left.is_empty(), "the stopped pod's series are still current: {left:?}");
-        last.cri.remove_pod(&last.pod);
+        let left = prometheus.query_vector(&format!("kata_hypervisor_fds{{sandbox_id=\"{id}\"}}")).unwrap();
+        assert!(left.is_empty(), "the {what} pod's series are still current: {left:?}");
+    };
+    let text = ctd.monitor.scrape(SCRAPE_BOUND).unwrap_or_else(|e| panic!("{e}"));
+    assert!(mentions(&text, &ctd_stop.id), "the new pod {} is not in the scrape", ctd_stop.id);
+    ctd.cri.stop_pod(&ctd_stop);
+    gone(ctd, &ctd_stop.id, "stopped");
+    ctd.cri.remove_pod(&ctd_stop);
+    if let Some(crio) = sides.iter().find(|s| s.cri.manager() == Manager::Crio) {
+        crio.cri.stop_pod(&crio.pod);
+        crio.cri.remove_pod(&crio.pod);
+        gone(crio, &crio.pod.id, "removed");
     }
 
     // Nothing left: monitors and Prometheus stopped, their files gone with the harnesses.

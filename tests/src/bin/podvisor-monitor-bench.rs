@@ -199,8 +199,21 @@ fn bench(cri: &Cri, n: usize, summary: &mut Vec<String>) -> Result<()> {
     let (plain, gz) = scrape(&monitor, n, &pods, &list)?;
     print_scrapes("10 pods", 10, n, &plain, &gz, summary);
     drop(monitor);
+    // StopPodSandbox + RemovePodSandbox per pod, then the leak check; failures are collected
+    // (the harness's drop cleans up whatever is left and says so).
+    let mut errors = Vec::new();
     for p in &pods {
-        cri.remove_pod(p);
+        let r = cri
+            .block_on(cri.client().stop_pod_sandbox(&p.id))
+            .and_then(|_| cri.block_on(cri.client().remove_pod_sandbox(&p.id)))
+            .map_err(|e| format!("sandbox {}: {e}", p.id))
+            .and_then(|_| cri.check_pod_gone(p));
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    }
+    if !errors.is_empty() {
+        bail!("removing the pods: {}", errors.join("\n"));
     }
     if monitor_idle > Duration::ZERO {
         bail!(
@@ -241,6 +254,9 @@ fn main() -> Result<()> {
     let result = bench(&cri, n, &mut summary);
     // Dropping the harness removes pods still there and panics with what it had to clean up.
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(cri)));
+    if let Err(e) = &result {
+        summary.push(format!("FAILED: {e:#}"));
+    }
     println!();
     println!("---- podvisor kata-monitor benchmark summary ({:.0} s) ----", started.elapsed().as_secs_f64());
     for l in &summary {
