@@ -251,10 +251,10 @@ fn kata_monitor_two_pods_promql_faults_stop() {
     let left = prometheus.query_vector(&format!("kata_hypervisor_fds{{sandbox_id=\"{}\"}}", ctd.pod.id)).unwrap();
     assert!(left.is_empty(), "the killed pod's series are still current: {left:?}");
 
-    // A pod that stops is gone from the very next scrape, then from Prometheus. containerd's
-    // StopPodSandbox deletes the sandbox task, which ends the VM and the shim; CRI-O 1.36 only
-    // kills the infra container and keeps the VM until RemovePodSandbox, so its pod is checked
-    // after the removal.
+    // A pod that stops is gone from the very next scrape, then from Prometheus, on both
+    // managers: containerd's StopPodSandbox deletes the sandbox task; CRI-O 1.36's only kills
+    // the infra container (the delete comes with RemovePodSandbox), and the shim stops the VM
+    // when the sandbox container exits, as Kata does.
     let ctd_stop = ctd.cri.run_pod(&ctd.cri.pod_config("obs-ctd-stop"));
     let gone = |side: &Side, id: &str, what: &str| {
         let text = side.monitor.scrape(SCRAPE_BOUND).unwrap_or_else(|e| panic!("{e}"));
@@ -270,8 +270,8 @@ fn kata_monitor_two_pods_promql_faults_stop() {
     ctd.cri.remove_pod(&ctd_stop);
     if let Some(crio) = sides.iter().find(|s| s.cri.manager() == Manager::Crio) {
         crio.cri.stop_pod(&crio.pod);
+        gone(crio, &crio.pod.id, "stopped");
         crio.cri.remove_pod(&crio.pod);
-        gone(crio, &crio.pod.id, "removed");
     }
 
     // Nothing left: monitors and Prometheus stopped, their files gone with the harnesses.
