@@ -1,7 +1,7 @@
 //! A systemd journal for the duration of a test: the running journald if the host has one,
 //! otherwise a private `systemd-journald` (and a `/dev/log` link to it for syslog writers such
-//! as virtiofsd), stopped and removed again on drop. (The same as the helper in
-//! `tests/containerd.rs`, shared for `tests/kata_runtime.rs`.)
+//! as virtiofsd), stopped and removed again on drop. Used by `tests/containerd.rs` and
+//! `tests/kata_runtime.rs`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
