@@ -593,6 +593,14 @@ async fn the_sandbox_containers_exit_stops_the_vm() {
     step(pod.start("app", "")).await.unwrap();
     let metrics_dir = crate::monitor::sandbox_dir(&sb);
     std::fs::create_dir_all(&metrics_dir).unwrap();
+    /// Removes the directory even when the test fails.
+    struct RemoveDir(String);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = crate::monitor::remove_dir(&self.0);
+        }
+    }
+    let _remove = RemoveDir(sb.clone());
     let agent = env.backend.agent();
     agent.exit("app", "app", 0);
     step(pod.process("app", "").unwrap().wait()).await;
