@@ -11,12 +11,12 @@ use std::path::Path;
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 /// Proto files compiled, relative to `protos/`.
-const PROTOS: &[&str] = &["agent.proto", "health.proto", "oci.proto", "types.proto", "csi.proto"];
+const PROTOS: &[&str] = &["agent.proto", "health.proto", "oci.proto", "types.proto", "csi.proto", "hypervisor.proto"];
 
 /// Files the code generators write for `PROTOS` (rust-protobuf: `<name>.rs`; ttrpc: `<name>_ttrpc.rs`
 /// for files that declare a service).
 const GENERATED: &[&str] =
-    &["agent.rs", "agent_ttrpc.rs", "health.rs", "health_ttrpc.rs", "oci.rs", "types.rs", "csi.rs"];
+    &["agent.rs", "agent_ttrpc.rs", "health.rs", "health_ttrpc.rs", "oci.rs", "types.rs", "csi.rs", "hypervisor.rs", "hypervisor_ttrpc.rs"];
 
 fn main() {
     let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");

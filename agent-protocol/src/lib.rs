@@ -21,6 +21,8 @@
 //! | [`oci`] | `oci.proto` | the OCI runtime spec carried in requests ([`oci::Spec`], ...) |
 //! | [`types`] | `types.proto` | network types ([`types::Interface`], [`types::Route`], ...) |
 //! | [`csi`] | `csi.proto` | volume statistics ([`csi::VolumeStatsResponse`]) |
+//! | [`hypervisor`] | `hypervisor.proto` | Kata's remote hypervisor API, package `remote` ([`hypervisor::CreateVMRequest`], ...) |
+//! | [`hypervisor_ttrpc`] | `hypervisor.proto` | [`hypervisor_ttrpc::HypervisorClient`], the [`hypervisor_ttrpc::Hypervisor`] server trait, [`hypervisor_ttrpc::create_hypervisor`] |
 //!
 //! `google.protobuf.Empty` maps to [`protobuf::well_known_types::empty::Empty`].
 //!
@@ -82,6 +84,18 @@ generated_module!(
     /// Volume statistics messages of `csi.proto` (package `grpc`).
     csi, "csi.rs"
 );
+
+generated_module!(
+    /// Messages of `hypervisor.proto` (package `remote`): Kata's remote hypervisor API.
+    hypervisor, "hypervisor.rs"
+);
+generated_module!(
+    /// Async ttrpc client and server for `remote.Hypervisor`.
+    hypervisor_ttrpc, "hypervisor_ttrpc.rs"
+);
+
+/// The ttrpc service name of the remote hypervisor API (package `remote`).
+pub const REMOTE_HYPERVISOR_SERVICE: &str = "remote.Hypervisor";
 
 /// Conversions between `oci_spec::runtime::Spec` and the protobuf [`oci::Spec`], lossless up to
 /// the documented zero → `None` rules.
@@ -213,6 +227,26 @@ mod tests {
     fn health_service_declares_check_and_version() {
         let proto = include_str!("../protos/health.proto");
         assert_eq!(declared_rpcs(proto, "Health"), ["Check", "Version"]);
+    }
+
+    #[test]
+    fn remote_hypervisor_service_is_katas() {
+        let fd = hypervisor::file_descriptor();
+        assert_eq!(fd.proto().package(), "remote");
+        let service = fd.proto().service.iter().find(|s| s.name() == "Hypervisor").expect("service Hypervisor");
+        let names: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+        assert_eq!(names, ["CreateVM", "StartVM", "StopVM", "Version"]);
+        let create = fd.proto().message_type.iter().find(|m| m.name() == "CreateVMRequest").unwrap();
+        let fields: Vec<(&str, i32)> = create.field.iter().map(|f| (f.name(), f.number())).collect();
+        assert_eq!(fields, [("id", 1), ("annotations", 2), ("networkNamespacePath", 3)]);
+        let mut req = hypervisor::CreateVMRequest::new();
+        req.id = "x".into();
+        req.networkNamespacePath = "/var/run/netns/n".into();
+        let _ = req.annotations.insert("k".into(), "v".into());
+        // Field 1 (string), then the map entry as field 2, then field 3: Kata's encoding.
+        let bytes = protobuf::Message::write_to_bytes(&req).unwrap();
+        assert_eq!(&bytes[..3], &[0x0a, 0x01, b'x']);
+        assert_eq!(bytes[3], 0x12);
     }
 
     #[test]
