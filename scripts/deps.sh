@@ -22,6 +22,8 @@ APT_PACKAGES=(
   util-linux        # losetup (raw block volume test), nsenter, unshare
   iptables          # xtables-legacy-multi / xtables-nft-multi + libraries copied into the guest_kernel test image
   ipvsadm           # IPVS CLI (+ libraries) for the same image: kube-proxy's IPVS mode in the guest
+  docker-registry   # 2.8: the peer pod tests' private OCI registry (tests/src/registry.rs); the Debian
+                    # service is neither started nor enabled (see below)
   prometheus        # 2.42: the observability test's private server (tests/src/prometheus.rs); the
                     # Debian service is neither started nor enabled (see below)
 )
@@ -50,9 +52,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
   [ -z "$own_policy" ] || rm -f "$policy"
   [ "$rc" = 0 ] || exit "$rc"
-  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
-  fi
+  for svc in prometheus docker-registry; do
+    if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+      systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 # vhost-device-vsock (hybrid vsock when /dev/vhost-vsock is absent) and virtiofsd, pinned, into

@@ -18,8 +18,10 @@ pub mod image;
 pub mod journal;
 pub mod kata_monitor;
 pub mod leaks;
+pub mod peerpods;
 pub mod prom;
 pub mod prometheus;
+pub mod registry;
 pub mod soak;
 pub mod stream;
 

@@ -1,0 +1,1 @@
+//! Peer pods harness (placeholder while it is written).
