@@ -439,6 +439,18 @@ fn kubelet_namespaces() -> proto::NamespaceOption {
     }
 }
 
+/// Configuration added to a [`Cri`]'s manager (the peer pod tests' `kata-remote` handler and
+/// their registry); empty strings add nothing.
+#[derive(Debug, Clone, Default)]
+pub struct CriExtras {
+    /// Appended to containerd's `config.toml` (tables of its own, e.g. more runtime handlers).
+    pub containerd_config: String,
+    /// CRI-O's `conf.d/60-extras.conf`.
+    pub crio_drop_in: String,
+    /// Appended to CRI-O's `registries.conf`.
+    pub crio_registries: String,
+}
+
 /// How long a [`Cri`] took to come up.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CriStartup {
@@ -662,6 +674,11 @@ impl Cri {
     /// Starts `manager` with its CRI for [`handler`]: checks the prerequisites, writes the CNI
     /// configuration, starts the manager, waits for the CRI to be ready and for both images.
     pub fn try_start(manager: Manager) -> Result<Self, String> {
+        Self::try_start_with(manager, &CriExtras::default())
+    }
+
+    /// [`Cri::try_start`] with `extras` added to the manager's configuration.
+    pub fn try_start_with(manager: Manager, extras: &CriExtras) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let handler = handler();
         manager.available()?;
@@ -713,7 +730,7 @@ impl Cri {
                 let shim = if handler == KATA_HANDLER { Some(shim_binary()) } else { None };
                 let make_config = |dir: &Path| -> String {
                     match make_net(dir, dir.join("cni/net.d")) {
-                        Ok(net) => cri_containerd_config(dir, &net, handler),
+                        Ok(net) => cri_containerd_config(dir, &net, handler) + &extras.containerd_config,
                         Err(e) => format!("# the CNI configuration could not be written: {e}\n"),
                     }
                 };
@@ -734,6 +751,8 @@ impl Cri {
                     images: &archives,
                     pause_image: PAUSE_IMAGE,
                     write_cni: &write_cni,
+                    extra_drop_in: &extras.crio_drop_in,
+                    registries: &extras.crio_registries,
                 };
                 let crio = TestCrio::try_start(&setup)?;
                 images = crio.images_time();
@@ -1063,7 +1082,8 @@ impl Cri {
         self.try_run_pod_with_handler(config, self.handler)
     }
 
-    fn try_run_pod_with_handler(&self, config: &proto::PodSandboxConfig, handler: &str) -> Result<Pod, String> {
+    /// [`Self::run_pod_with_handler`] that returns errors (with the manager's log tail).
+    pub fn try_run_pod_with_handler(&self, config: &proto::PodSandboxConfig, handler: &str) -> Result<Pod, String> {
         self.prepare_pod(config);
         let before = bridge_ports(&self.net.bridge);
         let started = Instant::now();

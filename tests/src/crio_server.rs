@@ -74,6 +74,11 @@ pub struct CrioSetup<'a> {
     /// Writes the CNI configuration into the given directory (`[crio.network] network_dir`)
     /// once the private directory exists.
     pub write_cni: &'a dyn Fn(&Path) -> Result<(), String>,
+    /// A further drop-in (`conf.d/60-extras.conf`; empty: none), e.g. the peer pod tests'
+    /// `kata-remote` handler.
+    pub extra_drop_in: &'a str,
+    /// Appended to `registries.conf` (e.g. an insecure `[[registry]]`).
+    pub registries: &'a str,
 }
 
 /// A private CRI-O (see the module documentation).
@@ -219,7 +224,10 @@ impl TestCrio {
         let shipped = fs::read_to_string(&shipped_path).map_err(|e| io(&shipped_path, e))?;
         write(d.join("conf.d/50-kata.conf"), &kata_drop_in(&shipped, setup.shim, &me.kata_config, &d.join("vc"))?)?;
         write(d.join("policy.json"), r#"{"default":[{"type":"insecureAcceptAnything"}]}"#)?;
-        write(d.join("registries.conf"), "unqualified-search-registries = []\n")?;
+        if !setup.extra_drop_in.is_empty() {
+            write(d.join("conf.d/60-extras.conf"), setup.extra_drop_in)?;
+        }
+        write(d.join("registries.conf"), &format!("unqualified-search-registries = []\n{}", setup.registries))?;
         write(d.join("runc-wrapper"), RUNC_WRAPPER)?;
         fs::set_permissions(d.join("runc-wrapper"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(|e| io(&d.join("runc-wrapper"), e))?;
