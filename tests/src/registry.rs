@@ -276,6 +276,18 @@ impl TestRegistry {
         fs::read_to_string(self.log_file()).unwrap_or_default().lines().filter(|l| l.contains(&needle)).count()
     }
 
+    /// How many blob GETs of `repository` came from `client` (the access log's first field is
+    /// the client address): proves who pulled.
+    pub fn blob_fetches_from(&self, repository: &str, client: &str) -> usize {
+        let needle = format!("\"GET /v2/{repository}/blobs/");
+        let prefix = format!("{client} ");
+        fs::read_to_string(self.log_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(&needle))
+            .count()
+    }
+
     /// Kills the registry (SIGKILL: it has nothing to flush) and removes its directory; returns
     /// what went wrong.
     pub fn stop(&mut self) -> Vec<String> {
