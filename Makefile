@@ -37,7 +37,7 @@ guest-image: agent
 # The containerd tests run the shim, kata-runtime and kata-monitor binaries, which `cargo test`
 # does not build by itself.
 test: deps guest-image
-	$(CARGO) build -p podvisor-shim -p podvisor-runtime -p podvisor-monitor
+	$(CARGO) build -p podvisor-shim -p podvisor-runtime -p podvisor-monitor -p podvisor-remote-hypervisor
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: deps guest-image
@@ -46,6 +46,8 @@ bench: deps guest-image
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-demo -- bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-cri-bench
 	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-monitor-bench
+	$(CARGO) build --release -q -p podvisor-remote-hypervisor
+	$(CARGO) run --release -q -p podvisor-tests --bin podvisor-peerpod-bench
 
 # Create/delete cycles through containerd and CRI-O with faults (tests/src/soak.rs); CYCLES=200.
 soak: deps guest-image

@@ -243,6 +243,31 @@ pub struct RemoteHypervisor {
     settings: ServiceSettings,
     /// Sandbox ids of podvms seen, for the leak check on drop.
     seen: std::sync::Mutex<BTreeMap<String, PodvmState>>,
+    /// [`LOCK_FILE`], locked for its life (dropped after the teardown).
+    _lock: fs::File,
+}
+
+/// Serializes services across tests and test processes: they share the bridge `podvisor-pp0`
+/// and its addresses (two services would hand out the same podvm IPs).
+pub const LOCK_FILE: &str = "/tmp/podvisor-pp.lock";
+
+fn lock_exclusive() -> Result<fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_FILE)
+        .map_err(|e| format!("{LOCK_FILE}: {e}"))?;
+    let t = Instant::now();
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!("flock {LOCK_FILE}: {}", std::io::Error::last_os_error()));
+    }
+    if t.elapsed() > Duration::from_secs(1) {
+        eprintln!("waited {:.1} s for another peer pod service to finish ({LOCK_FILE})", t.elapsed().as_secs_f64());
+    }
+    Ok(f)
 }
 
 impl RemoteHypervisor {
@@ -255,13 +280,14 @@ impl RemoteHypervisor {
     pub fn try_start(settings: ServiceSettings) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let binary = service_binary();
+        let lock = lock_exclusive()?;
         leaks::reap_stale_dirs(DIR_PREFIX, |p| p.argv0.contains(SERVICE) || p.argv0.contains("qemu-system"));
         let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("podvms")).map_err(|e| format!("{}: {e}", dir.display()))?;
         let env = dir.join("peer-pods-cm.env");
         fs::write(&env, env_file_text(&settings)).map_err(|e| format!("{}: {e}", env.display()))?;
-        let mut me = RemoteHypervisor { dir, binary, child: None, settings, seen: Default::default() };
+        let mut me = RemoteHypervisor { dir, binary, child: None, settings, seen: Default::default(), _lock: lock };
         me.spawn()?;
         Ok(me)
     }
