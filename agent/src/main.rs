@@ -12,6 +12,7 @@
 //!   re-parented to it) and exits 0 after DestroySandbox.
 
 mod container;
+mod copy_file;
 mod debug_console;
 #[cfg(test)]
 mod fuzz_targets;

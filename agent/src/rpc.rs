@@ -46,6 +46,7 @@ pub const IMPLEMENTED: &[&str] = &[
     "ListInterfaces",
     "ListRoutes",
     "SetPolicy",
+    "CopyFile",
 ];
 
 /// Features reported in `AgentDetails.extra_features`.
@@ -336,6 +337,16 @@ impl agent_ttrpc::AgentService for AgentService {
     async fn list_routes(&self, _ctx: &TtrpcContext, _req: pb::ListRoutesRequest) -> ttrpc::Result<pb::Routes> {
         let routes = crate::network::run("ListRoutes", crate::network::list_routes).await?;
         Ok(pb::Routes { Routes: routes, ..Default::default() })
+    }
+
+    // --- files into a guest without a shared file system (peer pods) ---
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: pb::CopyFileRequest) -> ttrpc::Result<Empty> {
+        let base = std::path::Path::new(crate::copy_file::BASE);
+        tokio::task::spawn_blocking(move || crate::copy_file::copy_file(&req, base))
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("CopyFile: {e}")))?
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("CopyFile: {e}")))?;
+        Ok(Default::default())
     }
 
     // --- agent policy (checked by the policy gate first once a policy is set) ---

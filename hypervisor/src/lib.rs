@@ -14,6 +14,7 @@ pub mod network;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod remote;
 pub mod vsock;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub use config::{Accelerator, ConfigError, QemuConfig};
 pub use host::{AccelChoice, HostCheck};
 pub use network::{GuestNetwork, InternetworkingModel, NetworkError, PodNetwork};
 pub use qemu::Qemu;
+pub use remote::{Remote, RemoteConfig};
 pub use vsock::AgentChannel;
 
 /// An amount of memory in MiB.

@@ -221,6 +221,17 @@ impl PodNetwork {
         Ok(PodNetwork { path, netns, guest, links: Mutex::new(links) })
     }
 
+    /// Reads the interfaces, routes and neighbours of the netns at `netns_path` and changes
+    /// nothing (peer pods: the remote hypervisor service joins the netns to the podvm).
+    pub fn discover(netns_path: &Path) -> Result<GuestNetwork, NetworkError> {
+        let netns = File::open(netns_path).map_err(|source| NetworkError::Netns {
+            path: netns_path.to_path_buf(),
+            what: "open",
+            source,
+        })?;
+        in_netns(&netns, netns_path, discover)
+    }
+
     /// The netns path.
     pub fn netns_path(&self) -> &Path {
         &self.path

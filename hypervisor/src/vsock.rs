@@ -25,6 +25,12 @@ pub enum AgentChannel {
         /// Port the agent listens on.
         port: u32,
     },
+    /// A plain unix socket that reaches the agent (Kata's `remote://` scheme: the remote
+    /// hypervisor service proxies it to a podvm).
+    Unix {
+        /// The socket path.
+        path: PathBuf,
+    },
 }
 
 impl std::fmt::Display for AgentChannel {
@@ -34,6 +40,7 @@ impl std::fmt::Display for AgentChannel {
             AgentChannel::HybridVsock { uds, port } => {
                 write!(f, "hybrid vsock unix://{} (CONNECT {port})", uds.display())
             }
+            AgentChannel::Unix { path } => write!(f, "remote://{}", path.display()),
         }
     }
 }
@@ -56,6 +63,7 @@ impl AgentChannel {
                 read_connect_reply(&mut s, *port).await?;
                 Ok(s.into_std()?.into())
             }
+            AgentChannel::Unix { path } => Ok(UnixStream::connect(path).await?.into_std()?.into()),
             AgentChannel::Vsock { cid, port } => {
                 let (cid, port) = (*cid, *port);
                 tokio::task::spawn_blocking(move || {

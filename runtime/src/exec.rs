@@ -44,6 +44,12 @@ pub fn parse_agent_url(text: &str) -> Result<AgentUrl, String> {
         let (cid, _) = rest.split_once(':').ok_or_else(|| format!("agent url {text:?} has no port"))?;
         return cid.parse().map(AgentUrl::Vsock).map_err(|_| format!("agent url {text:?}: bad CID"));
     }
+    if text.starts_with("remote://") {
+        return Err(format!(
+            "agent url {text:?}: this pod is a peer pod (remote hypervisor); its podvm has no debug console \
+             reachable from the node"
+        ));
+    }
     Err(format!("agent url {text:?} is neither hvsock:// nor vsock://"))
 }
 

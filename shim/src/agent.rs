@@ -153,6 +153,12 @@ pub trait Agent: Send + Sync {
     /// `SetPolicy`: the agent policy (Rego, package `agent_policy`) the guest enforces from
     /// now on; an invalid policy is INVALID_ARGUMENT with the parse error.
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError>;
+    /// `CopyFile`: writes one file, directory or symlink (or one chunk of a file) into the
+    /// guest under `/run/kata-containers` (`shared_fs = "none"`: peer pods).
+    async fn copy_file(&self, req: pb::CopyFileRequest) -> Result<(), AgentError> {
+        let _ = req;
+        Err(AgentError::Rpc { rpc: "CopyFile", message: "not supported by this agent client".into() })
+    }
 }
 
 /// Longest container id accepted from the agent (containerd's ids have at most 76 bytes).
@@ -501,6 +507,11 @@ impl Agent for KataAgent {
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError> {
         let req = pb::SetPolicyRequest { policy: policy.into(), ..Default::default() };
         self.call("SetPolicy", self.agent.set_policy(ctx(self.timeout), &req)).await?;
+        Ok(())
+    }
+
+    async fn copy_file(&self, req: pb::CopyFileRequest) -> Result<(), AgentError> {
+        self.call("CopyFile", self.agent.copy_file(ctx(self.timeout), &req)).await?;
         Ok(())
     }
 
@@ -881,6 +892,7 @@ pub fn kata_action(rpc: &str) -> &'static str {
         "metrics" => "grpc.GetMetricsRequest",
         "destroy_sandbox" => "grpc.DestroySandboxRequest",
         "create_sandbox" => "grpc.CreateSandboxRequest",
+        "copy_file" => "grpc.CopyFileRequest",
         "create_container" => "grpc.CreateContainerRequest",
         "start_container" => "grpc.StartContainerRequest",
         "remove_container" => "grpc.RemoveContainerRequest",
@@ -1079,5 +1091,9 @@ impl Agent for VmWatchedAgent {
 
     async fn set_policy(&self, policy: &str) -> Result<(), AgentError> {
         self.guard("set_policy", self.inner.set_policy(policy)).await
+    }
+
+    async fn copy_file(&self, req: pb::CopyFileRequest) -> Result<(), AgentError> {
+        self.guard("copy_file", self.inner.copy_file(req)).await
     }
 }

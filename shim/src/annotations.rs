@@ -69,6 +69,34 @@ where
     Ok(v)
 }
 
+/// Peer pods: takes the sizing annotations (`machine_type` = the instance type,
+/// `default_vcpus`, `default_memory`) out of `annotations` into `remote`, for the remote
+/// hypervisor service to choose the podvm's instance type with. They are always honoured: the
+/// service decides what it allows (`PODVM_INSTANCE_TYPES`).
+pub fn apply_remote(
+    annotations: &mut HashMap<String, String>,
+    remote: &mut hypervisor::RemoteConfig,
+) -> Result<(), String> {
+    let take = |a: &mut HashMap<String, String>, short: &str| {
+        a.remove(&format!("{HYPERVISOR_PREFIX}{short}")).filter(|v| !v.trim().is_empty())
+    };
+    if let Some(v) = take(annotations, "machine_type") {
+        if v.len() > 128 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c)) {
+            return Err(format!("annotation {HYPERVISOR_PREFIX}machine_type={v:?}: not an instance type name"));
+        }
+        remote.machine_type = v;
+    }
+    if let Some(v) = take(annotations, "default_vcpus") {
+        let key = format!("{HYPERVISOR_PREFIX}default_vcpus");
+        remote.default_vcpus = parse_num(&key, &v, 1u32, 1024)?;
+    }
+    if let Some(v) = take(annotations, "default_memory") {
+        let key = format!("{HYPERVISOR_PREFIX}default_memory");
+        remote.default_memory = parse_num(&key, &v, 64u64, 4_194_304)?;
+    }
+    Ok(())
+}
+
 /// Applies the pod's annotations to `config` (the VM's configuration). Errors name the
 /// annotation and the fix.
 pub fn apply(annotations: &HashMap<String, String>, config: &mut QemuConfig) -> Result<Applied, String> {
@@ -176,6 +204,25 @@ mod tests {
 
     fn ann(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn peer_pod_sizing_annotations_go_to_the_remote_service() {
+        let mut a: HashMap<String, String> = [
+            ("io.katacontainers.config.hypervisor.machine_type", "medium"),
+            ("io.katacontainers.config.hypervisor.default_vcpus", "2"),
+            ("io.katacontainers.config.hypervisor.default_memory", "1024"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut r = hypervisor::RemoteConfig::default();
+        apply_remote(&mut a, &mut r).unwrap();
+        assert!(a.is_empty(), "taken out of what the QEMU rules see");
+        assert_eq!((r.machine_type.as_str(), r.default_vcpus, r.default_memory), ("medium", 2, 1024));
+        let mut bad: HashMap<String, String> =
+            [("io.katacontainers.config.hypervisor.default_vcpus".to_string(), "0".to_string())].into();
+        assert!(apply_remote(&mut bad, &mut r).unwrap_err().contains("default_vcpus"));
     }
 
     #[test]

@@ -90,11 +90,21 @@ pub struct RuntimeConfig {
     /// where the container manager started the shim, and the node does not charge them to the
     /// pod).
     pub sandbox_cgroup_only: bool,
+    /// `experimental_force_guest_pull` (Kata's): container images are pulled inside the guest
+    /// (by the agent) from the image name the container manager annotates, without a snapshotter
+    /// that supports it. What containerd needs for peer pods; CRI-O says so per container
+    /// (`runtime_pull_image`).
+    pub force_guest_pull: bool,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { enable_debug: false, internetworking_model: Default::default(), sandbox_cgroup_only: true }
+        RuntimeConfig {
+            enable_debug: false,
+            internetworking_model: Default::default(),
+            sandbox_cgroup_only: true,
+            force_guest_pull: false,
+        }
     }
 }
 
@@ -105,6 +115,9 @@ pub struct Config {
     pub file: PathBuf,
     /// `[hypervisor.qemu]`.
     pub hypervisor: QemuConfig,
+    /// `[hypervisor.remote]`: when present, pods are peer pods whose VMs a remote hypervisor
+    /// service runs, and `hypervisor` is not used.
+    pub remote: Option<hypervisor::RemoteConfig>,
     /// `[agent.kata]`.
     pub agent: AgentConfig,
     /// `[runtime]`.
@@ -166,11 +179,30 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         Ok(t)
     };
     let hv_section = section(&["hypervisor"])?;
-    for name in hv_section.keys().filter(|k| *k != "qemu") {
-        warnings
-            .push(format!("{}: [hypervisor.{name}] is not supported by podvisor (only qemu); ignored", file.display()));
+    for name in hv_section.keys().filter(|k| *k != "qemu" && *k != "remote") {
+        warnings.push(format!(
+            "{}: [hypervisor.{name}] is not supported by podvisor (only qemu and remote); ignored",
+            file.display()
+        ));
     }
-    let mut hypervisor = QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?;
+    let remote = match hv_section.get("remote") {
+        Some(_) => {
+            if hv_section.contains_key("qemu") {
+                warnings.push(format!(
+                    "{}: both [hypervisor.qemu] and [hypervisor.remote]: pods are peer pods (remote); \
+                     [hypervisor.qemu] is ignored",
+                    file.display()
+                ));
+            }
+            Some(hypervisor::RemoteConfig::from_table(section(&["hypervisor", "remote"])?, file, &mut warnings)?)
+        }
+        None => None,
+    };
+    let mut hypervisor = if remote.is_some() {
+        QemuConfig::default()
+    } else {
+        QemuConfig::from_table(section(&["hypervisor", "qemu"])?, file, &mut warnings)?
+    };
 
     let agent_table = section(&["agent", "kata"])?;
     let mut agent = AgentConfig::default();
@@ -210,7 +242,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         match (key.as_str(), value) {
             ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
             ("sandbox_cgroup_only", Value::Boolean(b)) => runtime.sandbox_cgroup_only = *b,
-            ("enable_debug" | "sandbox_cgroup_only", v) => {
+            ("experimental_force_guest_pull", Value::Boolean(b)) => runtime.force_guest_pull = *b,
+            ("enable_debug" | "sandbox_cgroup_only" | "experimental_force_guest_pull", v) => {
                 return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into())
             }
             ("internetworking_model", Value::String(m)) => {
@@ -231,7 +264,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     for key in doc.keys().filter(|k| !["hypervisor", "agent", "runtime", "factory", "image"].contains(&k.as_str())) {
         warnings.push(format!("{}: [{key}]: unknown section; ignored", file.display()));
     }
-    Ok(Config { file: file.into(), hypervisor, agent, runtime, warnings })
+    Ok(Config { file: file.into(), hypervisor, remote, agent, runtime, warnings })
 }
 
 #[cfg(test)]
@@ -313,6 +346,33 @@ mod tests {
         assert!(c.agent.debug_console_enabled && c.warnings.is_empty(), "{:?}", c.warnings);
         let err = parse("[agent.kata]\ndebug_console_enabled = \"yes\"", Path::new("/c.toml")).unwrap_err().to_string();
         assert!(err.starts_with("/c.toml: [agent.kata] debug_console_enabled: expected true or false"), "{err}");
+    }
+
+    #[test]
+    fn remote_section_selects_peer_pods() {
+        let c = parse(
+            "[hypervisor.remote]\nremote_hypervisor_socket = \"/run/x.sock\"\nremote_hypervisor_timeout = 30\n\
+             default_vcpus = 2\ndefault_memory = 1024\nmachine_type = \"medium\"\nshared_fs = \"none\"\n\
+             [runtime]\nexperimental_force_guest_pull = true\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        let r = c.remote.unwrap();
+        assert_eq!(r.socket, Path::new("/run/x.sock"));
+        assert_eq!(r.timeout, Duration::from_secs(30));
+        assert_eq!((r.default_vcpus, r.default_memory, r.machine_type.as_str()), (2, 1024, "medium"));
+        assert!(c.runtime.force_guest_pull && c.warnings.is_empty(), "{:?}", c.warnings);
+        let d = parse("[hypervisor.remote]\n", Path::new("/c.toml")).unwrap().remote.unwrap();
+        assert_eq!((d.socket.to_str().unwrap(), d.timeout), ("/run/peerpod/hypervisor.sock", Duration::from_secs(600)));
+        assert!(parse("[hypervisor.qemu]\n", Path::new("/c.toml")).unwrap().remote.is_none());
+        for (text, want) in [
+            ("[hypervisor.remote]\nremote_hypervisor_socket = \"rel\"", "[hypervisor.remote] remote_hypervisor_socket"),
+            ("[hypervisor.remote]\nremote_hypervisor_timeout = 0", "[hypervisor.remote] remote_hypervisor_timeout"),
+            ("[hypervisor.remote]\nshared_fs = \"virtio-fs\"", "use shared_fs = \"none\""),
+        ] {
+            let err = parse(text, Path::new("/c.toml")).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

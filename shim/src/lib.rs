@@ -9,6 +9,7 @@ pub mod annotations;
 pub mod bootstrap;
 pub mod cleanup;
 pub mod config;
+pub mod copy;
 pub mod events;
 pub mod host_cgroup;
 pub mod limits;

@@ -68,6 +68,29 @@ impl VmBackend for QemuBackend {
         log: &Logger,
     ) -> Result<(Arc<dyn Hypervisor>, Option<GuestNetwork>), BootError> {
         let log = log.new(slog::o!("sandbox" => id.to_string()));
+        if let Some(remote) = &config.remote {
+            // A peer pod: the remote hypervisor service joins the netns to the podvm (tunnel);
+            // the shim only reads what the guest must be configured with.
+            let guest_network = match netns {
+                Some(path) => {
+                    let path = path.to_path_buf();
+                    Some(
+                        tokio::task::spawn_blocking(move || PodNetwork::discover(&path))
+                            .await
+                            .map_err(|e| hypervisor::Error::InvalidRequest(format!("pod network: {e}")))??,
+                    )
+                }
+                None => None,
+            };
+            let vm = hypervisor::Remote::new(
+                id,
+                remote.clone(),
+                &remote.pod_annotations,
+                netns.map(Path::to_path_buf),
+                log.clone(),
+            );
+            return Ok((Arc::new(vm), guest_network));
+        }
         let mut vm = Qemu::new(id, config.hypervisor.clone(), log.clone()).with_shared_dir(shared_dir);
         let mut guest_network = None;
         if let Some(path) = netns {
@@ -165,9 +188,11 @@ impl Sandbox {
             mount_point: format!("{}/", crate::mounts::GUEST_SHARED),
             ..Default::default()
         };
+        // A podvm shares no file system with the node: files are copied in (CopyFile).
+        let storages = if config.remote.is_some() { Vec::new() } else { vec![storage] };
         let req = agent_protocol::agent::CreateSandboxRequest {
             hostname: hostname.into(),
-            storages: vec![storage],
+            storages,
             sandbox_id: id.into(),
             ..Default::default()
         };

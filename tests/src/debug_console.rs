@@ -56,6 +56,7 @@ pub async fn connect(channel: &AgentChannel, port: u32) -> Result<UnixStream> {
             // A connected stream socket: reads and writes are all this client does with it.
             Ok(UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?)
         }
+        AgentChannel::Unix { path } => bail!("{}: a podvm has no debug console port", path.display()),
     }
 }
 

@@ -146,6 +146,7 @@ pub fn agent_url(channel: &AgentChannel) -> String {
     match channel {
         AgentChannel::HybridVsock { uds, port } => format!("hvsock://{}:{port}", uds.display()),
         AgentChannel::Vsock { cid, port } => format!("vsock://{cid}:{port}"),
+        AgentChannel::Unix { path } => format!("remote://{}", path.display()),
     }
 }
 

@@ -32,7 +32,9 @@ impl Pod {
         }
         let oci = spec::load(&req.bundle).map_err(|e| PodError::InvalidArgument(e.to_string()))?;
         let binds = spec::host_binds(&oci).map_err(|e| PodError::InvalidArgument(e.to_string()))?;
-        let mounted_rootfs = if req.rootfs.is_empty() {
+        let mut req = req;
+        let virtual_volume = super::remote::take_virtual_volume(&mut req.rootfs).map_err(PodError::InvalidArgument)?;
+        let mounted_rootfs = if req.rootfs.is_empty() || virtual_volume.is_some() {
             None
         } else {
             let target = req.bundle.join("rootfs");
@@ -42,7 +44,7 @@ impl Pod {
             })?;
             Some(target)
         };
-        let result = self.create_mounted(&req, oci, &binds).await;
+        let result = self.create_mounted(&req, oci, &binds, virtual_volume.as_ref()).await;
         match result {
             Ok(c) => {
                 self.containers.lock().unwrap().insert(req.id.clone(), Arc::new(Container { mounted_rootfs, ..c }));
@@ -67,9 +69,9 @@ impl Pod {
         req: &CreateRequest,
         mut oci: oci_spec::runtime::Spec,
         binds: &[spec::HostBind],
+        virtual_volume: Option<&super::remote::VirtualVolume>,
     ) -> PodResult<Container> {
-        let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty())
-            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        let host_root = spec::host_rootfs(&oci, &req.bundle, !req.rootfs.is_empty());
         let annotations = spec::annotations(&oci);
         let crio = annotations.get("io.container.manager").is_some_and(|m| m == "cri-o");
         let kind = crate::annotations::container_type(&annotations).unwrap_or("").to_string();
@@ -87,32 +89,50 @@ impl Pod {
         if kind == "container" {
             self.grow_for(&vm, id, &Default::default(), &limits).await?;
         }
-        let shared = async {
-            let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, mounts::ReadOnly::No)?;
-            let mut sources = Vec::new();
-            for b in binds {
-                if b.propagation != spec::Propagation::Private {
-                    sources.push(vm.shared.share_for_pod(&b.source, b.read_only)?);
-                    if b.propagation == spec::Propagation::Bidirectional && !vm.told_bidirectional.swap(true, Relaxed) {
-                        info!(self.log, "mounts made in the pod under a Bidirectional volume reach its other containers \
-                            but stay in the VM: the host does not see them (mounts made on the host do reach the pod)";
-                            "container" => id, "host_path" => %b.source.display());
+        let (guest_root, sources, pulled, sync) = if let Some(remote) = &vm.remote {
+            let agent = vm.sandbox.agent().clone();
+            let files = self
+                .remote_files(&agent, id, &annotations, virtual_volume, remote.force_guest_pull, host_root, binds)
+                .await?;
+            (files.guest_root, files.sources, files.storages, files.sync)
+        } else {
+            if virtual_volume.is_some() {
+                return Err(PodError::InvalidArgument(
+                    "the rootfs is a Kata virtual volume (image pulled in the guest), which podvisor supports for \
+                     peer pods only; use the kata-remote runtime class, or turn off runtime_pull_image for this \
+                     handler"
+                        .into(),
+                ));
+            }
+            let host_root = host_root.map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+            let shared = async {
+                let root = vm.shared.share(&format!("{id}/rootfs"), &host_root, mounts::ReadOnly::No)?;
+                let mut sources = Vec::new();
+                for b in binds {
+                    if b.propagation != spec::Propagation::Private {
+                        sources.push(vm.shared.share_for_pod(&b.source, b.read_only)?);
+                        if b.propagation == spec::Propagation::Bidirectional && !vm.told_bidirectional.swap(true, Relaxed) {
+                            info!(self.log, "mounts made in the pod under a Bidirectional volume reach its other containers \
+                                but stay in the VM: the host does not see them (mounts made on the host do reach the pod)";
+                                "container" => id, "host_path" => %b.source.display());
+                        }
+                        continue;
                     }
-                    continue;
+                    let base =
+                        b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+                    sources.push(vm.shared.share(&format!("{id}-mounts/{}-{base}", b.index), &b.source, b.read_only)?);
                 }
-                let base =
-                    b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
-                sources.push(vm.shared.share(&format!("{id}-mounts/{}-{base}", b.index), &b.source, b.read_only)?);
+                Ok::<_, mounts::MountError>((root, sources))
             }
-            Ok::<_, mounts::MountError>((root, sources))
-        }
-        .await;
-        let (guest_root, sources) = match shared {
-            Ok(v) => v,
-            Err(e) => {
-                self.unshare(&vm, id);
-                return Err(PodError::Internal(format!("cannot share the container's files with the VM: {e}")));
-            }
+            .await;
+            let (guest_root, sources) = match shared {
+                Ok(v) => v,
+                Err(e) => {
+                    self.unshare(&vm, id);
+                    return Err(PodError::Internal(format!("cannot share the container's files with the VM: {e}")));
+                }
+            };
+            (guest_root, sources, Vec::new(), None)
         };
         // Memory-backed emptyDirs: a guest tmpfs per volume, mounted by the first container.
         let ephemeral: Vec<pb::Storage> = oci
@@ -128,6 +148,8 @@ impl Pod {
                 ..Default::default()
             })
             .collect();
+        let mut ephemeral = ephemeral;
+        ephemeral.extend(pulled);
         let (guest_spec, warnings) = spec::for_guest(oci, &guest_root, binds, &sources);
         for w in warnings {
             warn!(self.log, "{}", w; "container" => id);
@@ -137,6 +159,9 @@ impl Pod {
         let (devices, plugged) = match self.plug_devices(&vm, id, &block_devices).await {
             Ok(d) => d,
             Err(e) => {
+                if let Some(t) = &sync {
+                    t.abort();
+                }
                 self.unshare(&vm, id);
                 return Err(e);
             }
@@ -166,6 +191,9 @@ impl Pod {
             }
         });
         if let Err(e) = created {
+            if let Some(t) = &sync {
+                t.abort();
+            }
             let _ = agent.remove_container(id).await;
             self.unplug_devices(&vm, &plugged).await;
             self.unshare(&vm, id);
@@ -186,6 +214,7 @@ impl Pod {
             crio,
             devices: plugged,
             reserved: Mutex::new(if kind == "container" { limits } else { Default::default() }),
+            sync,
         })
     }
 
@@ -268,6 +297,9 @@ impl Pod {
         }
         if matches!(c.init.status(), Status::Running | Status::Paused) {
             return Err(PodError::FailedPrecondition(format!("container {id} is still running; kill it first")));
+        }
+        if let Some(t) = &c.sync {
+            t.abort();
         }
         if let Ok(vm) = self.running_vm() {
             if let Err(e) = vm.sandbox.agent().remove_container(id).await {

@@ -30,6 +30,7 @@ use crate::sandbox::VmBackend;
 
 mod containers;
 mod processes;
+mod remote;
 mod resources;
 mod vm;
 
@@ -197,6 +198,8 @@ pub struct Container {
     devices: Vec<String>,
     /// What the VM was grown by for this container's limits so far (the highest asked).
     reserved: Mutex<crate::limits::Limits>,
+    /// Peer pods: the task copying changed bind sources into the podvm again.
+    sync: Option<tokio::task::AbortHandle>,
 }
 
 impl Container {

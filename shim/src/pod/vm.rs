@@ -50,6 +50,14 @@ pub(super) struct Vm {
     pub(super) next_device: AtomicU32,
     /// Whether the limit of Bidirectional propagation was logged (once per pod).
     pub(super) told_bidirectional: AtomicBool,
+    /// A peer pod's VM (`[hypervisor.remote]`): files are copied or pulled, never shared.
+    pub(super) remote: Option<RemoteShape>,
+}
+
+/// What a peer pod's containers need to know of its configuration.
+pub(super) struct RemoteShape {
+    /// `[runtime] experimental_force_guest_pull`.
+    pub(super) force_guest_pull: bool,
 }
 
 impl Pod {
@@ -111,8 +119,15 @@ impl Pod {
             )));
         }
         let mut config = self.load_config(config_path)?;
-        let applied = crate::annotations::apply(&spec::annotations(oci), &mut config.hypervisor)
-            .map_err(PodError::InvalidArgument)?;
+        let mut pod_annotations = spec::annotations(oci);
+        if let Some(remote) = config.remote.as_mut() {
+            // The podvm's size: the instance type and sizing annotations go to the remote
+            // hypervisor service as they are (an instance type is not a QEMU machine type).
+            crate::annotations::apply_remote(&mut pod_annotations, remote).map_err(PodError::InvalidArgument)?;
+            remote.pod_annotations = spec::annotations(oci);
+        }
+        let applied =
+            crate::annotations::apply(&pod_annotations, &mut config.hypervisor).map_err(PodError::InvalidArgument)?;
         // The agent policy: base64 of a Rego document (as in Kata); an empty value sets none.
         let policy = applied
             .agent_policy
@@ -204,7 +219,8 @@ impl Pod {
             memory_mib: Mutex::new(config.hypervisor.default_memory),
             vcpus: Mutex::new(config.hypervisor.default_vcpus),
             max_vcpus: config.hypervisor.max_vcpus(hypervisor::host::host_cpus()),
-            sized_by_manager: applied.sized_by_manager,
+            sized_by_manager: applied.sized_by_manager || config.remote.is_some(),
+            remote: config.remote.as_ref().map(|_| RemoteShape { force_guest_pull: config.runtime.force_guest_pull }),
             growing: tokio::sync::Mutex::new(()),
             next_device: AtomicU32::new(0),
             told_bidirectional: AtomicBool::new(false),
