@@ -594,6 +594,9 @@ impl PeerPods {
         let service = RemoteHypervisor::try_start(settings)?;
         let remote_config = service.dir().join("configuration-remote.toml");
         let text = remote_kata_config(&service.socket(), |c| {
+            // The smallest podvm (1 vCPU, 512 MiB): the shim always sends its default_vcpus and
+            // default_memory (2048 MiB would pick `large`), an explicit instance type wins.
+            remote_section(c).insert("machine_type".into(), "small".into());
             let agent = c.entry("agent").or_insert_with(|| toml::Value::Table(Default::default()));
             if let Some(k) = agent.as_table_mut().and_then(|a| a.get_mut("kata")).and_then(|k| k.as_table_mut()) {
                 k.insert("enable_debug".into(), true.into());

@@ -426,6 +426,9 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
         r.insert("default_vcpus".into(), 2.into());
         r.insert("default_memory".into(), 1024.into());
         r.insert("machine_type".into(), "medium".into());
+        // A `ctr` container names no image to pull: its rootfs is copied into the guest.
+        let rt = c.entry("runtime").or_insert_with(|| toml::Value::Table(Default::default()));
+        rt.as_table_mut().unwrap().insert("experimental_force_guest_pull".into(), false.into());
     });
     let ctd = TestContainerd::start_with_kata_config(&config);
     let busybox = image::busybox().archive;
@@ -434,8 +437,14 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
     let run = ctd.ctr(&[
         "run",
         "-d",
+        "--runtime",
+        podvisor_tests::containerd::KATA_RUNTIME,
         "--with-ns",
         &format!("network:{netns}"),
+        "--annotation",
+        "io.kubernetes.cri.sandbox-name=wire-pod",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-namespace=wire-ns",
         image::IMAGE_REF,
         &id,
         "sh",
@@ -474,8 +483,8 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
     for (k, v) in want {
         assert_eq!(create.annotations.get(k).map(String::as_str), Some(v), "annotation {k}: {:?}", create.annotations);
     }
-    for k in ["io.kubernetes.cri.sandbox-name", "io.kubernetes.cri.sandbox-namespace"] {
-        assert!(create.annotations.contains_key(k), "annotation {k} missing: {:?}", create.annotations);
+    for (k, v) in [("io.kubernetes.cri.sandbox-name", "wire-pod"), ("io.kubernetes.cri.sandbox-namespace", "wire-ns")] {
+        assert_eq!(create.annotations.get(k).map(String::as_str), Some(v), "annotation {k}: {:?}", create.annotations);
     }
     assert!(
         matches!(&seen.get(1), Some(Seen::StartVm(x)) if *x == id),

@@ -147,9 +147,13 @@ impl Pod {
             let work = async {
                 shared.create().map_err(|e| PodError::Internal(e.to_string()))?;
                 cgroup = self.enter_sandbox_cgroup(&config, oci, &shared)?;
-                let netns = netns
-                    .as_deref()
-                    .filter(|_| config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter);
+                // A remote hypervisor builds the pod's network itself (the tunnel in this
+                // namespace): it gets the path whatever the internetworking model (Kata's
+                // configuration-remote.toml requires "none").
+                let netns = netns.as_deref().filter(|_| {
+                    config.remote.is_some()
+                        || config.runtime.internetworking_model == hypervisor::InternetworkingModel::TcFilter
+                });
                 let boot_error = |e| PodError::Internal(format!("cannot start the sandbox VM: {e}"));
                 let (vm, guest_network) = self
                     .backend
