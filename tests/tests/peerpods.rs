@@ -379,6 +379,24 @@ fn start_test_agent(dir: &Path) -> std::process::Child {
     child
 }
 
+/// What the wire test made on the host, removed on drop (also when the test fails half-way).
+struct WireScratch {
+    dir: PathBuf,
+    netns: String,
+    agent: Option<std::process::Child>,
+}
+
+impl Drop for WireScratch {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The shim against a remote hypervisor server written here from the protocol definition
 /// (ttrpc frames and protobuf decoded by hand): a `ctr` container with the remote configuration
 /// makes the shim call CreateVM (the sandbox id, Kata's sizing annotations from the
@@ -392,7 +410,9 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
     fs::create_dir_all(&dir).unwrap();
     let log: Log = Arc::new(Mutex::new(Vec::new()));
 
-    let mut agent = start_test_agent(&dir);
+    let netns_name = format!("ppwire{}", std::process::id());
+    let mut scratch = WireScratch { dir: dir.clone(), netns: netns_name.clone(), agent: None };
+    scratch.agent = Some(start_test_agent(&dir));
     let agent_proxy = dir.join("agent-proxy.sock");
     let proxy_listener = UnixListener::bind(&agent_proxy).unwrap();
     {
@@ -416,7 +436,6 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
         });
     }
 
-    let netns_name = format!("ppwire{}", std::process::id());
     let out = Command::new("ip").args(["netns", "add", &netns_name]).output().expect("ip netns add");
     assert!(out.status.success(), "ip netns add: {}", String::from_utf8_lossy(&out.stderr));
     let netns = format!("/var/run/netns/{netns_name}");
@@ -463,11 +482,8 @@ fn the_shim_speaks_katas_protocol_to_a_hand_written_remote_hypervisor() {
     });
     ctd.assert_no_leaks(&[&id]);
     drop(ctd);
-    let _ = Command::new("ip").args(["netns", "del", &netns_name]).output();
-    let _ = agent.kill();
-    let _ = agent.wait();
     let agent_log = fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    let _ = fs::remove_dir_all(&dir);
+    drop(scratch);
 
     let seen: Vec<Seen> = log.lock().unwrap().iter().filter(|s| !matches!(s, Seen::Version(_))).cloned().collect();
     eprintln!("calls seen: {seen:#?}");
