@@ -147,6 +147,11 @@ impl PodvmState {
                     Self::walk(v, &format!("{key}.{k}"), out);
                 }
             }
+            serde_json::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    Self::walk(v, &format!("{key}[{i}]"), out);
+                }
+            }
             other => out.push((key.to_ascii_lowercase(), other)),
         }
     }
@@ -180,13 +185,15 @@ impl PodvmState {
         self.pids().into_iter().find(|(k, _)| k.contains("proxy")).map(|(_, p)| p)
     }
 
-    /// Host network devices of the podvm (tap, VXLAN) named in the state.
+    /// Host network devices of the podvm (tap, VXLAN; `tunnel.devices` in the service's
+    /// state) named in the state.
     pub fn devices(&self) -> Vec<String> {
         self.leaves()
             .into_iter()
-            .filter(|(k, _)| k.contains("tap") || k.contains("vxlan") || k.ends_with("device"))
+            .filter(|(k, _)| k.contains("tap") || k.contains("vxlan") || k.contains("device"))
             .filter_map(|(_, v)| v.as_str().map(String::from))
-            .filter(|s| !s.is_empty() && !s.contains('/'))
+            // The pod-side names live in the pod's network namespace, not on the host.
+            .filter(|s| !s.is_empty() && !s.contains('/') && s != "vxlan0" && s != "eth0")
             .collect()
     }
 
