@@ -486,6 +486,29 @@ impl Hypervisor for Remote {
     }
 }
 
+/// The check of a peer-pod node (`kata-runtime check`, the shim's `check`): the node runs no VM
+/// itself; what matters is that the remote hypervisor service answers. Returns whether it does,
+/// and the report (socket, version or the error with its fix).
+pub fn check(remote: &RemoteConfig) -> (bool, String) {
+    let mut text = format!("hypervisor: remote (peer pods), service socket {}\n", remote.socket.display());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return (false, format!("{text}FAIL: cannot start a runtime: {e}\n")),
+    };
+    match rt.block_on(Remote::service_version(&remote.socket, Duration::from_secs(5))) {
+        Ok(version) => {
+            text.push_str(&format!("remote hypervisor service: reachable, version {version:?}\n"));
+            text.push_str("PASS: this node can run peer pods (their podvms run where the service puts them)\n");
+            (true, text)
+        }
+        Err(e) => {
+            text.push_str(&format!("remote hypervisor service: {e}\n"));
+            text.push_str("FAIL: peer pods cannot start on this node until the service answers\n");
+            (false, text)
+        }
+    }
+}
+
 /// Asks the service at `socket` to stop the podvm of sandbox `id`; for the shim's `delete` after
 /// a dead shim, which has no driver left. Unknown ids are fine for the service.
 pub async fn stop_podvm(socket: &Path, id: &str, timeout: Duration) -> Result<()> {
@@ -656,6 +679,18 @@ mod tests {
         let err = vm.start().await.unwrap_err().to_string();
         assert!(err.contains("StartVM") && err.contains("PEERPODS_LIMIT_PER_NODE=2"), "{err}");
         assert_eq!(s.calls.lock().unwrap().last().unwrap(), "StopVM sb1");
+        std::fs::remove_dir_all(&s.dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_node_check_reports_the_services_version_or_its_absence() {
+        let s = serve("check", false).await;
+        let ok = RemoteConfig { socket: s.socket.clone(), ..Default::default() };
+        let (passed, text) = std::thread::spawn(move || check(&ok)).join().unwrap();
+        assert!(passed && text.contains("version \"fake 1\"") && text.contains("PASS"), "{text}");
+        let gone = RemoteConfig { socket: s.dir.join("nothing.sock"), ..Default::default() };
+        let (passed, text) = std::thread::spawn(move || check(&gone)).join().unwrap();
+        assert!(!passed && text.contains("nothing.sock") && text.contains("FAIL"), "{text}");
         std::fs::remove_dir_all(&s.dir).unwrap();
     }
 

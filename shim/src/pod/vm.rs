@@ -146,6 +146,10 @@ impl Pod {
         let booted = {
             let work = async {
                 shared.create().map_err(|e| PodError::Internal(e.to_string()))?;
+                if let Some(remote) = &config.remote {
+                    crate::cleanup::record_remote(shared.sandbox_dir(), &remote.socket)
+                        .map_err(|e| PodError::Internal(format!("cannot record the remote hypervisor socket: {e}")))?;
+                }
                 cgroup = self.enter_sandbox_cgroup(&config, oci, &shared)?;
                 let netns = netns
                     .as_deref()
