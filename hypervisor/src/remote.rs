@@ -462,8 +462,10 @@ impl Hypervisor for Remote {
         Err(Self::unsupported(&format!("removing device {id}")))
     }
 
+    /// The podvm runs elsewhere; as Kata's remote driver, the shim's own process stands for the
+    /// VMM (the task pid the container managers see).
     async fn pids(&self) -> Vec<u32> {
-        Vec::new()
+        vec![std::process::id()]
     }
 
     fn capabilities(&self) -> Capabilities {
