@@ -176,7 +176,9 @@ pub fn read_client_dir(dir: &Path) -> Result<ClientTls, TlsError> {
     })
 }
 
-/// The rustls crypto provider both ends use.
+/// The rustls crypto provider both ends use: ring (the agent's too). rustls 0.23.48 deprecates
+/// it for lacking post-quantum key exchange; both ends are ours and use X25519/P-256.
+#[allow(deprecated)]
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
