@@ -6,3 +6,4 @@
 pub mod provider;
 pub mod tls;
 pub mod net;
+pub mod qemu;
