@@ -20,6 +20,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::provider::AgentTls;
 
+/// The DNS name every podvm's server certificate carries besides its IP. The CA is fresh per
+/// podvm, so a certificate chained to it is that podvm's whatever the name; the fixed name lets
+/// the service make the material before the podvm has an address (clouds assign it at creation,
+/// after the user data is fixed): dial with [`podvm_server_name`].
+pub const PODVM_SERVER_NAME: &str = "podvm.podvisor.internal";
+
 /// How long the certificates are valid.
 const VALIDITY: time::Duration = time::Duration::days(365);
 
@@ -87,9 +93,19 @@ fn leaf_params(cn: &str, now: time::OffsetDateTime) -> CertificateParams {
     p
 }
 
-/// Generates a fresh CA and the server and client pairs for the podvm at `podvm_ip`; `name` (the
-/// podvm's name) goes into the subjects.
+/// Generates a fresh CA and the server and client pairs for the podvm at `podvm_ip` (server SANs:
+/// that IP and [`PODVM_SERVER_NAME`]); `name` (the podvm's name) goes into the subjects.
 pub fn generate(podvm_ip: IpAddr, name: &str) -> Result<PodvmTls, TlsError> {
+    generate_with(Some(podvm_ip), name)
+}
+
+/// [`generate`] for a podvm whose address is not known yet: the server certificate's only SAN is
+/// [`PODVM_SERVER_NAME`].
+pub fn generate_unaddressed(name: &str) -> Result<PodvmTls, TlsError> {
+    generate_with(None, name)
+}
+
+fn generate_with(podvm_ip: Option<IpAddr>, name: &str) -> Result<PodvmTls, TlsError> {
     let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
     let now = time::OffsetDateTime::now_utc();
 
@@ -101,7 +117,9 @@ pub fn generate(podvm_ip: IpAddr, name: &str) -> Result<PodvmTls, TlsError> {
 
     let server_key = KeyPair::generate_for(alg).map_err(err("generate the agent's key"))?;
     let mut server = leaf_params(&format!("{name} agent"), now);
-    server.subject_alt_names = vec![SanType::IpAddress(podvm_ip)];
+    server.subject_alt_names =
+        vec![SanType::DnsName(PODVM_SERVER_NAME.try_into().map_err(err(format!("server name {PODVM_SERVER_NAME}")))?)];
+    server.subject_alt_names.extend(podvm_ip.map(SanType::IpAddress));
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).map_err(err("sign the agent's certificate"))?;
 
@@ -188,6 +206,11 @@ pub fn server_name(podvm_ip: IpAddr) -> ServerName<'static> {
     ServerName::IpAddress(podvm_ip.into())
 }
 
+/// The TLS server name that works for every podvm: [`PODVM_SERVER_NAME`].
+pub fn podvm_server_name() -> ServerName<'static> {
+    ServerName::try_from(PODVM_SERVER_NAME).expect("a valid DNS name")
+}
+
 /// Parses one PEM certificate.
 pub fn parse_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, TlsError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError(format!("{what}: not a PEM certificate: {e}")))
@@ -212,7 +235,7 @@ impl ClientTls {
     }
 
     /// A TLS 1.3 client that trusts only the podvm's CA and presents the client certificate.
-    /// Connect with [`server_name`] of the podvm IP.
+    /// Connect with [`server_name`] of the podvm IP, or [`podvm_server_name`].
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(parse_cert(&self.ca_cert_pem, "podvm CA")?).map_err(|e| TlsError(format!("podvm CA: {e}")))?;
@@ -260,7 +283,7 @@ mod tests {
     fn exchange(
         server: &PodvmTls,
         client: &ClientTls,
-        name_ip: IpAddr,
+        name: ServerName<'static>,
     ) -> (Result<[u8; 4], String>, Result<(), String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -277,7 +300,7 @@ mod tests {
         let cc = client.client_config().unwrap();
         let cli = (|| -> Result<[u8; 4], String> {
             let sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-            let conn = rustls::ClientConnection::new(cc, server_name(name_ip)).map_err(|e| e.to_string())?;
+            let conn = rustls::ClientConnection::new(cc, name).map_err(|e| e.to_string())?;
             let mut s = rustls::StreamOwned::new(conn, sock);
             s.write_all(b"ping").map_err(|e| e.to_string())?;
             let mut buf = [0u8; 4];
@@ -293,9 +316,14 @@ mod tests {
         let ip: IpAddr = "172.31.250.10".parse().unwrap();
         let t = generate(ip, "podvm-test-12345678").unwrap();
         assert!(t.server_key_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
-        let (c, s) = exchange(&t, &t.client(), ip);
+        let (c, s) = exchange(&t, &t.client(), server_name(ip));
         assert_eq!(c, Ok(*b"ping"));
         assert_eq!(s, Ok(()));
+        let (c, _) = exchange(&t, &t.client(), podvm_server_name());
+        assert_eq!(c, Ok(*b"ping"), "the fixed name works too");
+        let u = generate_unaddressed("podvm-x").unwrap();
+        let (c, _) = exchange(&u, &u.client(), podvm_server_name());
+        assert_eq!(c, Ok(*b"ping"), "material made before the address is known");
     }
 
     #[test]
@@ -306,7 +334,7 @@ mod tests {
         // The other podvm's client trusts its own CA only, and presents a cert the server refuses.
         let mut foreign = other.client();
         foreign.ca_cert_pem = t.ca_cert_pem.clone();
-        let (c, s) = exchange(&t, &foreign, ip);
+        let (c, s) = exchange(&t, &foreign, server_name(ip));
         assert!(s.is_err(), "the server must refuse a client certificate of another CA");
         assert!(c.is_err(), "{c:?}");
         let e = s.unwrap_err();
@@ -317,13 +345,13 @@ mod tests {
     fn the_server_is_checked_against_the_podvm_ip_and_ca() {
         let ip: IpAddr = "172.31.250.10".parse().unwrap();
         let t = generate(ip, "a").unwrap();
-        let (c, _) = exchange(&t, &t.client(), "172.31.250.11".parse().unwrap());
+        let (c, _) = exchange(&t, &t.client(), server_name("172.31.250.11".parse().unwrap()));
         let e = c.unwrap_err();
         assert!(e.contains("not valid for name"), "another IP is refused: {e}");
         let other = generate(ip, "b").unwrap();
         let mut wrong_ca = t.client();
         wrong_ca.ca_cert_pem = other.ca_cert_pem;
-        let (c, _) = exchange(&t, &wrong_ca, ip);
+        let (c, _) = exchange(&t, &wrong_ca, server_name(ip));
         let e = c.unwrap_err();
         assert!(e.contains("UnknownIssuer"), "a server of another CA is refused: {e}");
     }
