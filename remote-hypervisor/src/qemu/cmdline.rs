@@ -106,6 +106,10 @@ impl PodvmSpec {
         if let Some(i) = a.iter().position(|x| x == "-name") {
             a[i + 1] = format!("{},debug-threads=on", esc(&self.name));
         }
+        // No memory hot-plug: a podvm's size is its instance type's.
+        if let Some(i) = a.iter().position(|x| x == "-m") {
+            a[i + 1] = format!("{}M", self.memory_mib);
+        }
         let fw = |name: &str, value: String| ["-fw_cfg".to_string(), format!("name={name},{value}")];
         a.extend(fw(FW_CFG_USER_DATA, format!("file={}", esc(&user_data_path(&self.run_dir).to_string_lossy()))));
         a.extend(fw(FW_CFG_OWNER, format!("string={}", esc(&self.owner))));
@@ -163,7 +167,7 @@ mod tests {
     fn golden() {
         let want = format!(
             "-name podvm-web-0123abcd,debug-threads=on -nodefaults -no-user-config -nographic -no-reboot \
--machine q35,accel=tcg -smp 2,maxcpus=2 -m 1024M,slots=1,maxmem=1024M \
+-machine q35,accel=tcg -smp 2,maxcpus=2 -m 1024M \
 -object memory-backend-memfd,id=mem0,size=1024M,share=on -numa node,memdev=mem0 \
 -kernel /k/vmlinux -initrd /k/initrd.img \
 -append {BASE_KERNEL_PARAMS} quiet agent.podvm agent.insecure_registries=172.31.250.1:5000,reg.local:80 \

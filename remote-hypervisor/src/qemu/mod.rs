@@ -372,6 +372,25 @@ pub fn bound_logs(root: &Path) {
     }
 }
 
+/// `true` when QEMU's QMP socket at `path` sends its greeting within a second.
+fn qmp_greets(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            return false;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.contains(&b'\n') || got.len() > 4096 {
+            return got.windows(3).any(|w| w == b"QMP");
+        }
+    }
+    false
+}
+
 /// Starts QEMU in its own session with the tap as fd [`cmdline::TAP_FD`], stdout appending to
 /// `console.log`, stderr to `qemu.log`; waits until its QMP socket exists. Returns pid and start
 /// time. A thread reaps it while this process lives; after a restart init does.
@@ -419,7 +438,9 @@ fn spawn_qemu(qemu: &Path, spec: &PodvmSpec, tap: OwnedFd) -> Result<(u32, u64),
             let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(2048)..]).into_owned();
             return Err(perr(format!("QEMU for podvm {} exited at start ({status}): {}", spec.name, tail.trim())));
         }
-        if qmp.exists() {
+        // The QMP greeting comes from the main loop, i.e. once the machine is built: QEMU
+        // that fails at initialization closes the connection instead.
+        if qmp.exists() && qmp_greets(&qmp) {
             break;
         }
         if Instant::now() > deadline {
