@@ -233,12 +233,7 @@ async fn podvm_agent_answers_mutual_tls() {
     e.made.push(i.clone());
     let client = Arc::new(material.client());
     let deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = String::new();
-    loop {
-        match handshake(i.ip, &client) {
-            Ok(()) => break,
-            Err(err) => last = err,
-        }
+    while let Err(last) = handshake(i.ip, &client) {
         assert!(
             Instant::now() < deadline,
             "no TLS handshake with the agent on {}:15150 within 300 s (last error: {last}); console:\n{}",
