@@ -184,6 +184,11 @@ async fn podvm_boots_and_is_deleted_cleanly() {
     let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
     assert_eq!(master.file_name().unwrap().to_str(), Some(e.bridge.as_str()));
 
+    // A second podvm for the same sandbox is refused, and leaves the first alone.
+    let e2 = e.provider.create_instance(req.clone()).await.unwrap_err().0;
+    assert!(e2.contains("already has podvm"), "{e2}");
+    assert!(ud_path.exists());
+
     // Listed by owner, with what create returned; another owner sees nothing.
     let listed = e.provider.list_instances().await.unwrap();
     assert_eq!(listed, vec![i.clone()]);

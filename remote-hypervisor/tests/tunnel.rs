@@ -113,7 +113,9 @@ fn pod_ip_is_answered_by_the_podvm_through_the_tunnel() {
         mtu: 1450,
     };
     let pod_path = PathBuf::from(format!("/run/netns/{pod}"));
+    let before = tunnel::pod_interface(&pod_path).unwrap();
     let t = tunnel::setup(&pod_path, &plan).unwrap();
+    assert_eq!(before, t);
     let eth0_mac = sh(&["ip", "netns", "exec", &pod, "cat", "/sys/class/net/eth0/address"]);
     assert_eq!(t.pod_mac, eth0_mac.trim());
     assert_eq!(t.pod_mtu, 1500);

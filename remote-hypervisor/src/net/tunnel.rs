@@ -128,12 +128,9 @@ fn find(nl: &mut Netlink, name: &str) -> Result<Option<(u32, netlink::read::Link
     Ok(links.iter().map(|l| (l.header.index, netlink::read::link(l))).find(|(_, l)| l.name == name))
 }
 
-/// Sets up the tunnel for the pod netns at `netns_path`; all-or-nothing. Blocking.
-pub fn setup(netns_path: &Path, plan: &TunnelPlan) -> Result<PodTunnel, NetError> {
-    let netns = open_pod_netns(netns_path)?;
+fn read_eth0(netns: &File, netns_path: &Path) -> Result<(u32, PodTunnel), NetError> {
     let ns = netns_path.display().to_string();
-    // Read eth0 first: a netns without it gets nothing.
-    let (eth0_index, eth0) = in_netns(&netns, netns_path, |nl| {
+    let (index, eth0) = in_netns(netns, netns_path, |nl| {
         find(nl, POD_INTERFACE)?.ok_or_else(|| {
             NetError(format!("pod network namespace {ns} has no {POD_INTERFACE}: did the CNI plugin run?"))
         })
@@ -142,6 +139,22 @@ pub fn setup(netns_path: &Path, plan: &TunnelPlan) -> Result<PodTunnel, NetError
         Some(m) if m.len() == 6 => netlink::text::format_mac(m),
         _ => return Err(NetError(format!("{POD_INTERFACE} in {ns} has no Ethernet MAC address"))),
     };
+    Ok((index, PodTunnel { pod_mac, pod_mtu: eth0.mtu.unwrap_or(0) }))
+}
+
+/// The MAC and MTU of the pod's `eth0` in the netns at `netns_path`, before any tunnel exists:
+/// the podvm's user data needs `pod_mac` before the podvm (and so the tunnel's remote) exists.
+pub fn pod_interface(netns_path: &Path) -> Result<PodTunnel, NetError> {
+    let netns = open_pod_netns(netns_path)?;
+    Ok(read_eth0(&netns, netns_path)?.1)
+}
+
+/// Sets up the tunnel for the pod netns at `netns_path`; all-or-nothing. Blocking.
+pub fn setup(netns_path: &Path, plan: &TunnelPlan) -> Result<PodTunnel, NetError> {
+    let netns = open_pod_netns(netns_path)?;
+    let ns = netns_path.display().to_string();
+    // Read eth0 first: a netns without it gets nothing.
+    let (eth0_index, pod) = read_eth0(&netns, netns_path)?;
 
     let mut host = Netlink::open().map_err(NetError::op("open a netlink socket"))?;
     let underlay = find(&mut host, &plan.underlay)?
@@ -190,7 +203,7 @@ pub fn setup(netns_path: &Path, plan: &TunnelPlan) -> Result<PodTunnel, NetError
         }
         joined
     })?;
-    Ok(PodTunnel { pod_mac, pod_mtu: eth0.mtu.unwrap_or(0) })
+    Ok(pod)
 }
 
 /// Deletes the two ingress qdiscs (their filters go with them) and `vxlan0`; what is missing is

@@ -505,7 +505,16 @@ impl Inner {
         // Pick an address: not in use by a podvm of ours (live or recorded), not reserved by a
         // creation in flight, not with a tap left by anyone.
         let ip = {
-            let mut used: BTreeSet<IpAddr> = self.scan().into_iter().map(|i| i.ip).collect();
+            let live = self.scan();
+            if let Some(i) = live.iter().find(|i| i.sandbox_id == req.sandbox_id && i.vmm_pid.is_some()) {
+                return Err(perr(format!(
+                    "sandbox {} already has podvm {} (QEMU pid {}); delete it first",
+                    req.sandbox_id,
+                    i.id,
+                    i.vmm_pid.unwrap_or(0)
+                )));
+            }
+            let mut used: BTreeSet<IpAddr> = live.into_iter().map(|i| i.ip).collect();
             let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
             used.extend(reserved.iter().copied());
             loop {
