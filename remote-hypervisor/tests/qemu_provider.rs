@@ -202,7 +202,41 @@ async fn podvm_boots_and_is_deleted_cleanly() {
     assert!(c.contains("agent.podvm"), "the kernel command line holds agent.podvm:\n{c}");
     eprintln!("console after boot ({} bytes):\n{}", c.len(), &c[c.len().saturating_sub(3000)..]);
 
+    // A new provider (the service restarted) finds it and deletes it.
+    let restarted = QemuProvider::new(e.provider.settings().clone()).unwrap();
+    assert_eq!(restarted.list_instances().await.unwrap(), vec![i.clone()]);
+    e.provider = restarted;
     delete_and_check(&e, &i, &run_dir, &tap).await;
+    e.made.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_podvms_get_distinct_addresses_and_taps() {
+    let mut e = env("c", 246);
+    let material = tls::generate_unaddressed("podvm-test").unwrap();
+    let mut a = request(&e, &material);
+    let mut b = a.clone();
+    for (r, suffix) in [(&mut a, "a"), (&mut b, "b")] {
+        r.sandbox_id = format!("{}{suffix}", r.sandbox_id);
+        r.name = format!("{}-{suffix}", r.name);
+        r.run_dir = e.run_root.join(&r.sandbox_id);
+    }
+    let (ra, rb) = tokio::join!(e.provider.create_instance(a.clone()), e.provider.create_instance(b.clone()));
+    let (ia, ib) = (ra.unwrap(), rb.unwrap());
+    e.made.extend([ia.clone(), ib.clone()]);
+    assert_ne!(ia.ip, ib.ip);
+    let mut listed = e.provider.list_instances().await.unwrap();
+    listed.sort_by(|x, y| x.sandbox_id.cmp(&y.sandbox_id));
+    assert_eq!(listed, vec![ia.clone(), ib.clone()]);
+    for (i, r) in [(&ia, &a), (&ib, &b)] {
+        wait_for("the kernel to boot", Duration::from_secs(120), || console(&r.run_dir).contains("Linux version"));
+        let IpAddr::V4(v4) = i.ip else { unreachable!() };
+        let tap = format!("ppt{}", v4.octets()[3]);
+        e.provider.delete_instance(i).await.unwrap();
+        assert_eq!(start_time(i.vmm_pid.unwrap()), None);
+        wait_for("the tap to go", Duration::from_secs(5), || !Path::new("/sys/class/net").join(&tap).exists());
+    }
+    assert!(e.provider.list_instances().await.unwrap().is_empty());
     e.made.clear();
 }
 
