@@ -274,6 +274,11 @@ async fn podvm_agent_answers_mutual_tls() {
     let deadline = Instant::now() + Duration::from_secs(300);
     while let Err(last) = handshake(i.ip, &client) {
         assert!(
+            start_time(i.vmm_pid.unwrap()) == i.vmm_start_time,
+            "the podvm's QEMU exited before its agent answered on 15150 (is podvm mode in the guest image?); console:\n{}",
+            console(&run_dir)
+        );
+        assert!(
             Instant::now() < deadline,
             "no TLS handshake with the agent on {}:15150 within 300 s (last error: {last}); console:\n{}",
             i.ip,
