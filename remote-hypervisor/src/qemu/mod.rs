@@ -45,6 +45,8 @@ pub const LOG_CHECK: Duration = Duration::from_secs(2);
 const START_WAIT: Duration = Duration::from_secs(20);
 /// How long a killed QEMU may take to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Most bytes of user data the agent reads from fw_cfg.
+pub const USER_DATA_MAX: usize = 64 * 1024;
 /// The instance record in the run directory.
 const INSTANCE_FILE: &str = "qemu-instance.json";
 /// Files of ours in the run directory.
@@ -270,6 +272,13 @@ impl Inner {
             gateway: s.bridge.address.to_string(),
         });
         let json = serde_json::to_vec(&user_data).map_err(|e| perr(format!("serialize the user data: {e}")))?;
+        if json.len() > USER_DATA_MAX {
+            return Err(perr(format!(
+                "the user data of podvm {} is {} bytes; the agent reads at most {USER_DATA_MAX}",
+                req.name,
+                json.len()
+            )));
+        }
         write_private(&cmdline::user_data_path(&req.run_dir), &json)?;
 
         bridge::ensure_bridge(&s.bridge).map_err(|e| perr(e.0))?;
