@@ -4,3 +4,6 @@
 #![deny(missing_docs)]
 
 pub mod provider;
+pub mod tls;
+pub mod net;
+pub mod qemu;
