@@ -1,0 +1,1 @@
+//! Guest pull tests (filled below).
