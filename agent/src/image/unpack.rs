@@ -259,11 +259,10 @@ fn write_entry<R: Read>(root: &OwnedFd, entry: &mut tar::Entry<R>, path: &Path) 
     let parent = open_dir(root, parents, true).map_err(|e| format!("parent directory: {e}"))?;
     let header = entry.header().clone();
     let kind = header.entry_type();
-    let mode = header.mode().map_err(|e| format!("mode: {e}"))? & 0o7777;
-    let (uid, gid) = (
-        header.uid().map_err(|e| format!("uid: {e}"))? as libc::uid_t,
-        header.gid().map_err(|e| format!("gid: {e}"))? as libc::gid_t,
-    );
+    let default_mode = if kind == tar::EntryType::Directory { 0o755 } else { 0o644 };
+    let mode = header.mode().unwrap_or(default_mode) & 0o7777;
+    // An empty numeric field reads as 0, as GNU tar does.
+    let (uid, gid) = (header.uid().unwrap_or(0) as libc::uid_t, header.gid().unwrap_or(0) as libc::gid_t);
     let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
 
     // Whiteouts.
