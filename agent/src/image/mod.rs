@@ -129,7 +129,14 @@ impl Settings {
         Ok(s)
     }
 
+    /// From `/proc/cmdline`; an agent in test mode (not PID 1) takes the words of
+    /// `PODVISOR_TEST_CMDLINE` instead when it is set (the host's command line is not ours).
     fn from_proc() -> Result<Settings, String> {
+        if nix::unistd::getpid().as_raw() != 1 {
+            if let Ok(words) = std::env::var("PODVISOR_TEST_CMDLINE") {
+                return Settings::from_cmdline(&words);
+            }
+        }
         Settings::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
     }
 }
