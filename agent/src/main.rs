@@ -5,6 +5,8 @@
 //! Other invocations (checked before anything else):
 //! * as `modprobe` (argv[0]'s file name; the initrd's `/sbin/modprobe` links to `/init`): the
 //!   kernel's usermode helper for on-demand module loading (`modprobe`).
+//! * as `pause` (argv[0]'s file name; the guest-pull sandbox container's `/pause` is the agent
+//!   bound read-only): the pause program (`image::pause`).
 //! * `kata-agent __runtime <request>`: the single-threaded libcontainer helper
 //!   (`container::helper`), started by the agent itself.
 //! * `kata-agent --listen unix:///path [--run-dir DIR]`: test mode on a host: no PID-1 setup,
@@ -17,6 +19,7 @@ mod debug_console;
 #[cfg(test)]
 mod fuzz_targets;
 mod guest;
+mod image;
 mod init;
 mod logging;
 mod metrics;
@@ -71,6 +74,9 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if image::pause::invoked_as_pause(args.first().map(String::as_str)) {
+        image::pause::run();
+    }
     if modprobe::invoked_as_modprobe(args.first().map(String::as_str)) {
         std::process::exit(modprobe::main(&args));
     }
