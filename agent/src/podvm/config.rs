@@ -252,8 +252,9 @@ fn tls(t: &RawTls) -> Result<Tls, String> {
 pub(crate) mod tests {
     use super::*;
 
-    /// A self-signed CA and a server certificate it signed, generated once with openssl for
-    /// these tests (P-256, valid until 2126), and a second CA.
+    /// A self-signed CA, a server certificate (SAN 172.31.251.10 and 127.0.0.1) and a client
+    /// certificate it signed, a client certificate of another CA (other.*), generated once with
+    /// openssl for these tests (P-256, valid for 100 years).
     pub(crate) const CA: &str = include_str!("testdata/ca.pem");
     pub(crate) const SERVER_CERT: &str = include_str!("testdata/server.pem");
     pub(crate) const SERVER_KEY: &str = include_str!("testdata/server.key");

@@ -52,17 +52,20 @@ pub fn server_config(tls: &Tls) -> Result<Arc<rustls::ServerConfig>, String> {
 
 /// Binds `addr` and serves until the runtime ends; each connection is bridged to `target` (the
 /// agent's unix socket). Bind errors are returned; per-connection errors are logged.
+/// Returns the bound address.
 pub async fn start(
     log: Logger,
     tls: &Tls,
     addr: std::net::SocketAddr,
     target: PathBuf,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<std::net::SocketAddr, String> {
     let acceptor = TlsAcceptor::from(server_config(tls)?);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("listen on TCP {addr}: {e}"))?;
-    info!(log, "agent protocol forwarder listening (mutual TLS)"; "address" => addr.to_string(),
+    let bound = listener.local_addr().map_err(|e| format!("listen on TCP {addr}: {e}"))?;
+    info!(log, "agent protocol forwarder listening (mutual TLS)"; "address" => bound.to_string(),
         "target" => target.display().to_string());
-    Ok(tokio::spawn(serve(log, listener, acceptor, target)))
+    tokio::spawn(serve(log, listener, acceptor, target));
+    Ok(bound)
 }
 
 async fn serve(log: Logger, listener: TcpListener, acceptor: TlsAcceptor, target: PathBuf) {
@@ -111,11 +114,85 @@ async fn bridge(tcp: TcpStream, acceptor: TlsAcceptor, target: &std::path::Path)
 mod tests {
     use super::*;
     use crate::podvm::config::{parse, tests::sample};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn the_server_config_is_tls13_only_with_client_auth() {
+    const CLIENT_CERT: &str = include_str!("testdata/client.pem");
+    const CLIENT_KEY: &str = include_str!("testdata/client.key");
+    const OTHER_CERT: &str = include_str!("testdata/other.pem");
+    const OTHER_KEY: &str = include_str!("testdata/other.key");
+
+    fn client(cert: Option<(&str, &str)>) -> tokio_rustls::TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(crate::podvm::config::tests::CA.as_bytes()).unwrap()).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let c = match cert {
+            Some((c, k)) => b
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(c.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        tokio_rustls::TlsConnector::from(Arc::new(c))
+    }
+
+    /// Connects, writes a line and reads the echo; any failure is the error.
+    async fn round_trip(addr: std::net::SocketAddr, cert: Option<(&str, &str)>) -> Result<Vec<u8>, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = client(cert).connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+        s.write_all(b"ping\n").await.map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        Ok(buf.to_vec())
+    }
+
+    #[tokio::test]
+    async fn only_clients_of_the_ca_reach_the_agent_socket() {
+        let dir = std::env::temp_dir().join(format!("podvisor-forwarder-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
+        // The "agent": an echo server on the unix socket.
+        let agent = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = agent.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
         let u = parse(sample().to_string().as_bytes()).unwrap();
-        let c = server_config(&u.tls).unwrap();
-        assert!(c.verifier().offer_client_auth() && c.verifier().client_auth_mandatory());
+        let log = Logger::root(slog::Discard, slog::o!());
+        let addr = start(log, &u.tls, "127.0.0.1:0".parse().unwrap(), sock.clone()).await.unwrap();
+
+        assert_eq!(round_trip(addr, Some((CLIENT_CERT, CLIENT_KEY))).await.unwrap(), b"ping\n");
+        // TLS 1.3 reports the server's rejection of the client certificate after the client's
+        // handshake finished: on the first read at the latest.
+        let e = round_trip(addr, None).await.unwrap_err();
+        assert!(e.contains("CertificateRequired") || e.contains("certificate"), "no client cert: {e}");
+        let e = round_trip(addr, Some((OTHER_CERT, OTHER_KEY))).await.unwrap_err();
+        assert!(e.contains("UnknownCA") || e.contains("certificate"), "foreign CA: {e}");
+        // Still serving after the refusals.
+        assert_eq!(round_trip(addr, Some((CLIENT_CERT, CLIENT_KEY))).await.unwrap(), b"ping\n");
+        // A client that never handshakes holds a slot only until the timeout; many at once are
+        // bounded (the 65th is closed at accept).
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b)).await.expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "the connection over the limit is closed: {n:?}");
+        drop(idle);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
