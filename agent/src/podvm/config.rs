@@ -131,7 +131,10 @@ pub fn parse(bytes: &[u8]) -> Result<UserData, String> {
         }
     })?;
     if raw.version != VERSION {
-        return Err(format!("user data field version: {} is not supported (this agent reads version {VERSION})", raw.version));
+        return Err(format!(
+            "user data field version: {} is not supported (this agent reads version {VERSION})",
+            raw.version
+        ));
     }
     let network = underlay(&raw.network)?;
     let listen_port = port("listen_port", raw.listen_port)?;
@@ -218,7 +221,10 @@ fn tunnel(t: &RawTunnel, net: &Underlay) -> Result<Tunnel, String> {
     let port = port("tunnel.port", t.port)?;
     let pod_mac = mac("tunnel.pod_mac", &t.pod_mac)?;
     if pod_mac == net.mac {
-        return Err(format!("user data field tunnel.pod_mac: {} is also network.mac; the pod needs its own MAC", t.pod_mac));
+        return Err(format!(
+            "user data field tunnel.pod_mac: {} is also network.mac; the pod needs its own MAC",
+            t.pod_mac
+        ));
     }
     if !(68..=65535).contains(&t.mtu) {
         return Err(format!("user data field tunnel.mtu: {} is not an MTU (68 to 65535)", t.mtu));
@@ -302,10 +308,19 @@ pub(crate) mod tests {
         let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
             (Box::new(|v| v["version"] = 2.into()), "field version: 2 is not supported"),
             (Box::new(|v| v["network"]["mac"] = "zz".into()), "field network.mac: \"zz\" is not a MAC"),
-            (Box::new(|v| v["network"]["mac"] = "01:00:5e:00:00:01".into()), "network.mac: \"01:00:5e:00:00:01\" is not a unicast"),
-            (Box::new(|v| v["network"]["address"] = "172.31.251.10".into()), "network.address: \"172.31.251.10\" is not an address with a prefix"),
+            (
+                Box::new(|v| v["network"]["mac"] = "01:00:5e:00:00:01".into()),
+                "network.mac: \"01:00:5e:00:00:01\" is not a unicast",
+            ),
+            (
+                Box::new(|v| v["network"]["address"] = "172.31.251.10".into()),
+                "network.address: \"172.31.251.10\" is not an address with a prefix",
+            ),
             (Box::new(|v| v["network"]["address"] = "172.31.251.10/33".into()), "network.address"),
-            (Box::new(|v| v["network"]["gateway"] = "10.0.0.1".into()), "network.gateway: 10.0.0.1 is not another address"),
+            (
+                Box::new(|v| v["network"]["gateway"] = "10.0.0.1".into()),
+                "network.gateway: 10.0.0.1 is not another address",
+            ),
             (Box::new(|v| v["listen_port"] = 70000.into()), "field listen_port: 70000 is not a port"),
             (Box::new(|v| v["listen_port"] = 0.into()), "field listen_port: 0 is not a port"),
             (Box::new(|v| v["listen_port"] = "15150".into()), "field listen_port: invalid type"),
@@ -318,12 +333,25 @@ pub(crate) mod tests {
             (Box::new(|v| v["tunnel"]["vni"] = 0.into()), "field tunnel.vni: 0"),
             (Box::new(|v| v["tunnel"]["remote"] = "10.1.1.1".into()), "field tunnel.remote: 10.1.1.1 is not reachable"),
             (Box::new(|v| v["tunnel"]["port"] = 0.into()), "field tunnel.port: 0"),
-            (Box::new(|v| v["tunnel"]["pod_mac"] = "52:54:00:12:34:56".into()), "tunnel.pod_mac: 52:54:00:12:34:56 is also network.mac"),
+            (
+                Box::new(|v| v["tunnel"]["pod_mac"] = "52:54:00:12:34:56".into()),
+                "tunnel.pod_mac: 52:54:00:12:34:56 is also network.mac",
+            ),
             (Box::new(|v| v["tunnel"]["mtu"] = 10.into()), "field tunnel.mtu: 10 is not an MTU"),
             (Box::new(|v| v["tunnel"]["extra"] = 1.into()), "field tunnel.extra: unknown field `extra`"),
             (Box::new(|v| v["bogus"] = 1.into()), "field bogus: unknown field `bogus`"),
-            (Box::new(|v| { v["network"].as_object_mut().unwrap().remove("mac"); }), "field network: missing field `mac`"),
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("tls"); }), "missing field `tls`"),
+            (
+                Box::new(|v| {
+                    v["network"].as_object_mut().unwrap().remove("mac");
+                }),
+                "field network: missing field `mac`",
+            ),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("tls");
+                }),
+                "missing field `tls`",
+            ),
         ];
         for (edit, want) in cases {
             let e = err_with(edit);

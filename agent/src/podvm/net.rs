@@ -128,14 +128,19 @@ mod netns_tests {
                 prefix: 24,
                 gateway: "172.31.251.1".parse().unwrap(),
             };
-            let e = setup_underlay(&Underlay { mac: vec![2, 0, 0, 0, 0, 9], ..net.clone() }, Duration::from_millis(100))
-                .unwrap_err();
+            let e =
+                setup_underlay(&Underlay { mac: vec![2, 0, 0, 0, 0, 9], ..net.clone() }, Duration::from_millis(100))
+                    .unwrap_err();
             assert!(e.contains("no guest NIC has network.mac 02:00:00:00:00:09") && e.contains("pvu0"), "{e}");
             let index = setup_underlay(&net, Duration::from_secs(1)).unwrap();
             let shown = sh("ip -o addr show dev pvm0");
             assert!(shown.contains("inet 172.31.251.10/24"), "{shown}");
             let routes = sh("ip route show");
-            assert_eq!(routes.trim(), "172.31.251.0/24 dev pvm0 proto kernel scope link src 172.31.251.10", "only the subnet");
+            assert_eq!(
+                routes.trim(),
+                "172.31.251.0/24 dev pvm0 proto kernel scope link src 172.31.251.10",
+                "only the subnet"
+            );
             // Again (idempotent: an agent restart in the same VM is not a case, but a rerun must not fail).
             assert_eq!(setup_underlay(&net, Duration::from_secs(1)).unwrap(), index);
 
@@ -178,18 +183,29 @@ mod netns_tests {
                 scope,
                 ..Default::default()
             };
-            let got = crate::network::update_routes(&[r("", "10.88.0.1", "eth0", 0), r("10.88.0.0/16", "", "eth0", 253)])
-                .unwrap();
-            assert!(got.iter().any(|x| x.dest == "172.31.251.0/24" && x.device == "pvm0"), "pvm0's route stays: {got:?}");
+            let got =
+                crate::network::update_routes(&[r("", "10.88.0.1", "eth0", 0), r("10.88.0.0/16", "", "eth0", 253)])
+                    .unwrap();
+            assert!(
+                got.iter().any(|x| x.dest == "172.31.251.0/24" && x.device == "pvm0"),
+                "pvm0's route stays: {got:?}"
+            );
             assert!(got.iter().any(|x| x.dest.is_empty() && x.device == "eth0"), "{got:?}");
             // The underlay is not the pod's to change.
-            let e = crate::network::update_interface(&Interface { name: "eth1".into(), hwAddr: "52:54:00:0a:0b:0c".into(), ..Default::default() })
+            let e = crate::network::update_interface(&Interface {
+                name: "eth1".into(),
+                hwAddr: "52:54:00:0a:0b:0c".into(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("pvm0"), "{e}");
+            let e = crate::network::update_interface(&Interface { name: "pvm0".into(), ..eth0.clone() })
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("pvm0"), "{e}");
-            let e = crate::network::update_interface(&Interface { name: "pvm0".into(), ..eth0.clone() }).unwrap_err().to_string();
-            assert!(e.contains("pvm0"), "{e}");
-            let e = crate::network::update_routes(&[r("10.0.0.0/8", "172.31.251.1", "pvm0", 0)]).unwrap_err().to_string();
+            let e =
+                crate::network::update_routes(&[r("10.0.0.0/8", "172.31.251.1", "pvm0", 0)]).unwrap_err().to_string();
             assert!(e.contains("pvm0"), "{e}");
             assert!(sh("ip -o addr show dev pvm0").contains("172.31.251.10/24"));
         })
