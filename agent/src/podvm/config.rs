@@ -305,7 +305,8 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|v| v["version"] = 2.into()), "field version: 2 is not supported"),
             (Box::new(|v| v["network"]["mac"] = "zz".into()), "field network.mac: \"zz\" is not a MAC"),
             (
