@@ -59,16 +59,32 @@ pub async fn start(
     addr: std::net::SocketAddr,
     target: PathBuf,
 ) -> Result<std::net::SocketAddr, String> {
+    start_with(log, tls, addr, target, HANDSHAKE_TIMEOUT).await
+}
+
+async fn start_with(
+    log: Logger,
+    tls: &Tls,
+    addr: std::net::SocketAddr,
+    target: PathBuf,
+    handshake_timeout: Duration,
+) -> Result<std::net::SocketAddr, String> {
     let acceptor = TlsAcceptor::from(server_config(tls)?);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("listen on TCP {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("listen on TCP {addr}: {e}"))?;
     info!(log, "agent protocol forwarder listening (mutual TLS)"; "address" => bound.to_string(),
         "target" => target.display().to_string());
-    tokio::spawn(serve(log, listener, acceptor, target));
+    tokio::spawn(serve(log, listener, acceptor, target, handshake_timeout));
     Ok(bound)
 }
 
-async fn serve(log: Logger, listener: TcpListener, acceptor: TlsAcceptor, target: PathBuf) {
+async fn serve(
+    log: Logger,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    target: PathBuf,
+    handshake_timeout: Duration,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -90,7 +106,7 @@ async fn serve(log: Logger, listener: TcpListener, acceptor: TlsAcceptor, target
         let target = target.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match bridge(tcp, acceptor, &target).await {
+            match bridge(tcp, acceptor, &target, handshake_timeout).await {
                 Ok((up, down)) => debug!(log, "forwarder: connection closed"; "to_agent" => up, "from_agent" => down),
                 Err(e) => warn!(log, "forwarder: connection failed"; "error" => e),
             }
@@ -98,12 +114,17 @@ async fn serve(log: Logger, listener: TcpListener, acceptor: TlsAcceptor, target
     }
 }
 
-async fn bridge(tcp: TcpStream, acceptor: TlsAcceptor, target: &std::path::Path) -> Result<(u64, u64), String> {
+async fn bridge(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    target: &std::path::Path,
+    handshake_timeout: Duration,
+) -> Result<(u64, u64), String> {
     let _ = tcp.set_nodelay(true);
-    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let mut tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
-        Err(_) => return Err(format!("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}")),
+        Err(_) => return Err(format!("TLS handshake not finished within {handshake_timeout:?}")),
     };
     let mut agent =
         UnixStream::connect(target).await.map_err(|e| format!("connect to the agent at {}: {e}", target.display()))?;
@@ -171,7 +192,8 @@ mod tests {
         });
         let u = parse(sample().to_string().as_bytes()).unwrap();
         let log = Logger::root(slog::Discard, slog::o!());
-        let addr = start(log, &u.tls, "127.0.0.1:0".parse().unwrap(), sock.clone()).await.unwrap();
+        let handshake = Duration::from_millis(500);
+        let addr = start_with(log, &u.tls, "127.0.0.1:0".parse().unwrap(), sock.clone(), handshake).await.unwrap();
 
         assert_eq!(round_trip(addr, Some((CLIENT_CERT, CLIENT_KEY))).await.unwrap(), b"ping\n");
         // TLS 1.3 reports the server's rejection of the client certificate after the client's
@@ -192,6 +214,21 @@ mod tests {
         let mut b = [0u8; 1];
         let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b)).await.expect("closed at once");
         assert!(matches!(n, Ok(0) | Err(_)), "the connection over the limit is closed: {n:?}");
+        // The silent clients are dropped at the handshake timeout, freeing their slots.
+        for c in &mut idle {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await.expect("closed at the timeout");
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        }
+        // (A task closes its socket just before it releases its slot: allow for that gap.)
+        let mut last = Err(String::new());
+        for _ in 0..40 {
+            last = round_trip(addr, Some((CLIENT_CERT, CLIENT_KEY))).await;
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(last.unwrap(), b"ping\n", "slots are free again after the handshake timeout");
         drop(idle);
         std::fs::remove_dir_all(&dir).unwrap();
     }
