@@ -518,6 +518,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_holds_the_defaults() {
+        let shipped = cfg(include_str!("../../configs/peer-pods-cm.env")).unwrap();
+        let mut empty = cfg("").unwrap();
+        empty.provider_settings = shipped.provider_settings.clone();
+        assert_eq!(shipped, empty, "configs/peer-pods-cm.env documents the defaults");
+        assert_eq!(shipped.provider_settings.len(), 5, "{:?}", shipped.provider_settings);
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cm.env");
