@@ -827,7 +827,8 @@ mod tests {
         let a = |pairs: &[(&str, &str)]| {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()
         };
-        let cases: &[(&[(&str, &str)], &[InstanceType], Result<&str, &str>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [InstanceType], Result<&'a str, &'a str>);
+        let cases: &[Case] = &[
             (&[], &all, Ok("medium")),
             (&[(ANNO_MACHINE_TYPE, "large")], &all, Ok("large")),
             (&[(ANNO_MACHINE_TYPE, "  "), (ANNO_VCPUS, "1")], &all, Ok("small")),

@@ -113,8 +113,12 @@ impl Provider for FakeProvider {
         if self.fail_create.load(Ordering::SeqCst) {
             return Err(ProviderError("fake: out of capacity".into()));
         }
-        let child =
-            std::process::Command::new("sleep").arg("1000").spawn().map_err(|e| ProviderError(e.to_string()))?;
+        let child = std::process::Command::new("sleep")
+            .arg("1000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| ProviderError(e.to_string()))?;
         let vmm = ProcessRef::of(child.id()).unwrap();
         let ip = next_ip();
         let server = if self.no_agent.load(Ordering::SeqCst) {
@@ -153,7 +157,7 @@ impl Provider for FakeProvider {
 
 /// The podvm agent's TLS side: TLS 1.3 with the user data's server certificate, client
 /// certificates required and chained to the user data's CA; echoes what it reads.
-async fn echo_agent(listener: tokio::net::TcpListener, tls: podvisor_remote_hypervisor::provider::AgentTls) {
+pub async fn echo_agent(listener: tokio::net::TcpListener, tls: podvisor_remote_hypervisor::provider::AgentTls) {
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
