@@ -35,6 +35,21 @@ pub const KNOWN_KEYS: &[&str] = &[
     "QEMU_BRIDGE",
     "QEMU_BRIDGE_CIDR",
     "QEMU_ACCEL",
+    "QEMU_PATH",
+    "QEMU_DEBUG",
+    "INSECURE_REGISTRIES",
+];
+
+/// The keys handed to the provider as written (it validates them): the qemu provider's.
+pub const PROVIDER_KEYS: &[&str] = &[
+    "QEMU_PODVM_KERNEL",
+    "QEMU_PODVM_INITRD",
+    "QEMU_BRIDGE",
+    "QEMU_BRIDGE_CIDR",
+    "QEMU_ACCEL",
+    "QEMU_PATH",
+    "QEMU_DEBUG",
+    "INSECURE_REGISTRIES",
 ];
 
 /// A bad env file or flag.
@@ -151,7 +166,7 @@ pub struct Config {
     pub vxlan_port: u16,
     /// `TUNNEL_TYPE`: `vxlan`.
     pub tunnel_type: String,
-    /// Provider keys (`QEMU_*`) as written; the provider validates them.
+    /// Provider keys ([`PROVIDER_KEYS`]) as written; the provider validates them.
     pub provider_settings: BTreeMap<String, String>,
     /// `--socket`.
     pub socket: PathBuf,
@@ -254,7 +269,7 @@ impl Config {
         let instance_type = get("PODVM_INSTANCE_TYPE").map(str::to_owned);
         let provider_settings = env
             .iter()
-            .filter(|(k, _)| k.starts_with("QEMU_") && KNOWN_KEYS.contains(&k.as_str()))
+            .filter(|(k, _)| PROVIDER_KEYS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.value.clone()))
             .collect();
         Ok(Config {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub struct PodvmTls {
     /// The per-podvm CA certificate.
     pub ca_cert: String,
-    /// The agent's certificate, signed by the CA, for `server_name`.
+    /// The agent's certificate, signed by the CA, for `PODVM_SERVER_NAME`.
     pub server_cert: String,
     /// Its PKCS#8 key.
     pub server_key: String,
@@ -32,9 +32,10 @@ impl std::fmt::Debug for PodvmTls {
 
 /// Issues TLS material for one podvm.
 pub trait TlsIssuer: Send + Sync {
-    /// A new CA, a server certificate whose SAN is the DNS name `server_name`, and a client
-    /// certificate. The error names what failed.
-    fn issue(&self, server_name: &str) -> Result<PodvmTls, String>;
+    /// A new CA, a server certificate whose SAN is the DNS name
+    /// [`crate::tlsclient::PODVM_SERVER_NAME`], and a client certificate; `podvm_name` goes into
+    /// the subjects. The error names what failed.
+    fn issue(&self, podvm_name: &str) -> Result<PodvmTls, String>;
 }
 
 /// What the worker side of a pod's tunnel is built from.

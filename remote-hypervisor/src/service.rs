@@ -407,9 +407,9 @@ impl Core {
                     .map_err(|e| failed(&format!("cannot read eth0's MAC in the pod netns {}", st.netns), e))?,
             )
         };
-        let server_name = tlsclient::server_name_for(&id);
+        let server_name = tlsclient::PODVM_SERVER_NAME;
         let issuer = self.deps.tls.clone();
-        let name = server_name.clone();
+        let name = st.name.clone();
         let tls = tokio::task::spawn_blocking(move || issuer.issue(&name))
             .await
             .map_err(|e| failed("TLS material", e))?
@@ -429,7 +429,7 @@ impl Core {
         write(tlsclient::CA_FILE, &tls.ca_cert, 0o644)?;
         write(tlsclient::CLIENT_CERT_FILE, &tls.client_cert, 0o644)?;
         write(tlsclient::CLIENT_KEY_FILE, &tls.client_key, 0o600)?;
-        write(tlsclient::SERVER_NAME_FILE, &server_name, 0o644)?;
+        write(tlsclient::SERVER_NAME_FILE, server_name, 0o644)?;
         let client = AgentTlsClient::load(&tls_dir).map_err(|e| failed("TLS client", e))?;
         let user_data = UserData {
             version: 1,

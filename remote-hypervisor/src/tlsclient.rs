@@ -83,13 +83,8 @@ impl AgentTlsClient {
     }
 }
 
-/// The DNS name put in a podvm's server certificate: derived from the sandbox id.
-pub fn server_name_for(sandbox_id: &str) -> String {
-    let label: String =
-        sandbox_id.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).take(32).collect();
-    if label.is_empty() {
-        "podvm.podvisor.internal".to_owned()
-    } else {
-        format!("{label}.podvm.podvisor.internal")
-    }
-}
+/// The DNS name in every podvm's server certificate (the qemu helper's `tls::PODVM_SERVER_NAME`).
+/// The podvm's address is not known when its certificate is made (providers assign it at
+/// creation, after the user data is fixed); the CA is fresh per podvm, so a certificate chained
+/// to it is that podvm's whatever the name.
+pub const PODVM_SERVER_NAME: &str = "podvm.podvisor.internal";

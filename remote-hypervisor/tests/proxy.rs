@@ -63,8 +63,8 @@ async fn read_to_eof(s: &mut tokio::net::UnixStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_bounds_verifies_and_follows_the_vmm() {
     let dir = tempfile::tempdir().unwrap();
-    let name = tlsclient::server_name_for("proxytest");
-    let tls = RcgenIssuer.issue(&name).unwrap();
+    let name = tlsclient::PODVM_SERVER_NAME;
+    let tls = RcgenIssuer.issue("podvm-proxytest").unwrap();
     let target = SocketAddr::new(next_ip(), free_port());
     let listener = tokio::net::TcpListener::bind(target).await.unwrap();
     let agent = tokio::spawn(echo_agent(
@@ -86,8 +86,8 @@ async fn proxy_bounds_verifies_and_follows_the_vmm() {
     let vmm = ProcessRef::of(vmm_child.0.id()).unwrap();
 
     // A proxy holding another podvm's CA must not reach this agent.
-    let other = RcgenIssuer.issue(&name).unwrap();
-    write_tls_dir(&dir.path().join("other-tls"), &other, &name);
+    let other = RcgenIssuer.issue("podvm-other").unwrap();
+    write_tls_dir(&dir.path().join("other-tls"), &other, name);
     let wrong_sock = dir.path().join("wrong.sock");
     let _wrong = spawn_proxy(&wrong_sock, target, &dir.path().join("other-tls"), &vmm, &[]);
     eventually("wrong.sock", || wrong_sock.exists()).await;
@@ -96,7 +96,7 @@ async fn proxy_bounds_verifies_and_follows_the_vmm() {
     assert_eq!(read_to_eof(&mut c).await, b"", "no bytes through a proxy that does not trust the agent");
 
     // The right material, one connection at most.
-    write_tls_dir(&dir.path().join("tls"), &tls, &name);
+    write_tls_dir(&dir.path().join("tls"), &tls, name);
     let sock = dir.path().join("agent.sock");
     let proxy = spawn_proxy(&sock, target, &dir.path().join("tls"), &vmm, &["--max-connections", "1"]);
     let proxy_ref = ProcessRef::of(proxy.0.id()).unwrap();

@@ -232,13 +232,14 @@ impl FakeTunnel {
 pub struct RcgenIssuer;
 
 impl TlsIssuer for RcgenIssuer {
-    fn issue(&self, server_name: &str) -> Result<PodvmTls, String> {
+    fn issue(&self, podvm_name: &str) -> Result<PodvmTls, String> {
+        let server_name = podvisor_remote_hypervisor::tlsclient::PODVM_SERVER_NAME;
         use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
         let e = |e: rcgen::Error| e.to_string();
         let ca_key = KeyPair::generate().map_err(e)?;
         let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "podvm test CA");
+        ca.distinguished_name.push(DnType::CommonName, format!("podvm test CA {podvm_name}"));
         let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
         let server_key = KeyPair::generate().map_err(e)?;
         let mut sp = CertificateParams::new(vec![server_name.to_owned()]).map_err(e)?;
