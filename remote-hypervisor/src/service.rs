@@ -645,6 +645,10 @@ impl Core {
     pub async fn recover(&self) -> Recovery {
         let mut report = Recovery::default();
         let mut kept_instances = BTreeSet::new();
+        // List first: a provider may find its podvms through files in the run dirs, which the
+        // loop below removes. Dirs without a usable state are removed only after the orphans.
+        let listed = self.deps.provider.list_instances().await;
+        let mut leftovers = Vec::new();
         let entries = match std::fs::read_dir(&self.cfg.state_dir) {
             Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect::<Vec<_>>(),
             Err(_) => Vec::new(),
@@ -655,13 +659,13 @@ impl Core {
                 Ok(s) if s.sandbox_id == id => s,
                 Ok(s) => {
                     warn!(self.deps.log, "state dir names another sandbox; removing it"; "dir" => %dir.display(), "sandbox" => &s.sandbox_id);
-                    let _ = std::fs::remove_dir_all(&dir);
+                    leftovers.push(dir);
                     report.destroyed.push(id);
                     continue;
                 }
                 Err(e) => {
                     warn!(self.deps.log, "unreadable podvm state; removing it (the provider listing catches its podvm)"; "error" => e);
-                    let _ = std::fs::remove_dir_all(&dir);
+                    leftovers.push(dir);
                     report.destroyed.push(id);
                     continue;
                 }
@@ -701,7 +705,7 @@ impl Core {
                 report.destroyed.push(id);
             }
         }
-        match self.deps.provider.list_instances().await {
+        match listed {
             Ok(list) => {
                 for i in list {
                     let ours = i.tags.get(TAG_OWNER).is_none_or(|o| *o == self.deps.owner);
@@ -718,6 +722,9 @@ impl Core {
                 }
             }
             Err(e) => error!(self.deps.log, "cannot list podvms for garbage collection"; "error" => %e),
+        }
+        for dir in leftovers {
+            let _ = std::fs::remove_dir_all(&dir);
         }
         report
     }

@@ -258,12 +258,15 @@ async fn restart_reattaches_claimed_pods_and_collects_the_rest() {
         req.sandbox_id = "orphan".into();
         h.provider.create_instance(req).await.unwrap()
     };
+    // A dir whose state.json is unreadable (and no podvm).
+    std::fs::create_dir_all(h.state_dir().join("corrupt")).unwrap();
+    std::fs::write(h.state_dir().join("corrupt/state.json"), "{").unwrap();
     drop(old); // the service "restarts": proxies and VMMs run on
     let new = h.core();
     let mut r = new.recover().await;
     r.destroyed.sort();
     assert_eq!(r.reattached, vec!["keep".to_string()]);
-    assert_eq!(r.destroyed, vec!["dead".to_string(), "unclaimed".to_string()]);
+    assert_eq!(r.destroyed, vec!["corrupt".to_string(), "dead".to_string(), "unclaimed".to_string()]);
     assert_eq!(r.orphans, vec![orphan.id.clone()]);
     assert_eq!(new.count(), 1, "the reattached pod counts");
     assert_eq!(new.phase("keep"), Some(Phase::Running));
