@@ -284,3 +284,41 @@ async fn restart_reattaches_claimed_pods_and_collects_the_rest() {
     assert!(std::fs::read_dir(h.state_dir()).unwrap().next().is_none());
     assert_eq!(processes_mentioning(&h.state_dir()), Vec::<u32>::new(), "processes left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_claimed_created_pods_and_destroys_interrupted_starts() {
+    let h = Harness::new("PEERPODS_LIMIT_PER_NODE=2\n");
+    let old = h.core();
+    old.create_vm("created", annotations(&[]), NETNS).unwrap();
+    old.create_vm("interrupted", annotations(&[]), NETNS).unwrap();
+    old.start_vm("interrupted", T).await.unwrap();
+    // The service died mid-start: state says starting, the podvm and proxy exist.
+    let dir = h.state_dir().join("interrupted");
+    let mut st = state::read(&dir).unwrap();
+    let proxy = st.proxy.unwrap();
+    st.phase = Phase::Starting;
+    state::write(&dir, &st).unwrap();
+    let _c1 = h.claim("created");
+    let _c2 = h.claim("interrupted");
+    drop(old);
+    let new = h.core();
+    let r = new.recover().await;
+    assert_eq!(r.reattached, vec!["created".to_string()]);
+    assert_eq!(r.destroyed, vec!["interrupted".to_string()]);
+    assert!(r.orphans.is_empty(), "{r:?}");
+    assert!(!dir.exists());
+    eventually("interrupted proxy gone", || !proxy.alive()).await;
+    assert_eq!(h.provider.count(), 0);
+    assert_eq!(h.tunnel.live(), 0);
+    // The reattached created pod counts and still starts.
+    assert_eq!(new.count(), 1);
+    new.create_vm("other", annotations(&[]), NETNS).unwrap();
+    let e = new.create_vm("third", annotations(&[]), NETNS).unwrap_err();
+    assert!(e.to_string().starts_with("peer pod limit reached: PEERPODS_LIMIT_PER_NODE=2"), "{e}");
+    new.start_vm("created", T).await.unwrap();
+    ping(&h.state_dir().join("created/agent.sock")).await.unwrap();
+    for p in ["created", "other"] {
+        new.stop_vm(p).await.unwrap();
+    }
+    assert_eq!(processes_mentioning(&h.state_dir()), Vec::<u32>::new(), "processes left");
+}
