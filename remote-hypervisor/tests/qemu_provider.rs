@@ -22,6 +22,11 @@ use podvisor_remote_hypervisor::provider::{Instance, InstanceRequest, InstanceTy
 use podvisor_remote_hypervisor::qemu::{QemuProvider, QemuSettings};
 use podvisor_remote_hypervisor::tls;
 
+/// The tests run one at a time: taps are named by the podvm's host number (`ppt<N>`), so two
+/// test bridges handing out the same first address would race for one tap name (one service
+/// per node never does).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Everything one test makes; removed on drop (QEMU killed by pid + start time, bridge deleted).
 struct Env {
     tag: String,
@@ -135,6 +140,7 @@ async fn delete_and_check(e: &Env, i: &Instance, run_dir: &Path, tap: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podvm_boots_and_is_deleted_cleanly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut e = env("b", 248);
     let material = tls::generate_unaddressed("podvm-test").unwrap();
     let req = request(&e, &material);
@@ -212,6 +218,7 @@ async fn podvm_boots_and_is_deleted_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_podvms_get_distinct_addresses_and_taps() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut e = env("c", 246);
     let material = tls::generate_unaddressed("podvm-test").unwrap();
     let mut a = request(&e, &material);
@@ -263,6 +270,7 @@ fn handshake(ip: IpAddr, client: &tls::ClientTls) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podvm_agent_answers_mutual_tls() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut e = env("t", 247);
     let material = tls::generate_unaddressed("podvm-test").unwrap();
     let req = request(&e, &material);
