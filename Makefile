@@ -34,8 +34,8 @@ agent:
 guest-image: agent
 	guest-image/build.sh --agent $(AGENT) --out $(GUEST_DIR)
 
-# The containerd tests run the shim, kata-runtime and kata-monitor binaries, which `cargo test`
-# does not build by itself.
+# The containerd tests run the shim, kata-runtime, kata-monitor and the remote hypervisor service,
+# which `cargo test` does not build by itself.
 test: deps guest-image
 	$(CARGO) build -p podvisor-shim -p podvisor-runtime -p podvisor-monitor -p podvisor-remote-hypervisor
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
@@ -78,6 +78,10 @@ install: build guest-image
 	install -D -m 0755 target/release/kata-runtime $(PREFIX)/bin/kata-runtime
 	install -D -m 0755 target/release/kata-monitor $(PREFIX)/bin/kata-monitor
 	install -D -m 0644 configs/kata-monitor.service $(SYSTEMDDIR)/kata-monitor.service
+	install -D -m 0755 target/release/podvisor-remote-hypervisor $(PREFIX)/bin/podvisor-remote-hypervisor
+	install -D -m 0644 configs/podvisor-remote-hypervisor.service $(SYSTEMDDIR)/podvisor-remote-hypervisor.service
+	install -D -m 0644 configs/configuration-remote.toml $(DEFAULTSDIR)/configuration-remote.toml
+	test -e /etc/podvisor/peer-pods-cm.env || install -D -m 0600 configs/peer-pods-cm.env /etc/podvisor/peer-pods-cm.env
 	install -D -m 0644 configs/configuration-qemu.toml $(DEFAULTSDIR)/configuration.toml
 	install -d $(SHAREDIR)
 	cp -L $(GUEST_DIR)/vmlinux.container $(GUEST_DIR)/vmlinuz.container $(GUEST_DIR)/kata-containers-initrd.img $(SHAREDIR)/

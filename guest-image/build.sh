@@ -62,6 +62,8 @@ ONDEMAND_MODULES=(
   sctp                                                                 # SCTP sockets (Kubernetes SCTP services)
   loop                                                                 # loop devices (losetup in privileged containers)
   binfmt_misc                                                          # binfmt_misc mounts (qemu-user-static registration)
+  qemu_fw_cfg                                                          # podvm mode (agent.podvm): user data from fw_cfg, loaded
+                                                                       # by the agent and unloaded after the read (no dependencies)
 )
 # Requests the kernel makes for common container operations; each must resolve in the staged
 # tree, or the build fails (a kernel bump that renames something shows here).

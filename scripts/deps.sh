@@ -22,8 +22,8 @@ APT_PACKAGES=(
   util-linux        # losetup (raw block volume test), nsenter, unshare
   iptables          # xtables-legacy-multi / xtables-nft-multi + libraries copied into the guest_kernel test image
   ipvsadm           # IPVS CLI (+ libraries) for the same image: kube-proxy's IPVS mode in the guest
-  docker-registry   # 2.8: the peer pod tests' private OCI registry (tests/src/registry.rs); the Debian
-                    # service is neither started nor enabled (see below)
+  docker-registry   # distribution 2.8: the guest-pull tests' private registry (agent/src/image/tests.rs, peer
+                    # pods); run as `docker-registry serve <config>`, the Debian service is never started
   prometheus        # 2.42: the observability test's private server (tests/src/prometheus.rs); the
                     # Debian service is neither started nor enabled (see below)
 )
@@ -39,7 +39,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "deps: installing ${missing[*]}"
   apt-get update -qq
-  # Packages with a service (prometheus) must not start it: the tests run private instances.
+  # Packages with a service (prometheus, docker-registry) must not start it: the tests run private instances.
   # A policy-rc.d answering 101 makes invoke-rc.d / deb-systemd-invoke skip every start while
   # apt runs (one already there, as in containers, is kept).
   policy=/usr/sbin/policy-rc.d own_policy=
@@ -52,11 +52,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
   [ -z "$own_policy" ] || rm -f "$policy"
   [ "$rc" = 0 ] || exit "$rc"
-  for svc in prometheus docker-registry; do
-    if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-      systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
-    fi
-  done
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    for svc in prometheus docker-registry; do
+      if [[ " ${missing[*]} " == *" $svc "* ]]; then
+        systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+      fi
+    done
+  fi
 fi
 
 # vhost-device-vsock (hybrid vsock when /dev/vhost-vsock is absent) and virtiofsd, pinned, into

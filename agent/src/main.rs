@@ -5,11 +5,17 @@
 //! Other invocations (checked before anything else):
 //! * as `modprobe` (argv[0]'s file name; the initrd's `/sbin/modprobe` links to `/init`): the
 //!   kernel's usermode helper for on-demand module loading (`modprobe`).
+//! * as `pause` (argv[0]'s file name; the guest-pull sandbox container's `/pause` is the agent
+//!   bound read-only): the pause program (`image::pause`).
 //! * `kata-agent __runtime <request>`: the single-threaded libcontainer helper
 //!   (`container::helper`), started by the agent itself.
 //! * `kata-agent --listen unix:///path [--run-dir DIR]`: test mode on a host: no PID-1 setup,
 //!   serves on the given address, becomes a child subreaper (so container processes are
 //!   re-parented to it) and exits 0 after DestroySandbox.
+//!
+//! With `agent.podvm` on the kernel command line (peer pods, `podvm`), PID 1 configures its
+//! network from fw_cfg user data and serves on a unix socket behind a mutual-TLS TCP listener
+//! instead of vsock.
 
 mod container;
 mod copy_file;
@@ -17,11 +23,13 @@ mod debug_console;
 #[cfg(test)]
 mod fuzz_targets;
 mod guest;
+mod image;
 mod init;
 mod logging;
 mod metrics;
 mod modprobe;
 mod network;
+mod podvm;
 mod policy;
 mod rpc;
 mod sandbox;
@@ -71,6 +79,9 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if image::pause::invoked_as_pause(args.first().map(String::as_str)) {
+        image::pause::run();
+    }
     if modprobe::invoked_as_modprobe(args.first().map(String::as_str)) {
         std::process::exit(modprobe::main(&args));
     }
@@ -78,7 +89,7 @@ fn main() {
         container::helper::main(&args);
     }
     let pid1 = nix::unistd::getpid().as_raw() == 1;
-    let mode = if pid1 {
+    let mut mode = if pid1 {
         Mode { listen: rpc::vsock_addr(), run_dir: PathBuf::from(RUN_DIR), test: false }
     } else {
         match parse_args(&args) {
@@ -104,6 +115,7 @@ fn main() {
     let log = logging::console_logger(logging::level_from_cmdline(&cmdline));
     let release = init::kernel_release();
     info!(log, "kata-agent starting"; "version" => VERSION, "kernel_release" => &release, "pid1" => pid1);
+    let mut podvm_user_data = None;
     if pid1 {
         let started = std::time::Instant::now();
         let modules = std::path::Path::new("/lib/modules").join(&release);
@@ -121,6 +133,18 @@ fn main() {
             init::fatal(&e.0);
         }
         init::load_deferred_modules(&modules, log.clone());
+        if podvm::enabled(&cmdline) {
+            match podvm::setup(&log, &modules) {
+                Ok(user_data) => {
+                    mode.listen = podvm::listen_addr();
+                    podvm_user_data = Some(user_data);
+                }
+                Err(e) => {
+                    error!(log, "podvm setup failed"; "error" => &e);
+                    init::fatal(&format!("podvm ({}): {e}", podvm::CMDLINE_FLAG));
+                }
+            }
+        }
         if rpc::test_panic_point(&cmdline) == Some("boot") {
             panic!("{}boot: fault injected by a test", rpc::TEST_PANIC_PARAM);
         }
@@ -130,7 +154,7 @@ fn main() {
         Err(e) => init::fatal(&format!("tokio runtime: {e}")),
     };
     let debug = matches!(logging::level_from_cmdline(&cmdline), slog::Level::Debug | slog::Level::Trace);
-    let result = runtime.block_on(serve(log.clone(), &mode, debug, &cmdline));
+    let result = runtime.block_on(serve(log.clone(), &mode, debug, &cmdline, podvm_user_data));
     match result {
         Ok(()) if mode.test => {
             info!(log, "agent shutting down (test mode)");
@@ -148,7 +172,13 @@ fn main() {
 }
 
 /// Serves the agent API until DestroySandbox.
-async fn serve(log: slog::Logger, mode: &Mode, debug: bool, cmdline: &str) -> Result<(), String> {
+async fn serve(
+    log: slog::Logger,
+    mode: &Mode,
+    debug: bool,
+    cmdline: &str,
+    podvm: Option<podvm::config::UserData>,
+) -> Result<(), String> {
     if mode.test {
         // Not PID 1: make container processes (re-parented when their helper exits) come to us.
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
@@ -179,6 +209,9 @@ async fn serve(log: slog::Logger, mode: &Mode, debug: bool, cmdline: &str) -> Re
     let mut server = rpc::server(log.clone(), &mode.listen, shutdown.clone(), containers)?;
     server.start().await.map_err(|e| format!("start ttrpc server on {}: {e}", mode.listen))?;
     info!(log, "agent listening"; "address" => &mode.listen);
+    if let Some(user_data) = podvm {
+        podvm::start_forwarder(log.new(slog::o!("subsystem" => "podvm-forwarder")), &user_data).await?;
+    }
     shutdown.notified().await;
     // Let the DestroySandbox reply leave before the guest powers off: the graceful shutdown
     // waits for in-flight requests (long polls such as GetOOMEvent end at DestroySandbox).

@@ -75,6 +75,25 @@ pub async fn run<T: Send + 'static>(
     }
 }
 
+/// A guest link the pod's networking RPCs must never change (podvm mode's underlay NIC `pvm0`,
+/// which carries the agent's own connection and the tunnel): set once at boot.
+static PROTECTED_LINK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes `name` off limits to UpdateInterface and UpdateRoutes.
+pub fn protect_link(name: &str) {
+    let _ = PROTECTED_LINK.set(name.to_string());
+}
+
+fn refuse_protected(name: &str, what: impl FnOnce() -> String) -> Result<()> {
+    match PROTECTED_LINK.get() {
+        Some(p) if p == name => Err(NetError::Invalid(format!(
+            "{}: {p} is the podvm's underlay NIC (agent.podvm); the pod's networking cannot use or change it",
+            what()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Every link with its addresses.
 pub fn list_interfaces() -> Result<Vec<Interface>> {
     let mut nl = Netlink::open().map_err(nl_err("open a netlink socket"))?;
@@ -95,6 +114,9 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
     let index = link.header.index;
     let current = link_name(link);
     let name = if want.name.is_empty() { current.clone() } else { want.name.clone() };
+    for n in [&current, &name] {
+        refuse_protected(n, || format!("interface {:?} ({})", want.name, want.hwAddr))?;
+    }
     let ctx = |what: &str| format!("{what} of interface {name} ({})", want.hwAddr);
     set_link(&mut nl, index, Some(false), None, None).map_err(nl_err(ctx("set down")))?;
     if name != current {
@@ -154,6 +176,7 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
     let index_of: HashMap<&str, u32> = names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
     let mut messages = Vec::new();
     for r in want {
+        refuse_protected(&r.device, || format!("route {}", describe_route(r)))?;
         let index = *index_of.get(r.device.as_str()).ok_or_else(|| {
             NetError::NotFound(format!("route {}: no guest interface {:?}", describe_route(r), r.device))
         })?;

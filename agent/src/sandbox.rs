@@ -24,6 +24,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 pub struct Mounted {
     pub mount_point: PathBuf,
     pub mounted: bool,
+    /// Directories removed after the unmount (a guest-pull rootfs's upper/work).
+    pub cleanup: Vec<PathBuf>,
 }
 
 /// What to call `mount(2)` with for one storage.
@@ -52,7 +54,11 @@ pub fn plan(s: &pb::Storage, index: usize) -> Result<Option<MountPlan>, String> 
         ("local", "tmpfs") | ("ephemeral", _) => "tmpfs",
         ("local", _) => return Ok(None),
         (other, _) => {
-            return Err(format!("{}: driver {other:?} is not supported (virtio-fs, local, ephemeral)", field("driver")))
+            return Err(format!(
+                "{}: driver {other:?} is not supported here (virtio-fs, local, ephemeral; {} only at CreateContainer)",
+                field("driver"),
+                crate::image::DRIVER
+            ))
         }
     };
     let source = match (fstype, s.source.as_str()) {
@@ -114,14 +120,14 @@ fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
     std::fs::create_dir_all(&mount_point)
         .map_err(|e| format!("storages[{index}]: mkdir {}: {e}", mount_point.display()))?;
     let Some(p) = plan else {
-        return Ok(Mounted { mount_point, mounted: false });
+        return Ok(Mounted { mount_point, mounted: false, cleanup: Vec::new() });
     };
     // `ephemeral` storages (emptyDir volumes with medium Memory) belong to the pod: the first
     // container mounts the tmpfs, later ones share it, and removing a container never unmounts
     // it (it goes with the VM).
     let pod_lifetime = s.driver == "ephemeral" && mount_point.starts_with(POD_EPHEMERAL_DIR);
     if pod_lifetime && is_mount_point(&mount_point) {
-        return Ok(Mounted { mount_point, mounted: false });
+        return Ok(Mounted { mount_point, mounted: false, cleanup: Vec::new() });
     }
     let data = (!p.data.is_empty()).then_some(p.data.as_str());
     mount(Some(p.source.as_str()), &p.mount_point, p.fstype.as_deref(), p.flags, data).map_err(|e| {
@@ -132,18 +138,42 @@ fn mount_one(s: &pb::Storage, index: usize) -> Result<Mounted, String> {
             p.mount_point.display()
         )
     })?;
-    Ok(Mounted { mount_point, mounted: !pod_lifetime })
+    Ok(Mounted { mount_point, mounted: !pod_lifetime, cleanup: Vec::new() })
 }
 
 /// Unmounts in reverse order (lazily: a busy mount is detached, never left behind).
 pub fn unmount_all(mounted: &[Mounted]) -> Vec<String> {
     let mut errors = Vec::new();
-    for m in mounted.iter().rev().filter(|m| m.mounted) {
-        if let Err(e) = umount2(&m.mount_point, MntFlags::MNT_DETACH) {
-            errors.push(format!("unmount {}: {e}", m.mount_point.display()));
+    for m in mounted.iter().rev() {
+        if m.mounted {
+            if let Err(e) = umount2(&m.mount_point, MntFlags::MNT_DETACH) {
+                errors.push(format!("unmount {}: {e}", m.mount_point.display()));
+                continue;
+            }
+        }
+        for dir in &m.cleanup {
+            if let Err(e) = crate::image::remove_dir_if_not_mounted(dir) {
+                errors.push(e);
+            }
         }
     }
     errors
+}
+
+/// [`mount_storages`] for CreateContainer: the guest-pull storages (driver
+/// [`crate::image::DRIVER`]) are left out, they are mounted by [`crate::image`] first.
+pub fn mount_storages_except_pulled(storages: &[pb::Storage]) -> Result<Vec<Mounted>, String> {
+    let mut done = Vec::new();
+    for (i, s) in storages.iter().enumerate().filter(|(_, s)| s.driver != crate::image::DRIVER) {
+        match mount_one(s, i) {
+            Ok(m) => done.push(m),
+            Err(e) => {
+                unmount_all(&done);
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Makes `path` a shared mount, bound onto itself first when it is not a mount point yet (a

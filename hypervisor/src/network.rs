@@ -472,7 +472,7 @@ fn detach(ops: &mut Ops, links: Vec<Attached>) -> Result<(), NetworkError> {
 }
 
 /// `tc qdisc add dev <index> handle ffff: ingress`.
-fn ingress_qdisc(index: u32) -> TcMessage {
+pub fn ingress_qdisc(index: u32) -> TcMessage {
     let mut m = TcMessage::with_index(index as i32);
     m.header.parent = TcHandle::INGRESS;
     m.header.handle = TcHandle { major: 0xffff, minor: 0 };
@@ -485,7 +485,7 @@ const PROTOCOL_ALL: u16 = (libc::ETH_P_ALL as u16).to_be();
 
 /// `tc filter add dev <from> parent ffff: protocol all u32 match u8 0 0 action mirred egress
 /// redirect dev <to>`.
-fn redirect_filter(from: u32, to: u32) -> TcMessage {
+pub fn redirect_filter(from: u32, to: u32) -> TcMessage {
     let mut m = TcMessage::with_index(from as i32);
     m.header.parent = TcHandle { major: 0xffff, minor: 0 };
     m.header.info = u32::from(PROTOCOL_ALL); // priority 0: the kernel picks one
@@ -515,7 +515,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// Opens `/dev/net/tun` and creates tap `name` on it in the calling thread's netns
 /// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, not persistent: it goes when its last fd closes).
-fn open_tap(name: &str) -> io::Result<OwnedFd> {
+pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct IfReq {
         name: [u8; libc::IFNAMSIZ],

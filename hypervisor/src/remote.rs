@@ -462,8 +462,10 @@ impl Hypervisor for Remote {
         Err(Self::unsupported(&format!("removing device {id}")))
     }
 
+    /// The podvm runs elsewhere; as Kata's remote driver, the shim's own process stands for the
+    /// VMM (the task pid the container managers see).
     async fn pids(&self) -> Vec<u32> {
-        Vec::new()
+        vec![std::process::id()]
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -483,6 +485,29 @@ impl Hypervisor for Remote {
 
     async fn cleanup(&self) -> Result<()> {
         self.stop().await
+    }
+}
+
+/// The check of a peer-pod node (`kata-runtime check`, the shim's `check`): the node runs no VM
+/// itself; what matters is that the remote hypervisor service answers. Returns whether it does,
+/// and the report (socket, version or the error with its fix).
+pub fn check(remote: &RemoteConfig) -> (bool, String) {
+    let mut text = format!("hypervisor: remote (peer pods), service socket {}\n", remote.socket.display());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return (false, format!("{text}FAIL: cannot start a runtime: {e}\n")),
+    };
+    match rt.block_on(Remote::service_version(&remote.socket, Duration::from_secs(5))) {
+        Ok(version) => {
+            text.push_str(&format!("remote hypervisor service: reachable, version {version:?}\n"));
+            text.push_str("PASS: this node can run peer pods (their podvms run where the service puts them)\n");
+            (true, text)
+        }
+        Err(e) => {
+            text.push_str(&format!("remote hypervisor service: {e}\n"));
+            text.push_str("FAIL: peer pods cannot start on this node until the service answers\n");
+            (false, text)
+        }
     }
 }
 
@@ -656,6 +681,18 @@ mod tests {
         let err = vm.start().await.unwrap_err().to_string();
         assert!(err.contains("StartVM") && err.contains("PEERPODS_LIMIT_PER_NODE=2"), "{err}");
         assert_eq!(s.calls.lock().unwrap().last().unwrap(), "StopVM sb1");
+        std::fs::remove_dir_all(&s.dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_node_check_reports_the_services_version_or_its_absence() {
+        let s = serve("check", false).await;
+        let ok = RemoteConfig { socket: s.socket.clone(), ..Default::default() };
+        let (passed, text) = std::thread::spawn(move || check(&ok)).join().unwrap();
+        assert!(passed && text.contains("version \"fake 1\"") && text.contains("PASS"), "{text}");
+        let gone = RemoteConfig { socket: s.dir.join("nothing.sock"), ..Default::default() };
+        let (passed, text) = std::thread::spawn(move || check(&gone)).join().unwrap();
+        assert!(!passed && text.contains("nothing.sock") && text.contains("FAIL"), "{text}");
         std::fs::remove_dir_all(&s.dir).unwrap();
     }
 

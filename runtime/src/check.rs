@@ -18,12 +18,26 @@ pub fn run(config: Option<&Path>, verbose: bool) -> Result<ExitCode, String> {
     for w in &cfg.warnings {
         println!("warning: {w}");
     }
+    if let Some(remote) = &cfg.remote {
+        return Ok(check_remote(remote));
+    }
     let check = HostCheck::run(&cfg.hypervisor);
     if verbose {
         print!("{}", facts_text(&check));
     }
     println!("{check}");
     Ok(if check.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Peer pods: prints [`hypervisor::remote::check`]; exit status 1 when the service does not answer.
+pub fn check_remote(remote: &hypervisor::RemoteConfig) -> ExitCode {
+    let (ok, text) = hypervisor::remote::check(remote);
+    print!("{text}");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// The facts behind the verdict, one `fact` line each.

@@ -13,6 +13,33 @@ use slog::{info, warn, Logger};
 
 use crate::mounts::{self, SharedDir};
 
+/// The file in the sandbox directory naming the remote hypervisor service of a peer pod, so
+/// that a `delete` after a dead shim can have its podvm stopped.
+pub const REMOTE_RECORD: &str = "remote-hypervisor.socket";
+
+/// Records the remote hypervisor service socket of a peer pod in its sandbox directory.
+pub fn record_remote(sandbox_dir: &Path, socket: &Path) -> std::io::Result<()> {
+    std::fs::write(sandbox_dir.join(REMOTE_RECORD), socket.as_os_str().as_encoded_bytes())
+}
+
+/// A peer pod's podvm keeps running (and costing) after its shim died: ask the service that runs
+/// it to stop it (`StopVM`; the service answers unknown ids with success).
+fn stop_remote_podvm(group: &str, sandbox_dir: &Path, log: &Logger) {
+    let Ok(socket) = std::fs::read_to_string(sandbox_dir.join(REMOTE_RECORD)) else { return };
+    let socket = std::path::PathBuf::from(socket.trim());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return warn!(log, "cannot stop the podvm a dead shim left"; "sandbox" => group, "error" => %e),
+    };
+    let timeout = std::time::Duration::from_secs(60);
+    match rt.block_on(hypervisor::remote::stop_podvm(&socket, group, timeout)) {
+        Ok(()) => info!(log, "asked the remote hypervisor service to stop the podvm a dead shim left";
+            "sandbox" => group, "service" => %socket.display()),
+        Err(e) => warn!(log, "cannot stop the podvm a dead shim left; the remote hypervisor service \
+            removes it when it restarts (garbage collection)"; "sandbox" => group, "error" => %e),
+    }
+}
+
 /// Cleans up after task `id` of pod `group` and returns the answer for containerd. With a live
 /// daemon nothing is touched (it cleans up on `Delete`). The VM's helpers are killed with their
 /// whole process groups, as the live shim kills them, and only while they are the processes
@@ -29,6 +56,7 @@ pub fn after_shim(id: &str, group: &str, bundle: &Path, daemon_alive: bool, log:
             Err(e) => warn!(log, "cleanup of the VM run directory failed"; "sandbox" => group, "error" => %e),
         }
         let shared = SharedDir::new(group).with_log(log.clone());
+        stop_remote_podvm(group, shared.sandbox_dir(), log);
         match crate::host_cgroup::remove_recorded(shared.sandbox_dir()) {
             Ok(removed) if !removed.is_empty() => {
                 info!(log, "removed the host cgroup a dead shim left"; "sandbox" => group, "dirs" => removed.len())

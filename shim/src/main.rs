@@ -134,6 +134,14 @@ fn check(config_file: Option<&str>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(remote) = &cfg.remote {
+        let (ok, text) = hypervisor::remote::check(remote);
+        let _ = std::io::Write::write_all(
+            &mut std::io::stdout().lock(),
+            format!("configuration: {}\n{text}", cfg.file.display()).as_bytes(),
+        );
+        return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     let check = HostCheck::run(&cfg.hypervisor);
     // A reader that goes away (`| head`) ends the output, not the process with a panic.
     let mut text = format!("configuration: {}\n", cfg.file.display());

@@ -73,10 +73,26 @@ impl Containers {
             device::check(d, i).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
         }
         let join = self.join_for(id, req.sandbox_pidns)?;
-        guard.storages =
-            sandbox::mount_storages(&req.storages).map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+        // Guest pull (image_guest_pull storages: the image is pulled here, see crate::image).
+        let mut pause = false;
+        for (i, s) in req.storages.iter().enumerate().filter(|(_, s)| s.driver == crate::image::DRIVER) {
+            let puller = crate::image::Puller::guest().map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+            let pulled = puller.mount(s, i, id).await.map_err(|e| Error::internal(format!("container {id}: {e}")))?;
+            info!(self.log, "image pulled and mounted"; "container_id" => id, "image" => &s.source, "rootfs" => &s.mount_point);
+            pause |= pulled.pause;
+            guard.storages.push(pulled.mounted);
+        }
+        let others = sandbox::mount_storages_except_pulled(&req.storages)
+            .map_err(|e| Error::invalid(format!("container {id}: {e}")))?;
+        guard.storages.extend(others);
 
         let mut oci = convert::spec_from_grpc(oci).map_err(|e| Error::invalid(format!("container {id}: OCI.{e}")))?;
+        if pause {
+            // As Kata's agent: the sandbox container under guest pull runs the guest's pause.
+            if let Some(p) = oci.process_mut().as_mut() {
+                p.set_args(Some(vec![crate::image::pause::PAUSE_PATH.to_string()]));
+            }
+        }
         let cgroup_rel = spec::cgroup_path(&self.sandbox_id(), id);
         let facts = spec::normalize(&mut oci, &cgroup_rel, &join, &Self::path_exists)
             .map_err(|e| Error::invalid(format!("container {id}: {e}")))?;

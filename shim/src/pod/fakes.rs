@@ -241,6 +241,8 @@ pub struct FakeAgent {
     pub output_delay: Mutex<Duration>,
     /// What `GetMetrics` answers, and after how long.
     pub metrics_answer: Mutex<(String, Duration)>,
+    /// The storages of each CreateContainer: `<container> <driver> <source> <mount point>`.
+    pub storages: Mutex<Vec<String>>,
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -279,6 +281,7 @@ impl FakeAgent {
             in_flight: AtomicUsize::new(0),
             output_delay: Mutex::new(Duration::ZERO),
             metrics_answer: Mutex::default(),
+            storages: Mutex::default(),
         }
     }
 
@@ -412,6 +415,12 @@ impl Agent for FakeAgent {
     }
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
         let _call = self.enter("CreateContainer", req.container_id.clone()).await?;
+        for st in &req.storages {
+            self.storages
+                .lock()
+                .unwrap()
+                .push(format!("{} {} {} {}", req.container_id, st.driver, st.source, st.mount_point));
+        }
         self.add_proc(&req.container_id, &req.container_id);
         Ok(())
     }
@@ -528,6 +537,10 @@ impl Agent for FakeAgent {
     }
     async fn set_policy(&self, _policy: &str) -> Result<(), AgentError> {
         self.enter("SetPolicy", String::new()).await.map(drop)
+    }
+    async fn copy_file(&self, req: pb::CopyFileRequest) -> Result<(), AgentError> {
+        let data = if req.data.len() <= 64 { String::from_utf8_lossy(&req.data).into_owned() } else { String::new() };
+        self.enter("CopyFile", format!("{} {:o} {data}", req.path, req.file_mode)).await.map(drop)
     }
 }
 

@@ -615,3 +615,78 @@ async fn the_sandbox_containers_exit_stops_the_vm() {
     assert!(pod.is_empty());
     env.assert_nothing_held().await;
 }
+
+/// Peer pods (`[hypervisor.remote]`, no shared file system): files reach the guest by CopyFile,
+/// a changed volume is copied again, CRI-O's guest pull becomes Kata's `image_guest_pull`
+/// storage, and nothing keeps copying after the container is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_pod_files_are_copied_updated_and_pulled() {
+    use base64::Engine;
+    let env = Env::new();
+    std::fs::write(
+        env.dir.path().join("configuration.toml"),
+        "[hypervisor.remote]\nremote_hypervisor_socket = \"/nonexistent/hypervisor.sock\"\n\
+         [runtime]\nsandbox_cgroup_only = false\n",
+    )
+    .unwrap();
+    let cm = env.dir.path().join("cm");
+    std::fs::create_dir(&cm).unwrap();
+    std::fs::write(cm.join("key"), "one").unwrap();
+    let req = env.request("c1", None, None);
+    let config = req.bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    spec["mounts"] = serde_json::json!([
+        {"destination": "/etc/cm", "type": "bind", "source": cm.display().to_string(), "options": ["rbind", "ro"]}
+    ]);
+    std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
+    std::fs::write(req.bundle.join("rootfs/hello"), "rootfs file").unwrap();
+    step(env.pod.create(req)).await.unwrap();
+    let agent = env.backend.agent();
+    let shared = crate::mounts::GUEST_SHARED;
+    assert!(agent.called(&format!("CopyFile {shared}/c1/rootfs/hello 100644 rootfs file")), "{:#?}", agent.calls);
+    assert!(agent.called(&format!("CopyFile {shared}/c1-mounts/0-cm/key 100644 one")), "{:#?}", agent.calls);
+    assert!(!agent.called("CreateSandbox") || !agent.calls.lock().unwrap().iter().any(|c| c.contains("virtio")));
+
+    // The node updates the volume: the guest gets the new content within two seconds.
+    std::fs::write(cm.join("key"), "two").unwrap();
+    let updated = format!("CopyFile {shared}/c1-mounts/0-cm/key 100644 two");
+    wait_until("the update is copied", || agent.called(&updated)).await;
+
+    // CRI-O's runtime_pull_image: a virtual volume in the rootfs mounts.
+    let mut req = env.request("c2", None, None);
+    let config = req.bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    spec["annotations"]["io.kubernetes.cri-o.ContainerType"] = "container".into();
+    spec["annotations"]["io.kubernetes.cri-o.ImageName"] = "registry:5000/busybox:test".into();
+    std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let volume =
+        r#"{"volume_type":"image_guest_pull","source":"registry:5000/busybox:test","image_pull":{"metadata":{}}}"#;
+    req.rootfs = vec![crate::mounts::MountSpec {
+        fstype: "fuse.nydus-overlayfs".into(),
+        source: String::new(),
+        options: vec![format!("io.katacontainers.volume={}", base64::engine::general_purpose::STANDARD.encode(volume))],
+    }];
+    step(env.pod.create(req)).await.unwrap();
+    let storages = agent.storages.lock().unwrap().clone();
+    assert!(
+        storages.contains(&"c2 image_guest_pull registry:5000/busybox:test /run/kata-containers/c2/rootfs".to_string()),
+        "{storages:#?}"
+    );
+    assert!(!agent.called(&format!("CopyFile {shared}/c2/rootfs")), "a pulled rootfs is not copied");
+
+    // Hot-plug requests of a podvm are skipped (sized by its instance type): no resize call.
+    for id in ["c2", "c1"] {
+        step(env.pod.kill(id, "", 9)).await.ok();
+        step(env.pod.process(id, "").unwrap().wait()).await;
+        step(env.pod.delete(id, "")).await.unwrap();
+    }
+    let copies = agent.calls.lock().unwrap().iter().filter(|c| c.starts_with("CopyFile")).count();
+    std::fs::write(cm.join("key"), "three").unwrap();
+    tokio::time::sleep(super::remote::SYNC_INTERVAL * 2).await;
+    assert_eq!(
+        agent.calls.lock().unwrap().iter().filter(|c| c.starts_with("CopyFile")).count(),
+        copies,
+        "nothing is copied once the container is gone"
+    );
+    env.assert_nothing_held().await;
+}

@@ -146,6 +146,10 @@ impl Pod {
         let booted = {
             let work = async {
                 shared.create().map_err(|e| PodError::Internal(e.to_string()))?;
+                if let Some(remote) = &config.remote {
+                    crate::cleanup::record_remote(shared.sandbox_dir(), &remote.socket)
+                        .map_err(|e| PodError::Internal(format!("cannot record the remote hypervisor socket: {e}")))?;
+                }
                 cgroup = self.enter_sandbox_cgroup(&config, oci, &shared)?;
                 // A remote hypervisor builds the pod's network itself (the tunnel in this
                 // namespace): it gets the path whatever the internetworking model (Kata's
