@@ -132,7 +132,12 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
     if want.mtu > 0 {
         let mtu = u32::try_from(want.mtu)
             .map_err(|_| NetError::Invalid(format!("MTU {} of {name} is too large", want.mtu)))?;
-        set_link(&mut nl, index, None, None, Some(mtu)).map_err(nl_err(ctx(&format!("set MTU {mtu}"))))?;
+        match set_link(&mut nl, index, None, None, Some(mtu)) {
+            // A tunnel (podvm mode's vxlan0) cannot carry the pod's MTU over its underlay (VXLAN
+            // headroom): it keeps its own, smaller MTU. Kata's shim sends the worker-side eth0's.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && read::link(link).mtu.is_some_and(|cur| cur < mtu) => {}
+            r => r.map_err(nl_err(ctx(&format!("set MTU {mtu}"))))?,
+        }
     }
     for old in addrs.iter().filter(|a| a.header.index == index) {
         if let Some((ip, prefix)) = read::address(old).filter(|(ip, _)| !text::is_link_local(ip)) {

@@ -254,7 +254,13 @@ impl KataAgent {
             // Connecting before the guest's vsock driver is up only queues requests in the
             // vhost-user daemon (and, seen under load, can wedge vhost-device-vsock 0.3): wait
             // for the agent's "listening" line on the console, for at most half the budget.
-            let grace = (timeout / 2).min(Duration::from_secs(20));
+            // A remote hypervisor's podvm has no console here and StartVM returned once its
+            // agent answered: dial at once.
+            let grace = if matches!(channel, AgentChannel::Unix { .. }) {
+                Duration::ZERO
+            } else {
+                (timeout / 2).min(Duration::from_secs(20))
+            };
             let hint = async {
                 while !vm.console_tail().iter().any(|l| l.contains(AGENT_READY_MARKER)) {
                     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -403,8 +403,52 @@ impl RemoteHypervisor {
         Some(s)
     }
 
+    /// Where the console and QEMU logs of podvm `id` are kept after the service removed its
+    /// run directory ([`Self::keep_logs`]).
+    pub fn saved_logs(&self, id: &str) -> PathBuf {
+        self.dir.join("saved").join(id)
+    }
+
+    /// Copies podvm `id`'s `console.log`, `qemu.log` and `proxy.log` to [`Self::saved_logs`] every 200 ms
+    /// while its run directory exists (the service removes it with the podvm), so that a
+    /// failure can show why a podvm died.
+    pub fn keep_logs(&self, id: &str) {
+        let (src, dst) = (self.state_dir().join(id), self.saved_logs(id));
+        let _ = fs::create_dir_all(&dst);
+        std::thread::spawn(move || {
+            let mut seen = false;
+            for _ in 0..(30 * 60 * 5) {
+                if !src.exists() {
+                    if seen {
+                        return;
+                    }
+                } else {
+                    seen = true;
+                    for f in ["console.log", "qemu.log", "proxy.log"] {
+                        if let Ok(b) = fs::read(src.join(f)) {
+                            let _ = fs::write(dst.join(f), b);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+    }
+
+    /// The last `n` lines of the kept console log of podvm `id`.
+    pub fn podvm_console_tail(&self, id: &str, n: usize) -> String {
+        let p = self.saved_logs(id).join("console.log");
+        let text = fs::read_to_string(&p).unwrap_or_else(|e| format!("({}: {e})", p.display()));
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- last {n} lines of podvm {id}'s console ---\n{}\n---",
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
     /// Waits (up to 10 s) until the podvm of `id` has a state with a live VMM.
     pub fn wait_podvm(&self, id: &str) -> PodvmState {
+        self.keep_logs(id);
         crate::poll(Duration::from_secs(10), &format!("podvm state of sandbox {id}"), || {
             let s = self
                 .podvm(id)
@@ -672,12 +716,24 @@ impl PeerPods {
     }
 
     /// PullImage, CreateContainer and StartContainer of `config` in peer pod `pod`, as the
-    /// kubelet does; returns the container id and the time the pull took.
+    /// kubelet does; returns the container id and the time the pull took. A failure shows the
+    /// manager's, the service's and the podvm console's logs.
     pub fn run_container(&self, pod: &Pod, config: &proto::ContainerConfig) -> (String, Duration) {
         let t = Instant::now();
-        self.pull_image(pod, HANDLER).unwrap_or_else(|e| panic!("{e}"));
+        self.pull_image(pod, HANDLER)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.service.podvm_console_tail(&pod.id, 30)));
         let pulled = t.elapsed();
-        (self.cri.run_container(pod, config), pulled)
+        self.cri.prepare_container(&pod.config, config);
+        let fail = |what: &str, e: String| -> ! {
+            panic!("{what}: {e}\n{}\n{}", self.logs(), self.service.podvm_console_tail(&pod.id, 40))
+        };
+        let id = self
+            .cri
+            .block_on(self.cri.client().create_container(&pod.id, config, &pod.config))
+            .unwrap_or_else(|e| fail("CreateContainer", e));
+        self.cri.adopt_container(&pod.id, &id);
+        self.cri.block_on(self.cri.client().start_container(&id)).unwrap_or_else(|e| fail("StartContainer", e));
+        (id, pulled)
     }
 
     /// Removes peer pod `pod` through the CRI (the harness's checks included) and asserts that

@@ -110,9 +110,11 @@ pub fn sha256_of(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
 }
 
-/// The client for `settings`: HTTPS with Mozilla's roots, plain HTTP only for the listed
-/// registries.
-fn client(settings: &Settings) -> Client {
+/// The client for `settings`: HTTPS with Mozilla's roots only (the guest has no system CA
+/// store: merging them with the platform's fails, and oci-client's fallback
+/// `reqwest::Client::default()` then panics, which powers the podvm off), plain HTTP only for
+/// the listed registries. A client that cannot be built is an error, never a panic.
+fn client(settings: &Settings) -> Result<Client, String> {
     // reqwest uses the process's rustls provider: ring (as the rest of the agent and the podvm
     // TLS; rustls 0.23.48 deprecates it for lacking post-quantum key exchange).
     #[allow(deprecated)]
@@ -121,15 +123,16 @@ fn client(settings: &Settings) -> Client {
         .iter()
         .map(|c| Certificate { encoding: CertificateEncoding::Der, data: c.as_ref().to_vec() })
         .collect();
-    Client::new(ClientConfig {
+    Client::try_from(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(settings.insecure_registries.clone()),
-        extra_root_certificates: roots,
+        tls_certs_only: roots,
         platform_resolver: None,
         connect_timeout: Some(std::time::Duration::from_secs(30)),
         read_timeout: Some(std::time::Duration::from_secs(60)),
         user_agent: concat!("podvisor-agent/", env!("CARGO_PKG_VERSION")),
         ..Default::default()
     })
+    .map_err(|e| format!("cannot make the registry client: {e}"))
 }
 
 /// Describes a registry error; authentication failures say which credentials were used.
@@ -162,7 +165,7 @@ pub async fn pull(
 ) -> Result<Vec<PathBuf>, String> {
     let reference: Reference = image.parse().map_err(|e| format!("{image:?} is not an image reference: {e}"))?;
     let registry = reference.resolve_registry().to_string();
-    let client = client(settings);
+    let client = client(settings)?;
     let auth = Credentials::registry_auth(creds.as_ref());
     let err = |e: OciDistributionError| describe(e, &registry, creds.as_ref());
 
