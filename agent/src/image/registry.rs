@@ -115,6 +115,7 @@ pub fn sha256_of(data: &[u8]) -> String {
 /// `reqwest::Client::default()` then panics, which powers the podvm off), plain HTTP only for
 /// the listed registries. A client that cannot be built is an error, never a panic.
 fn client(settings: &Settings) -> Result<Client, String> {
+    ensure_system_roots();
     // reqwest uses the process's rustls provider: ring (as the rest of the agent and the podvm
     // TLS; rustls 0.23.48 deprecates it for lacking post-quantum key exchange).
     #[allow(deprecated)]
@@ -133,6 +134,39 @@ fn client(settings: &Settings) -> Result<Client, String> {
         ..Default::default()
     })
     .map_err(|e| format!("cannot make the registry client: {e}"))
+}
+
+/// Where rustls-native-certs (behind reqwest's platform verifier) looks first for the system's
+/// CA bundle.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// oci-client builds a default reqwest client besides the configured one (`..Default::default()`
+/// in its `TryFrom<ClientConfig>`), and reqwest's `Client::default()` panics when the system has
+/// no CA certificate, as the guest has none: give it Mozilla's roots (PEM) where it looks, once,
+/// unless a bundle is already there (a host in test mode keeps its own).
+fn ensure_system_roots() {
+    use base64::Engine;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let path = Path::new(SYSTEM_CA_BUNDLE);
+        if path.exists() {
+            return;
+        }
+        let mut pem = String::new();
+        for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+            pem.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, pem);
+    });
 }
 
 /// Describes a registry error; authentication failures say which credentials were used.
