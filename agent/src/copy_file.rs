@@ -87,6 +87,15 @@ fn remove_non_dir(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Renames the finished `tmp` over `path`, unless `path` is a directory (never replaced).
+fn put_in_place(tmp: &Path, path: &Path) -> Result<(), String> {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        let _ = fs::remove_file(tmp);
+        return Err(format!("{}: is a directory", path.display()));
+    }
+    fs::rename(tmp, path).map_err(|e| format!("rename to {}: {e}", path.display()))
+}
+
 /// Handles one request below `base` (`BASE` in the guest; tests use a temporary directory).
 pub fn copy_file(req: &pb::CopyFileRequest, base: &Path) -> Result<(), String> {
     let path = checked_path(&req.path, base)?;
@@ -115,13 +124,7 @@ pub fn copy_file(req: &pb::CopyFileRequest, base: &Path) -> Result<(), String> {
             let _ = fs::remove_file(&tmp);
             std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("symlink {}: {e}", tmp.display()))?;
             chown(&tmp, req.uid, req.gid)?;
-            if let Ok(m) = fs::symlink_metadata(&path) {
-                if m.is_dir() {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(format!("{}: is a directory", path.display()));
-                }
-            }
-            fs::rename(&tmp, &path).map_err(|e| format!("rename to {}: {e}", path.display()))
+            put_in_place(&tmp, &path)
         }
         S_IFREG | 0 => {
             if !(0..=MAX_FILE).contains(&req.file_size) {
@@ -155,13 +158,7 @@ pub fn copy_file(req: &pb::CopyFileRequest, base: &Path) -> Result<(), String> {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(perm))
                 .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
             chown(&tmp, req.uid, req.gid)?;
-            if let Ok(m) = fs::symlink_metadata(&path) {
-                if m.is_dir() {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(format!("{}: is a directory", path.display()));
-                }
-            }
-            fs::rename(&tmp, &path).map_err(|e| format!("rename to {}: {e}", path.display()))
+            put_in_place(&tmp, &path)
         }
         other => Err(format!("path {:?}: file_mode type {other:o} is not a file, directory or symlink", req.path)),
     }
