@@ -61,9 +61,10 @@ pub struct RemoteConfig {
     pub socket: PathBuf,
     /// `remote_hypervisor_timeout` (seconds in the file): how long `StartVM` may take.
     pub timeout: Duration,
-    /// `default_vcpus`, passed to the service.
+    /// `default_vcpus`, passed to the service; 0 (the default) lets it choose
+    /// (`PODVM_INSTANCE_TYPE`).
     pub default_vcpus: u32,
-    /// `default_memory` (MiB), passed to the service.
+    /// `default_memory` (MiB), passed to the service; 0 (the default) lets it choose.
     pub default_memory: u64,
     /// `machine_type`: the instance type; empty lets the service choose.
     pub machine_type: String,
@@ -73,6 +74,9 @@ pub struct RemoteConfig {
     pub default_gpus: u32,
     /// `default_gpu_model`.
     pub default_gpu_model: String,
+    /// `enable_annotations`: which of the sizing annotations (`machine_type`, `default_vcpus`,
+    /// `default_memory`; regular expressions, as for QEMU) a pod may set.
+    pub enable_annotations: Vec<String>,
     /// `shared_fs`: always `none`.
     pub shared_fs: String,
     /// The sandbox's OCI annotations (filled per pod by the shim, not from the file): the pod's
@@ -85,13 +89,14 @@ impl Default for RemoteConfig {
         RemoteConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             timeout: Duration::from_secs(600),
-            default_vcpus: 1,
-            default_memory: 2048,
+            default_vcpus: 0,
+            default_memory: 0,
             machine_type: String::new(),
             image: String::new(),
             default_gpus: 0,
             default_gpu_model: String::new(),
             shared_fs: "none".into(),
+            enable_annotations: Vec::new(),
             pod_annotations: HashMap::new(),
         }
     }
@@ -107,7 +112,6 @@ const REMOTE_KEYS_IGNORED: &[&str] = &[
     "disable_selinux",
     "default_maxvcpus",
     "default_maxmemory",
-    "enable_annotations",
     "kernel_params",
     "guest_hook_path",
     "msize_9p",
@@ -144,8 +148,10 @@ impl RemoteConfig {
                 ("remote_hypervisor_timeout", v) => {
                     return Err(err(key, format!("{v} is not valid; use whole seconds from 1 to 86400 (default 600)")))
                 }
-                ("default_vcpus", Value::Integer(n)) if (1..=1024).contains(n) => c.default_vcpus = *n as u32,
-                ("default_memory", Value::Integer(n)) if (64..=4_194_304).contains(n) => c.default_memory = *n as u64,
+                ("default_vcpus", Value::Integer(n)) if (0..=1024).contains(n) => c.default_vcpus = *n as u32,
+                ("default_memory", Value::Integer(n)) if *n == 0 || (64..=4_194_304).contains(n) => {
+                    c.default_memory = *n as u64
+                }
                 ("default_gpus", Value::Integer(n)) if (0..=64).contains(n) => c.default_gpus = *n as u32,
                 ("default_vcpus" | "default_memory" | "default_gpus", v) => {
                     return Err(err(key, format!("{v} is not valid; use a positive integer (memory in MiB)")))
@@ -160,6 +166,14 @@ impl RemoteConfig {
                         format!("{v}: a podvm shares no file system with the node; use shared_fs = \"none\""),
                     ))
                 }
+                ("enable_annotations", Value::Array(items)) => {
+                    c.enable_annotations = items
+                        .iter()
+                        .map(|i| i.as_str().map(str::to_string))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| err(key, "expected an array of strings".into()))?
+                }
+                ("enable_annotations", v) => return Err(err(key, format!("expected an array of strings, found {v}"))),
                 ("machine_type" | "image" | "default_gpu_model", v) => {
                     return Err(err(key, format!("expected a string, found {v}")))
                 }

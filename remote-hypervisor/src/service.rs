@@ -155,7 +155,8 @@ pub fn choose_instance_type(
                 .map_err(|_| Error::InvalidArgument(format!("annotation {key}={v:?}: write a whole number"))),
         }
     };
-    let (vcpus, memory) = (number(ANNO_VCPUS)?, number(ANNO_MEMORY)?);
+    // 0 is "not asked" (Kata's shim sends its configuration's values, 0 when unset).
+    let (vcpus, memory) = (number(ANNO_VCPUS)?.filter(|n| *n > 0), number(ANNO_MEMORY)?.filter(|n| *n > 0));
     if vcpus.is_none() && memory.is_none() {
         return Ok(default.clone());
     }
@@ -849,6 +850,7 @@ mod tests {
             (&[(ANNO_MACHINE_TYPE, "huge")], &all, Err("\"huge\" (annotation io.katacontainers.config.hypervisor.machine_type) is not allowed on this node; use one of: small, medium, large")),
             (&[(ANNO_MACHINE_TYPE, "large")], &all[..2], Err("use one of: small, medium")),
             (&[(ANNO_VCPUS, "two")], &all, Err("default_vcpus=\"two\": write a whole number")),
+            (&[(ANNO_VCPUS, "0"), (ANNO_MEMORY, "0")], &all, Ok("medium")),
         ];
         for (annos, allowed, want) in cases {
             let got = choose_instance_type(&a(annos), allowed, &default);

@@ -106,6 +106,16 @@ pub trait Agent: Send + Sync {
     async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> Result<(), AgentError>;
     /// `CreateContainer`: create (not start) a container from an OCI spec.
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError>;
+    /// `CreateContainer` allowed `timeout` (`[runtime] create_container_timeout`: a pull in the
+    /// guest takes longer than other calls). Clients with one fixed deadline keep theirs.
+    async fn create_container_within(
+        &self,
+        req: pb::CreateContainerRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let _ = timeout;
+        self.create_container(req).await
+    }
     /// `StartContainer`.
     async fn start_container(&self, container_id: &str) -> Result<(), AgentError>;
     /// `RemoveContainer`.
@@ -528,6 +538,16 @@ impl Agent for KataAgent {
 
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
         self.call("CreateContainer", self.agent.create_container(ctx(self.timeout), &req)).await?;
+        Ok(())
+    }
+
+    async fn create_container_within(
+        &self,
+        req: pb::CreateContainerRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let t = timeout.max(self.timeout);
+        self.call("CreateContainer", self.agent.create_container(ctx(t), &req)).await?;
         Ok(())
     }
 
@@ -1011,6 +1031,14 @@ impl Agent for VmWatchedAgent {
 
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
         self.guard("create_container", self.inner.create_container(req)).await
+    }
+
+    async fn create_container_within(
+        &self,
+        req: pb::CreateContainerRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        self.guard("create_container", self.inner.create_container_within(req, timeout)).await
     }
 
     async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {

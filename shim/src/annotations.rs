@@ -47,9 +47,13 @@ pub fn container_type(annotations: &HashMap<String, String>) -> Option<&str> {
 }
 
 fn enabled(config: &QemuConfig, short: &str) -> Result<bool, String> {
-    for pattern in &config.enable_annotations {
+    enabled_in(&config.enable_annotations, "hypervisor.qemu", short)
+}
+
+fn enabled_in(patterns: &[String], section: &str, short: &str) -> Result<bool, String> {
+    for pattern in patterns {
         let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-            format!("[hypervisor.qemu] enable_annotations: {pattern:?} is not a valid regular expression: {e}")
+            format!("[{section}] enable_annotations: {pattern:?} is not a valid regular expression: {e}")
         })?;
         if re.is_match(short) {
             return Ok(true);
@@ -72,25 +76,34 @@ where
 /// Peer pods: takes the sizing annotations (`machine_type` = the instance type,
 /// `default_vcpus`, `default_memory`) out of `annotations` into `remote`, for the remote
 /// hypervisor service to choose the podvm's instance type with. They are always honoured: the
-/// service decides what it allows (`PODVM_INSTANCE_TYPES`).
+/// service decides which types it allows (`PODVM_INSTANCE_TYPES`); `enable_annotations` of
+/// `[hypervisor.remote]` says which of the keys a pod may set, as for QEMU.
 pub fn apply_remote(
     annotations: &mut HashMap<String, String>,
     remote: &mut hypervisor::RemoteConfig,
 ) -> Result<(), String> {
-    let take = |a: &mut HashMap<String, String>, short: &str| {
-        a.remove(&format!("{HYPERVISOR_PREFIX}{short}")).filter(|v| !v.trim().is_empty())
+    let patterns = remote.enable_annotations.clone();
+    let take = |a: &mut HashMap<String, String>, short: &str| -> Result<Option<String>, String> {
+        let key = format!("{HYPERVISOR_PREFIX}{short}");
+        let Some(v) = a.remove(&key).filter(|v| !v.trim().is_empty()) else { return Ok(None) };
+        if !enabled_in(&patterns, "hypervisor.remote", short)? {
+            return Err(format!(
+                "annotation {key} is not enabled; add {short:?} to enable_annotations in [hypervisor.remote] to allow it"
+            ));
+        }
+        Ok(Some(v))
     };
-    if let Some(v) = take(annotations, "machine_type") {
+    if let Some(v) = take(annotations, "machine_type")? {
         if v.len() > 128 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c)) {
             return Err(format!("annotation {HYPERVISOR_PREFIX}machine_type={v:?}: not an instance type name"));
         }
         remote.machine_type = v;
     }
-    if let Some(v) = take(annotations, "default_vcpus") {
+    if let Some(v) = take(annotations, "default_vcpus")? {
         let key = format!("{HYPERVISOR_PREFIX}default_vcpus");
         remote.default_vcpus = parse_num(&key, &v, 1u32, 1024)?;
     }
-    if let Some(v) = take(annotations, "default_memory") {
+    if let Some(v) = take(annotations, "default_memory")? {
         let key = format!("{HYPERVISOR_PREFIX}default_memory");
         remote.default_memory = parse_num(&key, &v, 64u64, 4_194_304)?;
     }
@@ -217,6 +230,9 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let mut r = hypervisor::RemoteConfig::default();
+        let err = apply_remote(&mut a.clone(), &mut r).unwrap_err();
+        assert!(err.contains("is not enabled") && err.contains("[hypervisor.remote]"), "{err}");
+        r.enable_annotations = vec!["machine_type".into(), "default_.*".into()];
         apply_remote(&mut a, &mut r).unwrap();
         assert!(a.is_empty(), "taken out of what the QEMU rules see");
         assert_eq!((r.machine_type.as_str(), r.default_vcpus, r.default_memory), ("medium", 2, 1024));

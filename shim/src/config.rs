@@ -95,6 +95,9 @@ pub struct RuntimeConfig {
     /// that supports it. What containerd needs for peer pods; CRI-O says so per container
     /// (`runtime_pull_image`).
     pub force_guest_pull: bool,
+    /// `create_container_timeout` (seconds in the file, Kata's; default 60): how long a
+    /// CreateContainer may take in the guest, a pull there included.
+    pub create_container_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -104,6 +107,7 @@ impl Default for RuntimeConfig {
             internetworking_model: Default::default(),
             sandbox_cgroup_only: true,
             force_guest_pull: false,
+            create_container_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -243,6 +247,16 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             ("enable_debug", Value::Boolean(b)) => runtime.enable_debug = *b,
             ("sandbox_cgroup_only", Value::Boolean(b)) => runtime.sandbox_cgroup_only = *b,
             ("experimental_force_guest_pull", Value::Boolean(b)) => runtime.force_guest_pull = *b,
+            ("create_container_timeout", Value::Integer(s)) if (1..=86_400).contains(s) => {
+                runtime.create_container_timeout = Duration::from_secs(*s as u64)
+            }
+            ("create_container_timeout", v) => {
+                return Err(
+                    value_err("runtime", key, format!("{v} is not valid; use whole seconds from 1 to 86400")).into()
+                )
+            }
+            // A podvm's size is always fixed at creation: the key says what is true anyway.
+            ("static_sandbox_resource_mgmt", Value::Boolean(true)) if remote.is_some() => {}
             ("enable_debug" | "sandbox_cgroup_only" | "experimental_force_guest_pull", v) => {
                 return Err(value_err("runtime", key, format!("expected true or false, found {v}")).into())
             }
@@ -346,6 +360,17 @@ mod tests {
         assert!(c.agent.debug_console_enabled && c.warnings.is_empty(), "{:?}", c.warnings);
         let err = parse("[agent.kata]\ndebug_console_enabled = \"yes\"", Path::new("/c.toml")).unwrap_err().to_string();
         assert!(err.starts_with("/c.toml: [agent.kata] debug_console_enabled: expected true or false"), "{err}");
+    }
+
+    #[test]
+    fn shipped_remote_configuration_loads_without_warnings() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/configuration-remote.toml");
+        let c = load_file(&file).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let r = c.remote.expect("[hypervisor.remote]");
+        assert_eq!((r.default_vcpus, r.default_memory), (0, 0), "the service's default instance type");
+        assert!(c.runtime.force_guest_pull);
+        assert_eq!(c.runtime.create_container_timeout, Duration::from_secs(600));
     }
 
     #[test]

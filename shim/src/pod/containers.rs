@@ -177,7 +177,7 @@ impl Pod {
         };
         let init = Process::new(id, "", req.stdio.clone());
         let created = async {
-            agent.create_container(creq).await?;
+            agent.create_container_within(creq, vm.create_timeout).await?;
             init.start_io(agent.clone(), &self.log).await.map_err(|e| PodError::InvalidArgument(e.to_string()))?;
             Ok::<_, PodError>(())
         }

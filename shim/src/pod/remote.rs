@@ -216,8 +216,11 @@ impl Pod {
         for b in binds {
             let base = b.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
             let guest = format!("{GUEST_SHARED}/{id}-mounts/{}-{base}", b.index);
+            // Taken before the copy: a change made while it runs is copied again later.
+            let h = b.source.clone();
+            let print = tokio::task::spawn_blocking(move || Fingerprint::of(&h)).await.unwrap_or_default();
             copy_tree(agent, &b.source, &guest).await?;
-            synced.push((b.source.clone(), guest.clone()));
+            synced.push((b.source.clone(), guest.clone(), print));
             sources.push(guest);
         }
         let sync = (!synced.is_empty()).then(|| spawn_sync(agent.clone(), id.to_string(), synced, self.log.clone()));
@@ -225,20 +228,17 @@ impl Pod {
     }
 }
 
-/// Copies each `(host, guest)` tree again whenever its fingerprint changes. Ends when a copy
+/// Copies each `(host, guest, fingerprint when last copied)` tree again whenever its fingerprint
+/// changes. Ends when a copy
 /// fails because the podvm is gone, or when aborted.
 fn spawn_sync(
     agent: Arc<dyn Agent>,
     id: String,
-    trees: Vec<(PathBuf, String)>,
+    trees: Vec<(PathBuf, String, Fingerprint)>,
     log: Logger,
 ) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
-        let mut prints: Vec<Fingerprint> = Vec::new();
-        for (host, _) in &trees {
-            let h = host.clone();
-            prints.push(tokio::task::spawn_blocking(move || Fingerprint::of(&h)).await.unwrap_or_default());
-        }
+        let (trees, mut prints): (Vec<_>, Vec<_>) = trees.into_iter().map(|(h, g, p)| ((h, g), p)).unzip();
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(SYNC_INTERVAL).await;

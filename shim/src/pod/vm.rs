@@ -52,6 +52,8 @@ pub(super) struct Vm {
     pub(super) told_bidirectional: AtomicBool,
     /// A peer pod's VM (`[hypervisor.remote]`): files are copied or pulled, never shared.
     pub(super) remote: Option<RemoteShape>,
+    /// `[runtime] create_container_timeout`: the deadline of CreateContainer in the guest.
+    pub(super) create_timeout: std::time::Duration,
 }
 
 /// What a peer pod's containers need to know of its configuration.
@@ -228,6 +230,7 @@ impl Pod {
             vcpus: Mutex::new(config.hypervisor.default_vcpus),
             max_vcpus: config.hypervisor.max_vcpus(hypervisor::host::host_cpus()),
             sized_by_manager: applied.sized_by_manager || config.remote.is_some(),
+            create_timeout: config.runtime.create_container_timeout,
             remote: config.remote.as_ref().map(|_| RemoteShape { force_guest_pull: config.runtime.force_guest_pull }),
             growing: tokio::sync::Mutex::new(()),
             next_device: AtomicU32::new(0),
