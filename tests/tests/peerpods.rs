@@ -205,6 +205,32 @@ fn a_killed_podvm_makes_the_container_exit_within_5_s() {
 /// The service restarted (SIGTERM, then a new process) while a peer pod runs: the pod keeps
 /// running (exec works through the same podvm), the new service reattached it (it counts in the
 /// limit of 1 and removing the pod destroys it).
+/// The shim of a peer pod is SIGKILLed: the container manager runs the shim's `delete`, which
+/// asks the service to stop the podvm (it would otherwise keep running, and costing, with no pod).
+#[test]
+fn a_killed_shims_delete_stops_its_podvm() {
+    let pp = PeerPods::start(Manager::Containerd, 10);
+    let pod = pp.run_remote_pod("shimkill");
+    let podvm = pp.service.wait_podvm(&pod.id);
+    let _ = pp.run_container(&pod, &pp.container_config("app", SLEEPER));
+    let shim = podvisor_tests::faults::shim_pid(&pod.id).expect("the peer pod's shim runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    let left = podvisor_tests::leaks::settle(Duration::from_secs(60), || podvm.leftovers());
+    assert!(
+        left.is_empty(),
+        "the podvm of a SIGKILLed shim still runs 60 s later:\n  {}\n{}",
+        left.join("\n  "),
+        pp.logs()
+    );
+    eprintln!("podvm of the killed shim gone {:.2} s after the SIGKILL", t.elapsed().as_secs_f64());
+    if pp.cri.block_on(pp.cri.client().list_pod_sandbox()).unwrap().iter().any(|p| p.id == pod.id) {
+        pp.cri.remove_pod(&pod);
+    } else {
+        pp.cri.assert_pod_gone(&pod);
+    }
+}
+
 #[test]
 fn a_restarted_service_reattaches_running_podvms() {
     let mut pp = PeerPods::start(Manager::Containerd, 1);
