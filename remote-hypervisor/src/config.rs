@@ -30,6 +30,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "TAGS",
     "VXLAN_PORT",
     "TUNNEL_TYPE",
+    "REGISTRY_AUTH_FILE",
     "QEMU_PODVM_KERNEL",
     "QEMU_PODVM_INITRD",
     "QEMU_BRIDGE",
@@ -145,8 +146,35 @@ pub fn parse_env(path: &Path, text: &str) -> Result<BTreeMap<String, EnvValue>, 
     Ok(out)
 }
 
+/// Largest registry auth file accepted (it travels in the podvm's user data, at most 64 KiB).
+pub const MAX_REGISTRY_AUTH: u64 = 32 << 10;
+
+/// Reads and checks `REGISTRY_AUTH_FILE`: a containers `auth.json` / docker config (`{"auths":
+/// {...}}`), the credentials every podvm's agent pulls images with (the cluster's pull secret:
+/// the container managers do not pass a pod's pull secret on to the runtime).
+pub fn read_registry_auth(file: &Path) -> Result<serde_json::Value, String> {
+    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if meta.len() > MAX_REGISTRY_AUTH {
+        return Err(format!(
+            "{} is {} bytes; at most {MAX_REGISTRY_AUTH} fit in a podvm's user data",
+            file.display(),
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+    if !v.get("auths").is_some_and(serde_json::Value::is_object) {
+        return Err(format!(
+            "{} has no \"auths\" object; write a containers auth.json / docker config.json ({{\"auths\": {{\"registry:port\": {{\"auth\": \"<base64 user:password>\"}}}}}})",
+            file.display()
+        ));
+    }
+    Ok(v)
+}
+
 /// The service's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where the settings came from (named in errors).
     pub config_file: PathBuf,
@@ -164,6 +192,9 @@ pub struct Config {
     pub tags: BTreeMap<String, String>,
     /// `VXLAN_PORT`.
     pub vxlan_port: u16,
+    /// `REGISTRY_AUTH_FILE`'s content, read and checked at start: registry credentials put in
+    /// every podvm's user data.
+    pub registry_auth: Option<serde_json::Value>,
     /// `TUNNEL_TYPE`: `vxlan`.
     pub tunnel_type: String,
     /// Provider keys ([`PROVIDER_KEYS`]) as written; the provider validates them.
@@ -263,6 +294,12 @@ impl Config {
         if tunnel_type != "vxlan" {
             return Err(bad("TUNNEL_TYPE", &tunnel_type, "only vxlan is supported; write TUNNEL_TYPE=vxlan".into()));
         }
+        let registry_auth = match get("REGISTRY_AUTH_FILE") {
+            None => None,
+            Some(v) => Some(read_registry_auth(Path::new(v)).map_err(|e| {
+                bad("REGISTRY_AUTH_FILE", v, format!("{e}; or remove REGISTRY_AUTH_FILE for anonymous pulls"))
+            })?),
+        };
         let instance_types: Vec<String> = get("PODVM_INSTANCE_TYPES")
             .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
             .unwrap_or_default();
@@ -282,6 +319,7 @@ impl Config {
             tags,
             vxlan_port,
             tunnel_type,
+            registry_auth,
             provider_settings,
             socket: PathBuf::from(DEFAULT_SOCKET),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -510,6 +548,24 @@ mod tests {
             }
             assert!(e.contains("peer-pods-cm.env"), "{text:?}: {e} names no file");
         }
+    }
+
+    #[test]
+    fn the_registry_auth_file_is_read_and_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("podvisor-rh-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("auth.json");
+        std::fs::write(&good, r#"{"auths":{"reg:5000":{"auth":"dTpw"}}}"#).unwrap();
+        let c = cfg(&format!("REGISTRY_AUTH_FILE={}", good.display())).unwrap();
+        assert_eq!(c.registry_auth.unwrap()["auths"]["reg:5000"]["auth"], "dTpw");
+        assert_eq!(cfg("").unwrap().registry_auth, None);
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"credHelpers":{}}"#).unwrap();
+        for (file, want) in [(bad, "has no \"auths\" object"), (dir.join("missing.json"), "cannot read")] {
+            let e = cfg(&format!("REGISTRY_AUTH_FILE={}", file.display())).unwrap_err().to_string();
+            assert!(e.contains("REGISTRY_AUTH_FILE") && e.contains(want) && e.contains("anonymous"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct UserData {
     /// The pod network tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Tunnel>,
+    /// Registry credentials for the agent's image pulls (a containers `auth.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<serde_json::Value>,
 }
 
 /// The podvm's own NIC.

@@ -445,6 +445,7 @@ impl Core {
                 pod_mac,
                 mtu: TUNNEL_MTU,
             }),
+            registry_auth: self.cfg.registry_auth.clone(),
         };
         let mut tags = self.cfg.tags.clone();
         tags.insert(TAG_SANDBOX_ID.into(), id.clone());

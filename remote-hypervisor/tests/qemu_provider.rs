@@ -109,7 +109,14 @@ fn request(e: &Env, material: &tls::PodvmTls) -> InstanceRequest {
             ("podvisor.io/sandbox-id".to_string(), sandbox_id.clone()),
             ("team".to_string(), "qa".to_string()),
         ]),
-        user_data: UserData { version: 1, network: None, listen_port: 15150, tls: material.agent_tls(), tunnel: None },
+        user_data: UserData {
+            version: 1,
+            network: None,
+            listen_port: 15150,
+            tls: material.agent_tls(),
+            tunnel: None,
+            registry_auth: None,
+        },
         run_dir: e.run_root.join(&sandbox_id),
     }
 }

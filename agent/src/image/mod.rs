@@ -98,6 +98,10 @@ impl Default for Settings {
     }
 }
 
+/// Where podvm mode writes the registry credentials of the podvm's user data (peer pods: the
+/// cluster's pull secret, as the remote hypervisor service's `REGISTRY_AUTH_FILE`).
+pub const PODVM_AUTH_FILE: &str = "/run/kata-agent/registry-auth.json";
+
 impl Settings {
     /// Parses the `agent.*` words this module reads; errors name the parameter and the fix.
     pub fn from_cmdline(cmdline: &str) -> Result<Settings, String> {
@@ -129,7 +133,8 @@ impl Settings {
         Ok(s)
     }
 
-    /// From `/proc/cmdline`; an agent in test mode (not PID 1) takes the words of
+    /// From `/proc/cmdline` (in a podvm without `agent.image_registry_auth`, the credentials of
+    /// its user data, [`PODVM_AUTH_FILE`], when there are any); an agent in test mode (not PID 1) takes the words of
     /// `PODVISOR_TEST_CMDLINE` instead when it is set (the host's command line is not ours).
     fn from_proc() -> Result<Settings, String> {
         if nix::unistd::getpid().as_raw() != 1 {
@@ -137,7 +142,11 @@ impl Settings {
                 return Settings::from_cmdline(&words);
             }
         }
-        Settings::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
+        let mut s = Settings::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())?;
+        if s.auth_file.is_none() && Path::new(PODVM_AUTH_FILE).is_file() {
+            s.auth_file = Some(PathBuf::from(PODVM_AUTH_FILE));
+        }
+        Ok(s)
     }
 }
 

@@ -24,6 +24,8 @@ struct RawUserData {
     tls: RawTls,
     #[serde(default)]
     tunnel: Option<RawTunnel>,
+    #[serde(default)]
+    registry_auth: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +116,8 @@ pub struct UserData {
     pub tls: Tls,
     /// The pod network tunnel, when the service sets one up.
     pub tunnel: Option<Tunnel>,
+    /// Registry credentials for image pulls (a containers `auth.json`, as JSON text).
+    pub registry_auth: Option<String>,
 }
 
 /// Parses and validates user data; errors name the field (`network.mac`, `tls.ca_cert`, ...).
@@ -140,7 +144,14 @@ pub fn parse(bytes: &[u8]) -> Result<UserData, String> {
     let listen_port = port("listen_port", raw.listen_port)?;
     let tls = tls(&raw.tls)?;
     let tunnel = raw.tunnel.as_ref().map(|t| tunnel(t, &network)).transpose()?;
-    Ok(UserData { network, listen_port, tls, tunnel })
+    let registry_auth = match &raw.registry_auth {
+        None => None,
+        Some(v) if v.get("auths").is_some_and(serde_json::Value::is_object) => Some(v.to_string()),
+        Some(_) => {
+            return Err("user data field registry_auth: not a containers auth.json (an object with \"auths\")".into())
+        }
+    };
+    Ok(UserData { network, listen_port, tls, tunnel, registry_auth })
 }
 
 fn field_err(field: &str, value: &str, want: &str) -> String {
@@ -294,6 +305,18 @@ pub(crate) mod tests {
         assert_eq!(t.pod_mac, [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xf0]);
         assert_eq!((u.tls.ca.len(), u.tls.server_chain.len()), (1, 1));
         assert!(!format!("{:?}", u.tls).contains("PRIVATE"), "the key is never printed");
+    }
+
+    #[test]
+    fn registry_credentials_are_taken_when_they_look_like_an_auth_json() {
+        assert_eq!(parse(sample().to_string().as_bytes()).unwrap().registry_auth, None);
+        let mut v = sample();
+        v["registry_auth"] = serde_json::json!({"auths": {"reg:5000": {"auth": "dTpw"}}});
+        let auth = parse(v.to_string().as_bytes()).unwrap().registry_auth.unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&auth).unwrap()["auths"]["reg:5000"]["auth"], "dTpw");
+        v["registry_auth"] = serde_json::json!({"credHelpers": {}});
+        let e = parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("registry_auth"), "{e}");
     }
 
     #[test]

@@ -62,6 +62,21 @@ pub fn setup(log: &Logger, modules_dir: &Path) -> Result<config::UserData, Strin
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    if let Some(auth) = &user_data.registry_auth {
+        // Where the image pull takes its default credentials from (`image::PODVM_AUTH_FILE`),
+        // readable by root only, in a directory no container sees.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Path::new(crate::image::PODVM_AUTH_FILE);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(auth.as_bytes()))
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
     info!(log, "podvm configured";
         "underlay" => format!("{} {}/{}", net::UNDERLAY, user_data.network.address, user_data.network.prefix),
         "tunnel" => user_data.tunnel.as_ref().map(|t| format!("{} vni {} remote {}", net::TUNNEL, t.vni, t.remote)),
