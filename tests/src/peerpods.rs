@@ -561,9 +561,23 @@ pub struct PullImageRequest {
     /// The image.
     #[prost(message, optional, tag = "1")]
     pub image: Option<PullImageSpec>,
+    /// The pull secret's credentials (the kubelet's, from the pod's imagePullSecrets).
+    #[prost(message, optional, tag = "2")]
+    pub auth: Option<AuthConfig>,
     /// The pod the image is for (the kubelet always sends it).
     #[prost(message, optional, tag = "3")]
     pub sandbox_config: Option<proto::PodSandboxConfig>,
+}
+
+/// `runtime.v1.AuthConfig`, user and password only.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthConfig {
+    /// User.
+    #[prost(string, tag = "1")]
+    pub username: String,
+    /// Password.
+    #[prost(string, tag = "2")]
+    pub password: String,
 }
 
 /// `runtime.v1.PullImageResponse`.
@@ -628,6 +642,9 @@ pub struct PeerPods {
     /// The registry the podvms pull from.
     pub registry: TestRegistry,
     remote_config: PathBuf,
+    /// The registry wants credentials: the kubelet sends them with PullImage, the service puts
+    /// them in the podvms' user data (`REGISTRY_AUTH_FILE`).
+    private_registry: bool,
 }
 
 impl PeerPods {
@@ -638,10 +655,26 @@ impl PeerPods {
 
     /// [`Self::start`] that returns errors.
     pub fn try_start(manager: Manager, limit: u32) -> Result<Self, String> {
+        Self::try_start_opts(manager, limit, false)
+    }
+
+    /// [`Self::start`] with a registry that requires credentials: the kubelet's PullImage
+    /// carries them, and the service's `REGISTRY_AUTH_FILE` gives them to every podvm.
+    pub fn start_with_private_registry(manager: Manager) -> Self {
+        Self::try_start_opts(manager, 10, true).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_opts(manager: Manager, limit: u32, private_registry: bool) -> Result<Self, String> {
         manager.available()?;
-        let registry = TestRegistry::try_start()?;
+        let registry = if private_registry { TestRegistry::try_start_with_auth()? } else { TestRegistry::try_start()? };
         registry.push_busybox()?;
-        let settings = ServiceSettings { limit, insecure_registries: vec![registry.podvm_host()], extra: vec![] };
+        let mut extra = vec![];
+        if private_registry {
+            let file = registry.dir().join("auth.json");
+            fs::write(&file, registry.auth_json()).map_err(|e| format!("{}: {e}", file.display()))?;
+            extra.push(("REGISTRY_AUTH_FILE".to_string(), file.display().to_string()));
+        }
+        let settings = ServiceSettings { limit, insecure_registries: vec![registry.podvm_host()], extra };
         let service = RemoteHypervisor::try_start(settings)?;
         let remote_config = service.dir().join("configuration-remote.toml");
         let text = remote_kata_config(&service.socket(), |c| {
@@ -658,7 +691,7 @@ impl PeerPods {
         fs::create_dir_all(&runtime_root).map_err(|e| format!("{}: {e}", runtime_root.display()))?;
         let extras = cri_extras(&remote_config, &runtime_root, &registry.podvm_host())?;
         let cri = Cri::try_start_with(manager, &extras)?;
-        Ok(PeerPods { cri, service, registry, remote_config })
+        Ok(PeerPods { cri, service, registry, remote_config, private_registry })
     }
 
     /// The shim configuration of the `kata-remote` handler.
@@ -697,6 +730,10 @@ impl PeerPods {
                 user_specified_image: image.clone(),
                 runtime_handler: handler.into(),
                 ..Default::default()
+            }),
+            auth: self.private_registry.then(|| AuthConfig {
+                username: crate::registry::AUTH_USER.into(),
+                password: crate::registry::AUTH_PASSWORD.into(),
             }),
             sandbox_config: Some(pod.config.clone()),
         };

@@ -30,17 +30,29 @@ pub const BRIDGE_ADDRESS: &str = "172.31.250.1";
 /// The repository and tag the busybox test image is pushed as.
 pub const BUSYBOX_PATH: &str = "podvisor/busybox:test";
 
+/// The user of a registry started with [`TestRegistry::try_start_with_auth`].
+pub const AUTH_USER: &str = "podvisor";
+/// Its password.
+pub const AUTH_PASSWORD: &str = "s3cret";
+/// htpasswd line of [`AUTH_USER`] with [`AUTH_PASSWORD`] (bcrypt, as distribution requires).
+const HTPASSWD: &str = "podvisor:$2b$12$93MbcGCggH6HlybLQCGKtODyGKGtB5UuJ/3L7jWxIUKMCE3CwYr5q\n";
+
 /// A running private registry (see the module documentation).
 pub struct TestRegistry {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// Basic auth ([`AUTH_USER`], [`AUTH_PASSWORD`]) is required.
+    auth: bool,
 }
 
 /// The registry configuration: filesystem storage under `dir`, plain HTTP on `0.0.0.0:port`,
-/// no authentication, deletes allowed.
-pub fn registry_config(dir: &Path, port: u16) -> String {
-    format!(
+/// deletes allowed; basic auth from `htpasswd` when given.
+pub fn registry_config(dir: &Path, port: u16, htpasswd: Option<&Path>) -> String {
+    let auth = htpasswd
+        .map(|p| format!("auth:\n  htpasswd:\n    realm: podvisor-test\n    path: {}\n", p.display()))
+        .unwrap_or_default();
+    auth + &format!(
         r#"# Private registry of podvisor-tests (registry.rs).
 version: 0.1
 log:
@@ -82,20 +94,40 @@ impl TestRegistry {
 
     /// Starts one and waits until `GET /v2/` answers 200.
     pub fn try_start() -> Result<Self, String> {
+        Self::try_start_inner(false)
+    }
+
+    /// Starts one that requires basic auth ([`AUTH_USER`], [`AUTH_PASSWORD`]) for every request.
+    pub fn try_start_with_auth() -> Result<Self, String> {
+        Self::try_start_inner(true)
+    }
+
+    /// `{"auths": {...}}` for this registry as podvms name it (a containers auth.json).
+    pub fn auth_json(&self) -> String {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_USER}:{AUTH_PASSWORD}"));
+        serde_json::json!({ "auths": { self.podvm_host(): { "auth": token } } }).to_string()
+    }
+
+    fn try_start_inner(auth: bool) -> Result<Self, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         require(DOCKER_REGISTRY, "docker-registry")?;
         leaks::reap_stale_dirs(DIR_PREFIX, |p| p.argv0.ends_with("docker-registry"));
         let dir = PathBuf::from(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut me = TestRegistry { dir, port: 0, child: None };
+        let mut me = TestRegistry { dir, port: 0, child: None, auth };
+        let htpasswd = me.dir.join("htpasswd");
+        if auth {
+            fs::write(&htpasswd, HTPASSWD).map_err(|e| format!("{}: {e}", htpasswd.display()))?;
+        }
         // The port is free when chosen; another process may take it before the registry binds
         // it: then the registry exits and another port is tried.
         let mut last = String::new();
         for _ in 0..5 {
             me.port = free_port()?;
             let config = me.dir.join("config.yml");
-            fs::write(&config, registry_config(&me.dir, me.port)).map_err(|e| format!("{}: {e}", config.display()))?;
+            fs::write(&config, registry_config(&me.dir, me.port, auth.then_some(htpasswd.as_path()))).map_err(|e| format!("{}: {e}", config.display()))?;
             let mut child = me.spawn(&config)?;
             match me.wait_ready(&mut child) {
                 Ok(()) => {
@@ -142,8 +174,10 @@ impl TestRegistry {
     fn wait_ready(&self, child: &mut Child) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, _, _)) = self.get("/v2/", &[]) {
-                return Ok(());
+            match self.get("/v2/", &[]) {
+                Ok((200, _, _)) => return Ok(()),
+                Ok((401, _, _)) if self.auth => return Ok(()),
+                _ => {}
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("docker-registry exited during startup ({status}):\n{}", self.logs_tail(20)));
@@ -211,7 +245,11 @@ impl TestRegistry {
         require(SKOPEO, "skopeo")?;
         let dest = format!("docker://{}/{repository_tag}", self.local_host());
         let mut cmd = Command::new(SKOPEO);
-        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"])
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if self.auth {
+            cmd.arg(format!("--dest-creds={AUTH_USER}:{AUTH_PASSWORD}"));
+        }
+        cmd
             .arg(format!("oci-archive:{}", archive.display()))
             .arg(&dest)
             .stdin(Stdio::null());

@@ -110,6 +110,7 @@ fn config() -> Config {
     Config {
         file: "/dev/null".into(),
         hypervisor: test_config(),
+        remote: None,
         agent: AgentConfig { dial_timeout: Duration::from_secs(60), ..Default::default() },
         runtime: Default::default(),
         warnings: Vec::new(),

@@ -231,6 +231,26 @@ fn a_killed_shims_delete_stops_its_podvm() {
     }
 }
 
+/// A registry that wants credentials: the kubelet's PullImage carries them on the node, and the
+/// podvm pulls with the cluster's credentials the service put in its user data
+/// (`REGISTRY_AUTH_FILE`), not anonymously.
+#[test]
+fn a_private_registry_is_pulled_from_with_the_services_credentials() {
+    let pp = PeerPods::start_with_private_registry(Manager::Containerd);
+    let pod = pp.run_remote_pod("private");
+    let podvm = pp.service.wait_podvm(&pod.id);
+    let podvm_ip = podvm.podvm_ip().unwrap_or_else(|| panic!("no podvm IP in {}", podvm.json));
+    let (c, _) = pp.run_container(&pod, &pp.container_config("app", SLEEPER));
+    assert_eq!(pp.cri.exec_ok(&c, &["echo", "pulled"]).trim(), "pulled");
+    let from_podvm = pp.registry.blob_fetches_from("podvisor/busybox", &podvm_ip);
+    assert!(
+        from_podvm > 0,
+        "the podvm ({podvm_ip}) fetched no blob of the private registry:\n{}",
+        pp.registry.logs_tail(20)
+    );
+    pp.remove_pod(&pod, &podvm);
+}
+
 #[test]
 fn a_restarted_service_reattaches_running_podvms() {
     let mut pp = PeerPods::start(Manager::Containerd, 1);
