@@ -182,7 +182,7 @@ fn describe(e: OciDistributionError, registry: &str, creds: Option<&Credentials>
             None => "anonymous (no credentials for this registry)".to_string(),
         };
         return format!(
-            "registry {registry}: authentication failed with {used}: {text}; give the pull secret in the storage metadata key {} or the file of agent.image_registry_auth",
+            "registry {registry}: authentication failed with {used}: {text}; give the pull secret in the storage metadata key {}, the file of agent.image_registry_auth, or (peer pods) the remote hypervisor service's REGISTRY_AUTH_FILE",
             super::AUTH_METADATA_KEY
         );
     }
