@@ -370,7 +370,9 @@ impl Hypervisor for Remote {
         let resp = client.create_vm(Self::context(timeout), &req).await.map_err(|e| self.rpc_error("CreateVM", e))?;
         if resp.agentSocketPath.is_empty() || !resp.agentSocketPath.starts_with('/') || resp.agentSocketPath.len() > 107
         {
-            // Created on the far side: undo it there before failing.
+            // Created on the far side: undo it there before failing (StopVM is sent only for a
+            // podvm the driver knows was created).
+            self.phase.send_replace(Phase::Created { agent_socket: PathBuf::new() });
             let _ = self.stop().await;
             return Err(Error::VmFailed(format!(
                 "remote hypervisor service: CreateVM for sandbox {} answered agentSocketPath {:?}, which is not an \
@@ -553,6 +555,7 @@ mod tests {
         calls: Arc<Mutex<Vec<String>>>,
         agent_socket: PathBuf,
         fail_start: bool,
+        bad_socket: bool,
         listener: Arc<Mutex<Option<std::os::unix::net::UnixListener>>>,
         accepted: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>>,
     }
@@ -572,7 +575,8 @@ mod tests {
             let l = std::os::unix::net::UnixListener::bind(&self.agent_socket).unwrap();
             *self.listener.lock().unwrap() = Some(l);
             let mut resp = pb::CreateVMResponse::new();
-            resp.agentSocketPath = self.agent_socket.display().to_string();
+            resp.agentSocketPath =
+                if self.bad_socket { "relative.sock".into() } else { self.agent_socket.display().to_string() };
             Ok(resp)
         }
         async fn start_vm(&self, _: &TtrpcContext, req: pb::StartVMRequest) -> ttrpc::Result<pb::StartVMResponse> {
@@ -613,6 +617,10 @@ mod tests {
     }
 
     async fn serve(name: &str, fail_start: bool) -> Running {
+        serve_with(name, fail_start, false).await
+    }
+
+    async fn serve_with(name: &str, fail_start: bool, bad_socket: bool) -> Running {
         let dir = std::env::temp_dir().join(format!("podvisor-remote-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -623,6 +631,7 @@ mod tests {
             calls: calls.clone(),
             agent_socket: dir.join("agent.sock"),
             fail_start,
+            bad_socket,
             listener: Arc::new(Mutex::new(None)),
             accepted: accepted.clone(),
         };
@@ -707,6 +716,16 @@ mod tests {
         let gone = RemoteConfig { socket: s.dir.join("nothing.sock"), ..Default::default() };
         let (passed, text) = std::thread::spawn(move || check(&gone)).join().unwrap();
         assert!(!passed && text.contains("nothing.sock") && text.contains("FAIL"), "{text}");
+        std::fs::remove_dir_all(&s.dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unusable_agent_socket_is_refused_and_the_podvm_stopped() {
+        let s = serve_with("badsock", false, true).await;
+        let vm = remote(&s.socket);
+        let err = vm.prepare().await.unwrap_err().to_string();
+        assert!(err.contains("relative.sock") && err.contains("incompatible"), "{err}");
+        assert_eq!(s.calls.lock().unwrap().last().unwrap(), "StopVM sb1", "the created podvm is not left");
         std::fs::remove_dir_all(&s.dir).unwrap();
     }
 
