@@ -271,6 +271,7 @@ pub fn run(opts: SoakOptions) -> SoakReport {
         if let Err(why) = m.available() {
             eprintln!("soak: {m} not run: {why}");
             report.skipped.push(format!("{m}: {why}"));
+            report.failures.push(format!("{m} could not run: {why}"));
             continue;
         }
         match start_node(m) {
