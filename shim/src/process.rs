@@ -3,7 +3,10 @@
 //!
 //! Output ordering guarantee: the exit of a process is published only after its stdout and
 //! stderr reached end of stream (bounded by [`OUTPUT_DRAIN`]), so nothing written just before
-//! exit is lost.
+//! exit is lost. For a FIFO, "delivered" means read by the client, not just written into the
+//! pipe: CRI-O's ExecSync closes its FIFOs as soon as `Wait` returns, without waiting for its
+//! copy goroutines, so output still in the pipe then was lost (an empty stdout with exit 0).
+//! The pump therefore waits, bounded by [`CONSUME_WAIT`], until the pipe is empty.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,10 @@ use crate::agent::Agent;
 /// How long output may keep flowing after the process exited (background children holding
 /// the pipe open).
 pub const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+
+/// How long, after the last write, output may sit unread in a FIFO before the exit is published
+/// anyway (a client that never reads must not hold the exit back).
+pub const CONSUME_WAIT: Duration = Duration::from_secs(2);
 
 /// Life-cycle state, as containerd's `Status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +192,9 @@ impl Process {
             }
         }
         let _ = out.flush().await;
+        if !out.wait_consumed(CONSUME_WAIT).await {
+            debug!(log, "output not read by the client within the bound"; "stream" => if stderr { "stderr" } else { "stdout" });
+        }
     }
 
     async fn pump_input(&self, agent: Arc<dyn Agent>, mut input: tokio::net::unix::pipe::Receiver, log: Logger) {
@@ -265,6 +275,36 @@ impl OutputSink {
             OutputSink::File(f) => f.flush().await,
         }
     }
+
+    /// Waits until the client has read everything written (a FIFO's pipe is empty), at most
+    /// `bound`; `true` when it has. A file is always consumed.
+    async fn wait_consumed(&self, bound: Duration) -> bool {
+        let OutputSink::Fifo(s) = self else { return true };
+        wait_pipe_empty(std::os::fd::AsRawFd::as_raw_fd(s), bound).await
+    }
+}
+
+/// Bytes written to a pipe and not yet read (`FIONREAD`); `None` when the fd cannot tell.
+fn unread_bytes(fd: std::os::fd::RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is live for the call.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    (r == 0).then_some(n.max(0) as usize)
+}
+
+/// Polls until the pipe behind `fd` is empty, at most `bound` (1 ms steps growing to 10 ms).
+async fn wait_pipe_empty(fd: std::os::fd::RawFd, bound: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut step = Duration::from_millis(1);
+    loop {
+        match unread_bytes(fd) {
+            Some(0) | None => return true,
+            Some(_) if tokio::time::Instant::now() >= deadline => return false,
+            Some(_) => {}
+        }
+        tokio::time::sleep(step).await;
+        step = (step * 2).min(Duration::from_millis(10));
+    }
 }
 
 fn strip_scheme(path: &str) -> std::io::Result<PathBuf> {
@@ -330,6 +370,33 @@ mod tests {
         assert_eq!(p.status(), Status::Stopped);
         p.set_status(Status::Running);
         assert_eq!(p.status(), Status::Stopped, "a stopped process stays stopped");
+    }
+
+    /// The pump's last step: the pipe must be empty (read by the client) before the exit can
+    /// be published; a client that never reads holds it back only for the bound.
+    #[tokio::test]
+    async fn output_waits_until_the_client_read_it() {
+        let dir = std::env::temp_dir().join(format!("podvisor-consume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("stdout");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut out = open_output(fifo.to_str().unwrap()).await.unwrap();
+        out.write_all(b"100000 100000\n").await.unwrap();
+        assert!(!out.wait_consumed(Duration::from_millis(50)).await, "nothing has read it yet");
+
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::open(&fifo).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                let mut buf = [0u8; 64];
+                std::io::Read::read(&mut f, &mut buf).unwrap()
+            })
+        };
+        assert!(out.wait_consumed(Duration::from_secs(20)).await, "the reader took it");
+        assert_eq!(reader.join().unwrap(), 14);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
