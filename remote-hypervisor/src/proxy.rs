@@ -108,9 +108,7 @@ async fn vmm_gone(pid: u32, start_time: Option<u64>) {
 /// Runs the proxy until the VMM dies or SIGTERM/SIGINT arrives.
 pub async fn run(args: ProxyArgs) -> Result<(), String> {
     let tls = AgentTlsClient::load(&args.tls_dir)?;
-    let _ = std::fs::remove_file(&args.socket);
-    let listener =
-        UnixListener::bind(&args.socket).map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    let listener = listen_then_publish(&args.socket)?;
     let result = serve(listener, &args, tls).await;
     let _ = std::fs::remove_file(&args.socket);
     result
@@ -180,7 +178,52 @@ async fn serve(listener: UnixListener, args: &ProxyArgs, tls: AgentTlsClient) ->
     Ok(())
 }
 
+/// Listens on `socket`, which appears only once it accepts connections: the socket is bound
+/// and listening under a temporary name first, then renamed. (Bound in place, the path exists
+/// between bind(2) and listen(2), and a client that waits for it to appear, as the service and
+/// the tests do, could be refused.)
+fn listen_then_publish(socket: &Path) -> Result<UnixListener, String> {
+    // No longer than the final name: a socket path is limited to 107 bytes, and the service's
+    // paths (a 64-character sandbox id among them) come close.
+    let tmp = if socket.extension().is_some_and(|e| e.len() >= 3) {
+        socket.with_extension("new")
+    } else {
+        socket.with_file_name(".new")
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {}: {e}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, socket) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot move {} to {}: {e}", tmp.display(), socket.display()));
+    }
+    Ok(listener)
+}
+
 /// `<run_dir>/agent.sock`.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join("agent.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket path appears already listening, and no temporary name is left; a path of the
+    /// longest length a socket can have works too.
+    #[tokio::test]
+    async fn the_socket_appears_listening() {
+        let top = tempfile::tempdir().unwrap();
+        let room = 107 - socket_path(top.path()).as_os_str().len() - 1;
+        let dir = top.path().join("d".repeat(room));
+        std::fs::create_dir(&dir).unwrap();
+        let sock = socket_path(&dir);
+        assert_eq!(sock.as_os_str().len(), 107);
+        std::fs::write(&sock, b"stale").unwrap();
+        let listener = listen_then_publish(&sock).unwrap();
+        let client = tokio::net::UnixStream::connect(&sock).await.expect("connectable as soon as it exists");
+        let (_accepted, _) = listener.accept().await.unwrap();
+        drop(client);
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("agent.sock")]);
+    }
 }
