@@ -154,7 +154,12 @@ impl RemoteConfig {
                 }
                 ("default_gpus", Value::Integer(n)) if (0..=64).contains(n) => c.default_gpus = *n as u32,
                 ("default_vcpus" | "default_memory" | "default_gpus", v) => {
-                    return Err(err(key, format!("{v} is not valid; use a positive integer (memory in MiB)")))
+                    let range = match key.as_str() {
+                        "default_vcpus" => "0 to 1024 (0: the service's PODVM_INSTANCE_TYPE)",
+                        "default_memory" => "0 or 64 to 4194304 MiB (0: the service's PODVM_INSTANCE_TYPE)",
+                        _ => "0 to 64",
+                    };
+                    return Err(err(key, format!("{v} is not valid; use a whole number from {range}")));
                 }
                 ("machine_type", Value::String(s)) => c.machine_type = s.clone(),
                 ("image", Value::String(s)) => c.image = s.clone(),

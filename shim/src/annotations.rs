@@ -75,9 +75,9 @@ where
 
 /// Peer pods: takes the sizing annotations (`machine_type` = the instance type,
 /// `default_vcpus`, `default_memory`) out of `annotations` into `remote`, for the remote
-/// hypervisor service to choose the podvm's instance type with. They are always honoured: the
-/// service decides which types it allows (`PODVM_INSTANCE_TYPES`); `enable_annotations` of
-/// `[hypervisor.remote]` says which of the keys a pod may set, as for QEMU.
+/// hypervisor service to choose the podvm's instance type with. `enable_annotations` of
+/// `[hypervisor.remote]` says which of the keys a pod may set, as for QEMU; the service decides
+/// which instance types it allows (`PODVM_INSTANCE_TYPES`).
 pub fn apply_remote(
     annotations: &mut HashMap<String, String>,
     remote: &mut hypervisor::RemoteConfig,

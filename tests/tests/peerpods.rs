@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podvisor_tests::containerd::TestContainerd;
-use podvisor_tests::cri::{cri_log_lines, links_in_netns, proto, ConfigMapVolume, Manager};
+use podvisor_tests::cri::{cri_log_lines, links_in_netns, proto, ConfigMapVolume, Manager, Pod};
 use podvisor_tests::peerpods::{self, wire, PeerPods, RemoteHypervisor, ServiceSettings, HANDLER, LIMIT_MESSAGE};
 use podvisor_tests::registry::TestRegistry;
 use podvisor_tests::{image, on_both_managers, poll};
@@ -224,10 +224,15 @@ fn a_killed_shims_delete_stops_its_podvm() {
         pp.logs()
     );
     eprintln!("podvm of the killed shim gone {:.2} s after the SIGKILL", t.elapsed().as_secs_f64());
+    remove_unless_gone(&pp, &pod);
+}
+
+/// The pod after a fault: gone from the CRI, or removed now if the manager still lists it.
+fn remove_unless_gone(pp: &PeerPods, pod: &Pod) {
     if pp.cri.block_on(pp.cri.client().list_pod_sandbox()).unwrap().iter().any(|p| p.id == pod.id) {
-        pp.cri.remove_pod(&pod);
+        pp.cri.remove_pod(pod);
     } else {
-        pp.cri.assert_pod_gone(&pod);
+        pp.cri.assert_pod_gone(pod);
     }
 }
 
@@ -301,11 +306,7 @@ fn a_sigkilled_service_collects_orphaned_podvms_on_its_next_start() {
     );
     eprintln!("orphaned podvm collected {:.2} s after the service started", t.elapsed().as_secs_f64());
     // The pod itself: gone from the CRI (removed again now if the first removal failed).
-    if pp.cri.block_on(pp.cri.client().list_pod_sandbox()).unwrap().iter().any(|p| p.id == pod.id) {
-        pp.cri.remove_pod(&pod);
-    } else {
-        pp.cri.assert_pod_gone(&pod);
-    }
+    remove_unless_gone(&pp, &pod);
 }
 
 // ---------------------------------------------------------------------------------------------

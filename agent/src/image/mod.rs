@@ -134,8 +134,9 @@ impl Settings {
     }
 
     /// From `/proc/cmdline` (in a podvm without `agent.image_registry_auth`, the credentials of
-    /// its user data, [`PODVM_AUTH_FILE`], when there are any); an agent in test mode (not PID 1) takes the words of
-    /// `PODVISOR_TEST_CMDLINE` instead when it is set (the host's command line is not ours).
+    /// its user data, [`PODVM_AUTH_FILE`], when there are any); an agent in test mode (not
+    /// PID 1) takes the words of `PODVISOR_TEST_CMDLINE` instead when it is set (the host's
+    /// command line is not ours).
     fn from_proc() -> Result<Settings, String> {
         if nix::unistd::getpid().as_raw() != 1 {
             if let Ok(words) = std::env::var("PODVISOR_TEST_CMDLINE") {

@@ -229,8 +229,7 @@ impl Pod {
 }
 
 /// Copies each `(host, guest, fingerprint when last copied)` tree again whenever its fingerprint
-/// changes. Ends when a copy
-/// fails because the podvm is gone, or when aborted.
+/// changes. Ends when a copy fails because the podvm is gone, or when aborted.
 fn spawn_sync(
     agent: Arc<dyn Agent>,
     id: String,
